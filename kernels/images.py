@@ -1,0 +1,174 @@
+"""Decoding and preprocessing of images into model inputs.
+
+A model declares its preprocessing once (`Preprocessing`); the server turns every decoded image into exactly
+one sample of the model's input with it, and reports where that sample lies in the original picture
+(`Geometry`) so that maps computed at the input's resolution can be drawn over the original.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+FITS = ("stretch", "center_crop", "shorter_side")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: corrupt, truncated, too large, or of the wrong shape."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """x = (pixel * scale - mean[c]) / std[c], after geometry by `fit` (see service.proto's Preprocessing)."""
+
+    height: int
+    width: int
+    fit: str = "center_crop"
+    resize_shorter: int = 0
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    channels: int = 3
+
+    def __post_init__(self):
+        if self.fit not in FITS:
+            raise ValueError(f"preprocessing.fit must be one of {FITS}, got {self.fit!r}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"preprocessing.channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"preprocessing.layout must be NCHW or NHWC, got {self.layout!r}")
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"preprocessing needs a positive input size, got {self.height}x{self.width}")
+        if self.fit == "shorter_side" and self.resize_shorter < max(self.height, self.width):
+            raise ValueError("preprocessing.resize_shorter must be >= the input size for fit = shorter_side")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"preprocessing.mean and std need {self.channels} values each")
+        if any(s == 0 for s in self.std):
+            raise ValueError("preprocessing.std must not contain 0")
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        if self.layout == "NCHW":
+            return (self.channels, self.height, self.width)
+        return (self.height, self.width, self.channels)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The region [x0, x1) x [y0, y1) of the original image that became the model input."""
+
+    original_width: int
+    original_height: int
+    crop: tuple[float, float, float, float]
+    input_width: int
+    input_height: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    sample: np.ndarray      # one model input sample, float32, preprocessing.sample_shape
+    geometry: Geometry
+    name: str = field(default="")
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an encoded image; refuse it before decoding the pixels if it has more than max_pixels."""
+    if not data:
+        raise ImageError("image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise ImageError(f"image has no pixels ({width}x{height})")
+            if width * height > max_pixels:
+                raise ImageError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image is too large: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for corrupt data (OSError, SyntaxError, ValueError...)
+        raise ImageError(f"image cannot be decoded: {type(exc).__name__}: {exc}") from None
+    return img
+
+
+def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
+    """The region of a width x height image that `pre` maps onto the model input."""
+    if pre.fit == "stretch":
+        return (0.0, 0.0, float(width), float(height))
+    if pre.fit == "center_crop":
+        aspect = pre.width / pre.height
+        cw, ch = (height * aspect, float(height)) if width / height > aspect else (float(width), width / aspect)
+    else:  # shorter_side: resize the shorter side to resize_shorter, then crop the input size at the centre
+        factor = pre.resize_shorter / min(width, height)
+        cw, ch = pre.width / factor, pre.height / factor
+    x0, y0 = (width - cw) / 2, (height - ch) / 2
+    return (x0, y0, x0 + cw, y0 + ch)
+
+
+def preprocess(img: Image.Image, pre: Preprocessing, name: str = "") -> Prepared:
+    """One decoded image -> one float32 model input sample, by the model's declared preprocessing."""
+    if pre.channels == 1:
+        img = img.convert("L")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    box = crop_box(img.width, img.height, pre)
+    resized = img.resize((pre.width, pre.height), Image.Resampling.BILINEAR, box=box)
+    pixels = np.asarray(resized, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pre.channel_order == "BGR":
+        pixels = pixels[:, :, ::-1]
+    x = (pixels * np.float32(pre.scale) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    if pre.layout == "NCHW":
+        x = x.transpose(2, 0, 1)
+    geometry = Geometry(img.width, img.height, box, pre.width, pre.height)
+    return Prepared(np.ascontiguousarray(x, dtype=np.float32), geometry, name)
+
+
+def check_sample(x: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """An already preprocessed sample: accept [C,H,W] or [1,C,H,W] (NHWC likewise), finite float32 only."""
+    expected = pre.sample_shape
+    if x.shape == (1, *expected):
+        x = x[0]
+    if x.shape != expected:
+        raise ImageError(f"tensor has shape {list(x.shape)}; the model takes {list(expected)} "
+                         f"or {[1, *expected]} ({pre.layout})")
+    if x.dtype != np.float32:
+        raise ImageError(f"tensor has dtype {x.dtype}; the model takes float32")
+    if not np.isfinite(x).all():
+        raise ImageError("tensor contains NaN or Inf")
+    return np.ascontiguousarray(x)
+
+
+def upsample_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of [..., h, w] maps with half-pixel centres (ONNX Resize linear / PyTorch
+    align_corners=False, no antialiasing), as two small matrix products."""
+    h, w = maps.shape[-2:]
+    if (h, w) == (height, width):
+        return maps.astype(np.float32, copy=False)
+    return np.einsum("yh,...hw,xw->...yx", _linear_weights(h, height), maps.astype(np.float32),
+                     _linear_weights(w, width), optimize=True).astype(np.float32)
+
+
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] matrix of 1-D linear interpolation with half-pixel centres, clamped at the borders."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    weights = np.zeros((n_out, n_in))
+    np.add.at(weights, (np.arange(n_out), lo), 1 - frac)
+    np.add.at(weights, (np.arange(n_out), hi), frac)
+    return weights.astype(np.float32)

@@ -1,0 +1,110 @@
+"""What every method shares: the declaration of its typed parameters, the job it runs on, and the events it
+yields. The server derives its validation and its ListMethods answer from these declarations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..runtime import Passes, Runner
+
+
+class ParamError(ValueError):
+    """A parameter value outside its declared type or bounds; the message names the field and the range."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str                       # "int" | "float" | "bool" | "enum"
+    default: Any
+    description: str
+    minimum: float | None = None    # inclusive
+    maximum: float | None = None    # inclusive
+    choices: tuple[str, ...] = ()
+
+    def check(self, method: str, value: Any) -> Any:
+        field_name = f"{method}.{self.name}"
+        if self.type == "enum":
+            if value not in self.choices:
+                raise ParamError(f"{field_name} must be one of {list(self.choices)}, got {value!r}")
+            return value
+        if self.type == "bool":
+            return bool(value)
+        if self.type == "float" and not math.isfinite(value):
+            raise ParamError(f"{field_name} must be finite{self._range()}, got {value}")
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise ParamError(f"{field_name} must be{self._range()}, got {value}")
+        return int(value) if self.type == "int" else float(value)
+
+    def _range(self) -> str:
+        lo = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        hi = "inf" if self.maximum is None else f"{self.maximum:g}"
+        return f" in [{lo}, {hi}]"
+
+
+@dataclass
+class Job:
+    """One method on one image: everything a method needs, nothing about gRPC."""
+
+    runner: Runner
+    sample: np.ndarray              # one preprocessed input sample, [C, H, W] (NCHW) or [H, W, C] (NHWC)
+    targets: np.ndarray             # class ids to explain, int64 [T]
+    params: dict[str, Any]          # checked, defaults filled in
+    layout: str = "NCHW"
+    layer: Any = None               # kernels.graph.Layer for layer methods
+    passes: Passes = field(default_factory=Passes)
+    partial_every: int = 0          # yield a partial map every this many batches (0: none)
+
+    @property
+    def spatial(self) -> tuple[int, int]:
+        return self.sample.shape[1:] if self.layout == "NCHW" else self.sample.shape[:2]
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    stage: str = ""
+
+
+@dataclass
+class Maps:
+    """One map per target, [T, h, w] float32, raw values; final or an anytime partial map."""
+
+    maps: np.ndarray
+    final: bool
+    attribution: np.ndarray | None = None      # [T, *sample.shape] for pixel-level methods
+    stats: list[dict[str, float]] | None = None
+    step: int = 0
+
+
+Event = Progress | Maps
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str                     # "perturbation" | "gradient" | "cam"
+    description: str
+    reference: str
+    params: tuple[Param, ...]
+    run: Callable[[Job], Iterator[Event]]
+    uses_layer: bool = False
+    uses_gradients: bool = False
+    # Checks that depend on the model (e.g. a window no larger than the input): (params, (H, W)) -> None.
+    check_for_input: Callable[[dict[str, Any], tuple[int, int]], None] | None = None
+
+    def resolve(self, given: dict[str, Any], spatial: tuple[int, int]) -> dict[str, Any]:
+        """Defaults for what is not given, every value checked against its declaration."""
+        unknown = set(given) - {p.name for p in self.params}
+        if unknown:
+            raise ParamError(f"{self.name} has no parameter {sorted(unknown)}; it takes {[p.name for p in self.params]}")
+        params = {p.name: p.check(self.name, given[p.name]) if p.name in given else p.default for p in self.params}
+        if self.check_for_input:
+            self.check_for_input(params, spatial)
+        return params

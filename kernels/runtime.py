@@ -1,0 +1,86 @@
+"""onnxruntime sessions for one model: the plain forward and the graphs that methods compose around it.
+
+A `Runner` is shared by every job on a model (onnxruntime sessions are safe to run from several threads);
+the per-job bookkeeping (how many samples went through the model) lives in a `Passes` that each call gets.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def pick_providers(prefer: str = "auto") -> list[str]:
+    """CUDA when onnxruntime offers it (onnxruntime-gpu on a machine with a GPU), else CPU."""
+    available = ort.get_available_providers()
+    if prefer == "cpu" or CUDA not in available:
+        return [CPU]
+    return [CUDA, CPU]
+
+
+@dataclass
+class Passes:
+    """What one job asked of the model: samples forward only, samples forward+backward, and runs."""
+
+    forward_samples: int = 0
+    backward_samples: int = 0
+    runs: int = 0
+
+
+class Runner:
+    """Runs a model and graphs composed around it, in batches of at most `max_batch` samples."""
+
+    def __init__(self, model: onnx.ModelProto, score_name: str, input_name: str, *,
+                 max_batch: int = 32, providers: list[str] | None = None, threads: int = 0):
+        self.model = model
+        self.score_name = score_name
+        self.input_name = input_name
+        self.max_batch = max_batch
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            self._options.intra_op_num_threads = threads
+        self._providers = providers or pick_providers()
+        self._graphs: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+        self.session = self._session(model)
+        self.provider = self.session.get_providers()[0]
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(model.SerializeToString(), self._options, providers=self._providers)
+
+    def graph(self, key: str, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
+        """A session for a graph composed around the model, built once per key and reused."""
+        with self._lock:
+            session = self._graphs.get(key)
+        if session is None:
+            session = self._session(build())
+            with self._lock:
+                session = self._graphs.setdefault(key, session)
+        return session
+
+    def scores(self, x: np.ndarray, passes: Passes) -> np.ndarray:
+        """Scores of a batch of samples, run in chunks of max_batch."""
+        return np.concatenate([
+            self.run(self.session, [self.score_name], {self.input_name: x[i:i + self.max_batch]}, passes)[0]
+            for i in range(0, len(x), self.max_batch)])
+
+    def run(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
+            passes: Passes, samples: int | None = None, backward: bool = False) -> list[np.ndarray]:
+        """One onnxruntime run, counted in `passes` (samples defaults to the first feed's batch size)."""
+        out = session.run(outputs, feeds)
+        size = len(next(iter(feeds.values()))) if samples is None else samples
+        passes.runs += 1
+        if backward:
+            passes.backward_samples += size
+        else:
+            passes.forward_samples += size
+        return out
