@@ -1,0 +1,595 @@
+"""Load an ONNX classifier, find the layers worth explaining, expose them, cut the model at one.
+
+Plain functions over `onnx.ModelProto`; numpy/onnx only (no onnxruntime, no gRPC).
+
+Layer listing policy (``candidate_layers``)
+-------------------------------------------
+A candidate is a tensor that
+
+* lies on a path from the image input to the score tensor (depends on the input, and the scores depend on it),
+* is computed by the network proper: some Conv/ConvTranspose/MatMul/Gemm/Einsum lies on or before it, so an
+  in-graph preprocessing step (``(x - mean) / std``, the NHWC->NCHW Transpose of a tf2onnx graph) is no layer,
+* and is either a spatial map -- ``N x C x H x W`` ("spatial") or ``N x H x W x C`` ("spatial_nhwc"), H, W > 1,
+  its layout known by propagating layouts from the input and from the ops that fix one (Conv, pools, norms are
+  NCHW in ONNX; Transpose permutes the layout; Reshape/Flatten/... forget it) -- or a transformer token tensor
+  ``N x T x C`` ("tokens") whose C is the patch-embedding Conv's output channels and whose T is that Conv's
+  output grid ``gh * gw`` plus ``prefix_tokens`` (0..8: CLS / distillation tokens concatenated in front).
+
+Near-duplicates are dropped: a tensor is not listed when every consumer is a pointwise op that keeps its shape
+(activation, BatchNormalization, bias/residual Add, Mul by a gate, Dropout/Identity ...) or a Transpose that
+only switches it between NCHW and NHWC. So ``Conv -> BN -> ReLU`` lists the ReLU output only, a residual
+``Add -> ReLU`` lists the ReLU output, ``x * sigmoid(x)`` lists the product, and a tensor that also feeds a
+Conv, a pool or the next residual branch stays listed. The listed tensor always carries the same map as the
+dropped ones, after the activation -- what Grad-CAM style methods conventionally explain.
+
+Default layer (``default_layer``): the last listed spatial map (the one feeding the classifier head). For token
+models: the last token tensor that the scores depend on through *all* of its tokens. With mean pooling over
+tokens that is the last block's output; with CLS pooling the last block's output (after its attention) reaches
+the scores through the CLS token only, so gradients on patch tokens are exactly zero there -- the default is then
+the input of the last token-mixing op (the last block's first LayerNorm output, as pytorch-grad-cam advises).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = [
+    "Layer",
+    "load_model",
+    "infer_shapes",
+    "input_spec",
+    "score_tensor",
+    "candidate_layers",
+    "default_layer",
+    "expose",
+    "cut",
+]
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_TWO_GIB = 2**31
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str  # tensor name in the graph
+    shape: tuple  # ints, None for symbolic dims (batch)
+    kind: str  # "spatial" (N,C,H,W), "spatial_nhwc" (N,H,W,C) or "tokens" (N,T,C)
+    grid: tuple  # (H, W) of the map; for token layers the patch grid derived from the graph
+    prefix_tokens: int = 0  # CLS/distillation tokens before the grid tokens (token layers)
+    op_type: str = ""  # op of the producing node
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
+    """Parse, check and shape-infer a model given as a path, raw bytes or a ModelProto.
+
+    Raises ValueError naming the problem: too large, not an ONNX model, fails the checker, no float input.
+    """
+    if isinstance(path_or_bytes, onnx.ModelProto):
+        model = path_or_bytes
+        size = model.ByteSize()
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"model is {size} bytes, more than the allowed {max_bytes} bytes")
+    elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(path_or_bytes)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ValueError(f"model is {len(data)} bytes, more than the allowed {max_bytes} bytes")
+        if not data:
+            raise ValueError("model is empty (0 bytes)")
+        model = _parse(data, "model bytes")
+    elif isinstance(path_or_bytes, (str, os.PathLike)):
+        path = os.fspath(path_or_bytes)
+        if not os.path.isfile(path):
+            raise ValueError(f"model file {path!r} does not exist")
+        size = os.path.getsize(path)
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"model file {path!r} is {size} bytes, more than the allowed {max_bytes} bytes")
+        if size == 0:
+            raise ValueError(f"model file {path!r} is empty (0 bytes)")
+        with open(path, "rb") as f:
+            model = _parse(f.read(), f"model file {path!r}")
+        if any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+            try:
+                onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            except Exception as e:  # noqa: BLE001 - any failure here is a bad model for the user
+                raise ValueError(f"model file {path!r}: cannot load its external data: {e}") from e
+            if max_bytes is not None and model.ByteSize() > max_bytes:
+                raise ValueError(
+                    f"model {path!r} with its external data is {model.ByteSize()} bytes, "
+                    f"more than the allowed {max_bytes} bytes"
+                )
+    else:
+        raise TypeError(f"load_model takes a path, bytes or a ModelProto, not {type(path_or_bytes).__name__}")
+
+    if len(model.graph.node) == 0:
+        raise ValueError("model has no nodes (is it an ONNX model?)")
+    try:
+        if model.ByteSize() < _TWO_GIB:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ValueError(f"model fails the ONNX checker: {_first_line(e)}") from e
+    try:
+        model = infer_shapes(model)
+    except Exception as e:  # noqa: BLE001 - inference errors are model errors
+        raise ValueError(f"model fails ONNX shape inference: {_first_line(e)}") from e
+    real = _real_inputs(model)
+    if not any(vi.type.tensor_type.elem_type in _FLOAT_TYPES for vi in real):
+        names = ", ".join(f"{vi.name} ({_type_name(vi)})" for vi in real) or "none"
+        raise ValueError(f"model has no floating-point input to explain; its inputs: {names}")
+    return model
+
+
+def _parse(data: bytes, what: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
+        raise ValueError(f"{what} is not a valid ONNX model (protobuf parse failed: {_first_line(e)})") from e
+    if not model.HasField("graph"):
+        raise ValueError(f"{what} is not a valid ONNX model (no graph)")
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _type_name(vi) -> str:
+    t = vi.type.tensor_type.elem_type
+    return TensorProto.DataType.Name(t).lower() if t else "non-tensor"
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation (resolves Reshape targets computed from Shape)."""
+    if model.ByteSize() >= _TWO_GIB:
+        return model
+    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _real_inputs(model):
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def _dims(vi) -> tuple | None:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+
+def input_spec(model: onnx.ModelProto) -> tuple[str, tuple, str]:
+    """(input name, shape with None for symbolic dims, "NCHW" or "NHWC") of the first float input."""
+    floats = [vi for vi in _real_inputs(model) if vi.type.tensor_type.elem_type in _FLOAT_TYPES]
+    if not floats:
+        raise ValueError("model has no floating-point input")
+    vi = floats[0]
+    shape = _dims(vi)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"input {vi.name!r} has shape {shape}; an image classifier takes a 4-D NCHW or NHWC tensor")
+    return vi.name, shape, _layout_of(shape)
+
+
+def _layout_of(shape) -> str:
+    if shape[1] in (1, 3):
+        return "NCHW"
+    if shape[3] in (1, 3):
+        return "NHWC"
+    return "NCHW"  # unknown channel count: ONNX's own convention
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+class _Graph:
+    """Index of one (shape-inferred) graph: producers, consumers, shapes, constants."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.model = model
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.shapes = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            s = _dims(vi)
+            if s is not None:
+                self.shapes[vi.name] = s
+        for t in g.initializer:
+            self.shapes[t.name] = tuple(t.dims)
+
+    def const(self, name):
+        """numpy value of an initializer or Constant output, else None."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name == "value_int":
+                    return np.array(a.i)
+                if a.name == "value_ints":
+                    return np.array(list(a.ints))
+        return None
+
+    def ancestors(self, names) -> set:
+        seen, stack = set(), [n for n in names]
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            n = self.producer.get(t)
+            if n is not None:
+                stack.extend(i for i in n.input if i)
+        return seen
+
+    def descendants(self, names) -> set:
+        seen, stack = set(), list(names)
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n in self.consumers.get(t, ()):
+                stack.extend(o for o in n.output if o)
+        return seen
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def score_tensor(model: onnx.ModelProto) -> str:
+    """The tensor to explain: the pre-softmax logits when the first output comes out of (Log)Softmax."""
+    gi = _Graph(model)
+    name = model.graph.output[0].name
+    while True:
+        n = gi.producer.get(name)
+        if n is None:
+            return name
+        if n.op_type in ("Softmax", "LogSoftmax"):
+            return n.input[0]
+        if n.op_type == "Identity" and n.input[0] in gi.producer:
+            name = n.input[0]
+            continue
+        return model.graph.output[0].name if n.op_type != "Identity" else name
+
+
+_SPATIAL_OPS = {
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LRN", "MaxUnpool",
+    "DeformConv",
+}
+# ops that move axes around: a layout cannot be carried through them
+_LAYOUT_BREAKERS = {
+    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Gather", "GatherElements", "GatherND", "DepthToSpace",
+    "SpaceToDepth", "Einsum", "Shape", "Size", "ConstantOfShape", "Expand", "Tile", "Range", "NonZero",
+}
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", "MatMulInteger", "Gemm", "Einsum"}
+# pointwise ops after which a map is "the same layer" (listed instead of their input when they are its only users)
+_POINTWISE = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "Softplus", "Softsign", "Gelu", "Mish", "Erf", "ThresholdedRelu", "Swish", "BatchNormalization",
+    "Add", "Sub", "Mul", "Div", "Dropout", "Identity", "Cast", "Neg", "Abs", "Pow", "Sqrt", "Max", "Min",
+}
+
+
+def _layouts(gi: _Graph, input_name: str, input_layout: str) -> dict:
+    """Tensor name -> "NCHW" / "NHWC" for rank-4 tensors whose axis meaning is known."""
+    lay = {input_name: input_layout}
+    for n in gi.nodes:
+        for o in n.output:
+            if not o or len(gi.shapes.get(o, ())) != 4:
+                continue
+            if n.op_type in _SPATIAL_OPS:
+                lay[o] = "NCHW"
+            elif n.op_type == "Transpose":
+                src = lay.get(n.input[0])
+                perm = _attr(n, "perm")
+                if src and perm and len(perm) == 4:
+                    out = "".join(src[p] for p in perm)
+                    if out in ("NCHW", "NHWC"):
+                        lay[o] = out
+            elif n.op_type in _LAYOUT_BREAKERS:
+                continue
+            elif n.op_type == "MatMul":
+                # x @ W over the last axis keeps a channels-last layout (ConvNeXt's pointwise "Linear")
+                src = lay.get(n.input[0])
+                if src == "NHWC" and len(gi.shapes.get(n.input[1], ())) == 2:
+                    lay[o] = src
+            else:
+                for i in n.input:
+                    src = lay.get(i)
+                    if src and len(gi.shapes.get(i, ())) == 4:
+                        lay[o] = src
+                        break
+    return lay
+
+
+def _on_path(gi: _Graph, input_name: str, score: str) -> set:
+    return gi.ancestors([score]) & gi.descendants([input_name])
+
+
+def _computed(gi: _Graph, path: set) -> set:
+    """Tensors on the path at or after the first weighted op (so preprocessing is no layer)."""
+    seeds = [o for n in gi.nodes if n.op_type in _WEIGHTED_OPS for o in n.output if o in path]
+    return gi.descendants(seeds) & path
+
+
+def _is_duplicate(gi: _Graph, name: str, lay: dict) -> bool:
+    users = gi.consumers.get(name, [])
+    if not users:
+        return False
+    shape = gi.shapes.get(name)
+    for n in users:
+        if n.op_type in _POINTWISE:
+            if gi.shapes.get(n.output[0]) != shape:
+                return False
+            continue
+        if n.op_type == "Transpose" and name in lay and n.output[0] in lay:
+            continue
+        return False
+    return True
+
+
+def _patch_grids(gi: _Graph, path: set, lay: dict) -> list:
+    """(tensor, C, gh, gw) for every NCHW Conv output on the path: candidate patch embeddings."""
+    out = []
+    for n in gi.nodes:
+        if n.op_type == "Conv" and n.output[0] in path and lay.get(n.output[0]) == "NCHW":
+            s = gi.shapes[n.output[0]]
+            if s[1] is not None and s[2] is not None and s[3] is not None:
+                out.append((n.output[0], s[1], s[2], s[3]))
+    return out
+
+
+def _batch_like(d, batch) -> bool:
+    return d is None or d == batch
+
+
+def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Layers worth explaining, in topological order (see the module docstring for the policy)."""
+    gi = _Graph(model)
+    input_name, in_shape, in_layout = input_spec(model)
+    score = score_tensor(model)
+    path = _on_path(gi, input_name, score)
+    computed = _computed(gi, path)
+    lay = _layouts(gi, input_name, in_layout)
+    grids = _patch_grids(gi, path, lay)
+    batch = in_shape[0]
+    layers = []
+    for n in gi.nodes:
+        for o in n.output:
+            if not o or o not in computed or o == score:
+                continue
+            s = gi.shapes.get(o)
+            if s is None:
+                continue
+            if len(s) == 4 and o in lay and _batch_like(s[0], batch):
+                h, w = (s[2], s[3]) if lay[o] == "NCHW" else (s[1], s[2])
+                if h is None or w is None or h <= 1 or w <= 1 or _is_duplicate(gi, o, lay):
+                    continue
+                kind = "spatial" if lay[o] == "NCHW" else "spatial_nhwc"
+                layers.append(Layer(o, s, kind, (h, w), 0, n.op_type))
+            elif len(s) == 3 and _batch_like(s[0], batch) and s[1] is not None and s[2] is not None:
+                grid = _token_grid(gi, o, s, grids)
+                if grid is None or _is_duplicate(gi, o, lay):
+                    continue
+                (gh, gw), prefix = grid
+                layers.append(Layer(o, s, "tokens", (gh, gw), prefix, n.op_type))
+    return layers
+
+
+def _token_grid(gi: _Graph, name: str, shape, grids):
+    """((gh, gw), prefix) when `name` is N x (prefix + gh*gw) x C below a patch-embedding Conv with C channels."""
+    anc = None
+    for conv_out, c, gh, gw in reversed(grids):  # the nearest (last) patch conv wins
+        prefix = shape[1] - gh * gw
+        if shape[2] != c or not 0 <= prefix <= 8:
+            continue
+        if anc is None:
+            anc = gi.ancestors([name])
+        if conv_out in anc:
+            return (gh, gw), prefix
+    return None
+
+
+def _token_reach(gi: _Graph, layers: list[Layer], score: str) -> dict:
+    """Token layer name -> True when the scores depend on its grid tokens, False when only on its prefix tokens.
+
+    A backward pass: a tensor is restricted to tokens [0, P) when every consumer on the way to the scores either
+    selects prefix tokens (Gather / Slice on the token axis) or is per-token (pointwise, LayerNormalization over
+    the last axis, MatMul/Gemm by a constant matrix, Reshape/Transpose keeping the first two axes) with a
+    restricted output. Anything else (attention, pooling over tokens, ...) reaches all tokens.
+    """
+    tokens = [l for l in layers if l.kind == "tokens"]
+    if not tokens:
+        return {}
+    anc = gi.ancestors([score])
+    restricted: dict[str, tuple | None] = {}  # absent or None: all tokens matter
+    for n in reversed(gi.nodes):
+        if n.op_type in ("Shape", "Size") or not any(o in anc for o in n.output):
+            continue  # no gradient flows through shape queries or dead branches
+        for i in n.input:
+            if not i or i in gi.inits:
+                continue
+            verdict = _restricts(gi, n, i, restricted)
+            if i not in restricted:
+                restricted[i] = verdict
+            elif restricted[i] != verdict:
+                prev = restricted[i]
+                same_t = prev is not None and verdict is not None and prev[0] == verdict[0]
+                restricted[i] = (prev[0], max(prev[1], verdict[1])) if same_t else None
+    out = {}
+    for l in tokens:
+        r = restricted.get(l.name)
+        out[l.name] = not (r is not None and r[0] == l.shape[1] and r[1] <= l.prefix_tokens)
+    return out
+
+
+def _restricts(gi: _Graph, node, inp: str, restricted: dict):
+    """(T, P) when node only uses tokens [0, P) of input `inp` (token axis 1, T tokens) on the way to the scores."""
+    s = gi.shapes.get(inp)
+    if s is None or len(s) < 3 or s[1] is None:
+        return None
+    T = s[1]
+    if node.op_type == "Gather" and node.input[0] == inp and _attr(node, "axis", 0) == 1:
+        idx = gi.const(node.input[1])
+        if idx is not None:
+            idx = np.where(idx < 0, idx + T, idx)
+            return (T, int(idx.max()) + 1)
+        return None
+    if node.op_type == "Slice" and node.input[0] == inp:
+        starts, ends = gi.const(node.input[1]), gi.const(node.input[2])
+        axes = gi.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        steps = gi.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if starts is None or ends is None:
+            return None
+        axes = np.arange(len(starts)) if axes is None else axes
+        for k, ax in enumerate(np.asarray(axes).ravel()):
+            ax = int(ax) + (len(s) if ax < 0 else 0)
+            if ax == 1:
+                st = 1 if steps is None else int(np.asarray(steps).ravel()[k])
+                b, e = int(np.asarray(starts).ravel()[k]), int(np.asarray(ends).ravel()[k])
+                b = b + T if b < 0 else b
+                e = min(e + T if e < 0 else e, T)
+                if st > 0 and 0 <= b < e:
+                    return (T, e)
+        return _follow(node, restricted, T)
+    # per-token ops: pass the restriction of their (first) output through
+    out = node.output[0]
+    os_ = gi.shapes.get(out)
+    if os_ is None or len(os_) < 2 or os_[1] != T or (os_[0] is not None and s[0] is not None and os_[0] != s[0]):
+        return None
+    op = node.op_type
+    if op in _POINTWISE and os_ == s:
+        return _follow(node, restricted, T)
+    if op == "LayerNormalization" and node.input[0] == inp and _attr(node, "axis", -1) in (-1, len(s) - 1):
+        return _follow(node, restricted, T)
+    if op in ("MatMul", "Gemm") and node.input[0] == inp and node.input[1] in gi.inits or (
+        op == "MatMul" and node.input[0] == inp and gi.const(node.input[1]) is not None
+    ):
+        return _follow(node, restricted, T)
+    if op == "Reshape" and node.input[0] == inp:
+        return _follow(node, restricted, T)
+    if op == "Transpose" and node.input[0] == inp:
+        perm = list(_attr(node, "perm", []))
+        if perm[:2] == [0, 1]:
+            return _follow(node, restricted, T)
+    return None
+
+
+def _follow(node, restricted, T):
+    r = restricted.get(node.output[0])
+    if r is None:
+        return None
+    return (T, r[1]) if r[0] == T else None
+
+
+def default_layer(model: onnx.ModelProto) -> Layer:
+    """The last spatial map feeding the classifier head; for a token model see the module docstring."""
+    layers = candidate_layers(model)
+    if not layers:
+        raise ValueError("model has no spatial feature map or token grid on the path to its scores")
+    tokens = [l for l in layers if l.kind == "tokens"]
+    if tokens:
+        # token models: the last spatial map is the patch embedding, the interesting part comes after
+        gi = _Graph(model)
+        reach = _token_reach(gi, layers, score_tensor(model))
+        usable = [l for l in tokens if reach.get(l.name, True)]
+        return usable[-1] if usable else tokens[-1]
+    return layers[-1]
+
+
+# --------------------------------------------------------------------------------------------- surgery
+
+
+def expose(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the named intermediate tensors (with their inferred types/shapes)."""
+    names = [names] if isinstance(names, str) else list(names)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {vi.name: vi for vi in m.graph.value_info}
+    present = {o.name for o in m.graph.output}
+    producible = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
+    missing = [n for n in names if n not in producible]
+    if missing:
+        raise ValueError(f"tensor(s) {missing} are not in the graph")
+    if any(n not in known and n not in present and n not in {i.name for i in m.graph.input} for n in names):
+        m = infer_shapes(m)
+        known = {vi.name: vi for vi in m.graph.value_info}
+    inputs = {i.name: i for i in m.graph.input}
+    for n in names:
+        if n in present:
+            continue
+        vi = known.get(n) or inputs.get(n)
+        if vi is None:
+            raise ValueError(f"tensor {n!r} has no inferred type; cannot expose it")
+        m.graph.output.append(vi)
+        present.add(n)
+    return m
+
+
+def cut(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Split `model` at tensor `layer` into body (inputs -> layer) and head (layer -> score tensor).
+
+    The body's first output and the head's first input are `layer`. When the layer does not separate the
+    graph (a residual branch bypasses it, e.g. a ViT block's LayerNorm output), the other tensors the head needs
+    follow as further body outputs / head inputs, in the same order, so ``head(body(x))`` by name is the model.
+    """
+    model = infer_shapes(model)
+    gi = _Graph(model)
+    input_names = [vi.name for vi in _real_inputs(model)]
+    if layer not in gi.producer:
+        raise ValueError(f"layer {layer!r} is not a tensor computed by the graph")
+    score = score_tensor(model)
+    from_layer = gi.descendants([layer])
+    if score not in from_layer:
+        raise ValueError(f"the scores {score!r} do not depend on layer {layer!r}")
+    from_input = gi.descendants(input_names)
+    extras, seen, stack = [], set(), [score]
+    while stack:
+        t = stack.pop()
+        if t in seen or t == layer:
+            continue
+        seen.add(t)
+        if t not in from_layer and t in from_input:
+            extras.append(t)  # computed from the input without passing through the layer
+            continue
+        n = gi.producer.get(t)
+        if n is not None:
+            stack.extend(i for i in n.input if i)
+    order = {o: k for k, n in enumerate(gi.nodes) for o in n.output}
+    extras.sort(key=lambda t: order.get(t, -1))
+    missing_vi = [t for t in [layer, *extras] if t not in gi.shapes]
+    if missing_vi:
+        raise ValueError(f"no inferred shape for {missing_vi}; cannot cut there")
+    ex = onnx.utils.Extractor(model)
+    body = ex.extract_model(input_names, [layer, *extras])
+    head = ex.extract_model([layer, *extras], [score])
+    for m in (body, head):
+        m.ir_version = model.ir_version
+        del m.opset_import[:]
+        m.opset_import.extend(model.opset_import)
+    return body, head
