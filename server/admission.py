@@ -1,0 +1,48 @@
+"""Admission: at most `running` jobs compute at once and at most `queued` wait; past that a job is refused
+at once (RESOURCE_EXHAUSTED) rather than piling up."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable, Iterator
+
+
+class Exhausted(Exception):
+    pass
+
+
+class Admission:
+    def __init__(self, running: int, queued: int):
+        self.max_running = running
+        self.max_queued = queued
+        self.running = 0
+        self.queued = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self, still_wanted: Callable[[], bool]) -> Iterator[float]:
+        """Hold a compute slot for the body; yields the seconds spent waiting. Raises Exhausted when the queue
+        is full, and TimeoutError when the caller went away (cancelled, deadline) while waiting."""
+        start = time.perf_counter()
+        with self._cond:
+            if self.running >= self.max_running:
+                if self.queued >= self.max_queued:
+                    raise Exhausted(f"server at capacity: {self.running} jobs running, {self.queued} queued "
+                                    f"(limits {self.max_running} and {self.max_queued})")
+                self.queued += 1
+                try:
+                    while self.running >= self.max_running:
+                        self._cond.wait(timeout=0.05)
+                        if not still_wanted():
+                            raise TimeoutError("the call ended while waiting for a slot")
+                finally:
+                    self.queued -= 1
+            self.running += 1
+        try:
+            yield time.perf_counter() - start
+        finally:
+            with self._cond:
+                self.running -= 1
+                self._cond.notify()

@@ -1,0 +1,109 @@
+"""`onnxplain-server`: serve the configured models (the shipped default model when none is configured)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from onnxplain.v1 import service_pb2, service_pb2_grpc
+
+from . import config as config_module
+from .config import ConfigError, ServerConfig
+from .registry import load_registry
+from .service import Explainer
+
+log = logging.getLogger("onnxplain.server")
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
+
+
+class Server:
+    """A running gRPC server: the Explainer, health checking and reflection on one port."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        limits = config.limits
+        self.registry = load_registry(config.models, limits, config.provider, config.threads)
+        self.explainer = Explainer(self.registry, limits)
+        options = [("grpc.max_receive_message_length", limits.max_message_bytes),
+                   ("grpc.max_send_message_length", limits.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        # Waiting jobs hold a thread, so the pool has room for every running and queued job plus the cheap calls.
+        workers = limits.max_concurrent_jobs + limits.max_queued_jobs + 8
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxplain"),
+                                options=options)
+        service_pb2_grpc.add_ExplainerServicer_to_server(self.explainer, self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {config.host}:{config.port}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "Server":
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", self.registry.names, self.address)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let running calls finish within `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="onnxplain-server", description=__doc__)
+    parser.add_argument("--config", type=pathlib.Path, help="server TOML (limits, [[models]], model_dirs)")
+    parser.add_argument("--model-dir", type=pathlib.Path, action="append", default=[],
+                        help="serve every model in this directory (repeatable)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--provider", choices=("auto", "cpu"), help="execution provider (default auto: CUDA if present)")
+    parser.add_argument("--max-concurrent-jobs", type=int)
+    parser.add_argument("--max-queued-jobs", type=int)
+    parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--max-image-pixels", type=int)
+    parser.add_argument("--max-message-bytes", type=int)
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_module.load(args.config, args.model_dir, host=args.host, port=args.port,
+                                    provider=args.provider, max_concurrent_jobs=args.max_concurrent_jobs,
+                                    max_queued_jobs=args.max_queued_jobs, max_batch=args.max_batch,
+                                    max_image_pixels=args.max_image_pixels, max_message_bytes=args.max_message_bytes)
+        server = Server(config).start()
+    except (ConfigError, OSError) as exc:
+        print(f"onnxplain-server: {exc}", file=sys.stderr)
+        return 2
+    print(f"onnxplain-server: serving {', '.join(server.registry.names)} on {server.address}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down (grace %.1f s)", args.grace)
+    server.stop(args.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The Explainer servicer: plain code over the registry and the kernels; Explain streams as a generator.
+
+Every call is validated before any work (validation.py), admitted under the concurrency limits
+(admission.py), and then runs its methods batch by batch: between two batches the servicer checks that the
+caller is still there, so a cancelled or expired call stops within one model batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import onnx
+
+from onnxplain import tensors
+from onnxplain.kernels.images import upsample_bilinear
+from onnxplain.kernels.methods import METHODS, Job, Maps, Method, Progress
+from onnxplain.kernels.runtime import Passes
+from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+
+from . import validation
+from .admission import Admission, Exhausted
+from .config import Limits
+from .registry import ModelEntry, Registry
+from .validation import RequestError
+
+log = logging.getLogger("onnxplain.server")
+
+PARAM_TYPES = {"int": methods_pb2.ParamInfo.TYPE_INT, "float": methods_pb2.ParamInfo.TYPE_FLOAT,
+               "bool": methods_pb2.ParamInfo.TYPE_BOOL, "enum": methods_pb2.ParamInfo.TYPE_ENUM,
+               "tensor": methods_pb2.ParamInfo.TYPE_TENSOR}
+Norm = methods_pb2.OutputOptions
+
+
+@dataclass
+class JobRecord:
+    """What one call did; the last few are kept for operators and tests (e.g. passes after a cancel)."""
+
+    job_id: str
+    rpc: str
+    model: str
+    status: str = "running"
+    passes: Passes = field(default_factory=Passes)
+
+
+def handles_errors(rpc):
+    """Turn RequestError / capacity / unexpected faults into gRPC statuses; the server keeps serving."""
+
+    @functools.wraps(rpc)
+    def unary(self, request, context):
+        try:
+            return rpc(self, request, context)
+        except RequestError as exc:
+            context.abort(exc.code, exc.message)
+        except Exhausted as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TimeoutError as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except Exception as exc:  # a fault inside the server must fail this call only
+            log.exception("%s failed", rpc.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    @functools.wraps(rpc)
+    def streaming(self, request, context):
+        try:
+            yield from rpc(self, request, context)
+        except RequestError as exc:
+            context.abort(exc.code, exc.message)
+        except Exhausted as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TimeoutError as exc:
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except Exception as exc:
+            log.exception("%s failed", rpc.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    return streaming if inspect.isgeneratorfunction(rpc) else unary
+
+
+class Explainer(service_pb2_grpc.ExplainerServicer):
+    def __init__(self, registry: Registry, limits: Limits):
+        self.registry = registry
+        self.limits = limits
+        self.admission = Admission(limits.max_concurrent_jobs, limits.max_queued_jobs)
+        self.jobs: collections.deque[JobRecord] = collections.deque(maxlen=256)
+
+    # ------------------------------------------------------------------------------------------ describing
+
+    @handles_errors
+    def ListModels(self, request, context):
+        return service_pb2.ListModelsResponse(models=[
+            service_pb2.ModelSummary(name=e.name, num_classes=e.num_classes, description=e.description,
+                                     execution_provider=e.runner.provider)
+            for e in (self.registry.get(n) for n in self.registry.names)])
+
+    @handles_errors
+    def GetModel(self, request, context):
+        return model_info(validation.model(self.registry, request.name), self.limits)
+
+    @handles_errors
+    def ListMethods(self, request, context):
+        return service_pb2.ListMethodsResponse(methods=[method_info(m) for m in METHODS.values()])
+
+    @handles_errors
+    def Evaluate(self, request, context):
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                           "Evaluate is part of the v1 contract but this server version does not serve it yet")
+
+    # ------------------------------------------------------------------------------------------ computing
+
+    @handles_errors
+    def Predict(self, request, context):
+        entry = validation.model(self.registry, request.model)
+        k = validation.top_k(entry, request.top_k)
+        prepared = validation.prepared_images(entry, request.images, self.limits)
+        record = self._record("Predict", entry)
+        with self.admission.slot(context.is_active):
+            scores = entry.runner.scores(validation.stack(prepared), record.passes)
+        record.status = "ok"
+        return service_pb2.PredictResponse(predictions=[
+            service_pb2.Prediction(image_index=i, image_name=p.name, geometry=geometry(p.geometry),
+                                   top=top_classes(entry, s, k))
+            for i, (p, s) in enumerate(zip(prepared, scores))])
+
+    @handles_errors
+    def Explain(self, request, context):
+        started = time.perf_counter()
+        entry = validation.model(self.registry, request.model)
+        plans = validation.method_plans(entry, request.methods, self.limits)
+        explicit, k = validation.class_ids(entry, request.targets, self.limits)
+        prepared = validation.prepared_images(entry, request.images, self.limits)
+        preprocess_ms = (time.perf_counter() - started) * 1e3
+        record = self._record("Explain", entry)
+        try:
+            yield from self._explain(request, context, entry, plans, explicit, k, prepared, record, started,
+                                     preprocess_ms)
+        finally:
+            if record.status == "running":   # the caller went away (or the stream was closed) mid-way
+                record.status = "cancelled"
+
+    def _explain(self, request, context, entry, plans, explicit, k, prepared, record, started, preprocess_ms):
+        output = request.output
+        with self.admission.slot(context.is_active) as waited:
+            compute_start = time.perf_counter()
+            scores = entry.runner.scores(validation.stack(prepared), record.passes)
+            targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]
+            total = sum(len(t) for t in targets) * len(plans)
+            yield service_pb2.ExplainEvent(accepted=service_pb2.Accepted(
+                job_id=record.job_id, request_id=request.request_id, model=entry.name,
+                execution_provider=entry.runner.provider, total_maps=total,
+                images=[service_pb2.ImageTargets(
+                    image_index=i, image_name=p.name, geometry=geometry(p.geometry),
+                    targets=[class_score(entry, s, c) for c in t])
+                    for i, (p, s, t) in enumerate(zip(prepared, scores, targets))]))
+            sent = 0
+            for i, (p, t) in enumerate(zip(prepared, targets)):
+                for plan in plans:
+                    job = Job(entry.runner, p.sample, t.astype(np.int64), plan.params, entry.preprocessing.layout,
+                              plan.layer, record.passes, partial_every=4 if output.partial_maps else 0)
+                    for event in plan.method.run(job):
+                        if not context.is_active():
+                            record.status = "cancelled"
+                            return
+                        if isinstance(event, Progress):
+                            yield service_pb2.ExplainEvent(progress=service_pb2.Progress(
+                                image_index=i, method=plan.method.name, done=event.done, total=event.total,
+                                stage=event.stage))
+                        elif isinstance(event, Maps) and (event.final or output.partial_maps):
+                            for result in map_results(entry, i, p.name, plan, t, event, output):
+                                sent += result.final
+                                yield service_pb2.ExplainEvent(map=result)
+            record.status = "ok"
+            finished = time.perf_counter()
+            yield service_pb2.ExplainEvent(done=service_pb2.Done(
+                timings=service_pb2.Timings(queue_ms=waited * 1e3, preprocess_ms=preprocess_ms,
+                                            compute_ms=(finished - compute_start) * 1e3,
+                                            total_ms=(finished - started) * 1e3),
+                forward_samples=record.passes.forward_samples, backward_samples=record.passes.backward_samples,
+                model_runs=record.passes.runs, maps=sent))
+
+    def _record(self, rpc: str, entry: ModelEntry) -> JobRecord:
+        record = JobRecord(uuid.uuid4().hex[:16], rpc, entry.name)
+        self.jobs.append(record)
+        return record
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+def geometry(g) -> tensor_pb2.ImageGeometry:
+    return tensor_pb2.ImageGeometry(original_width=g.original_width, original_height=g.original_height,
+                                    crop_x0=g.crop[0], crop_y0=g.crop[1], crop_x1=g.crop[2], crop_y1=g.crop[3],
+                                    input_width=g.input_width, input_height=g.input_height)
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    z = np.exp(scores - scores.max())
+    return z / z.sum()
+
+
+def class_score(entry: ModelEntry, scores: np.ndarray, c: int, probabilities=None) -> service_pb2.ClassScore:
+    probabilities = softmax(scores.astype(np.float64)) if probabilities is None else probabilities
+    return service_pb2.ClassScore(class_id=int(c), label=entry.label(int(c)), logit=float(scores[c]),
+                                  probability=float(probabilities[c]))
+
+
+def top_classes(entry: ModelEntry, scores: np.ndarray, k: int) -> list[service_pb2.ClassScore]:
+    probabilities = softmax(scores.astype(np.float64))
+    return [class_score(entry, scores, c, probabilities) for c in np.argsort(-scores, kind="stable")[:k]]
+
+
+def normalise(m: np.ndarray, how: int) -> np.ndarray:
+    if how == Norm.MINMAX:
+        lo, hi = m.min(), m.max()
+        return ((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)).astype(np.float32)
+    if how == Norm.MAX_ABS:
+        top = np.abs(m).max()
+        return (m / top if top > 0 else m).astype(np.float32)
+    return m
+
+
+def map_results(entry: ModelEntry, index: int, name: str, plan: validation.MethodPlan, targets: np.ndarray,
+                event: Maps, output) -> list[service_pb2.MapResult]:
+    pre = entry.preprocessing
+    maps = event.maps
+    if output.resolution != Norm.LAYER and maps.shape[-2:] != (pre.height, pre.width):
+        maps = upsample_bilinear(maps, pre.height, pre.width)
+    results = []
+    for t, c in enumerate(targets):
+        result = service_pb2.MapResult(
+            image_index=index, image_name=name, method=plan.method.name, class_id=int(c), label=entry.label(int(c)),
+            final=event.final, layer=plan.layer.name if plan.layer is not None else "", step=event.step,
+            map=tensors.to_proto(normalise(maps[t], output.normalization)),
+            stats=event.stats[t] if event.stats else {})
+        if output.return_attribution and event.attribution is not None:
+            result.attribution.CopyFrom(tensors.to_proto(event.attribution[t]))
+        results.append(result)
+    return results
+
+
+def model_info(entry: ModelEntry, limits: Limits) -> service_pb2.ModelInfo:
+    graph = entry.model.graph
+    initializers = {i.name for i in graph.initializer}
+
+    def info(vi) -> service_pb2.TensorInfo:
+        t = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else ""
+        return service_pb2.TensorInfo(name=vi.name, dtype=dtype, shape=[
+            d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim])
+
+    pre = entry.preprocessing
+    return service_pb2.ModelInfo(
+        name=entry.name, description=entry.description,
+        inputs=[info(vi) for vi in graph.input if vi.name not in initializers],
+        outputs=[info(vi) for vi in graph.output], score_tensor=entry.runner.score_name,
+        preprocessing=service_pb2.Preprocessing(
+            fit=pre.fit, resize_shorter=pre.resize_shorter, scale=pre.scale, mean=pre.mean, std=pre.std,
+            channel_order=pre.channel_order, layout=pre.layout, input_height=pre.height, input_width=pre.width),
+        num_classes=entry.num_classes, labels=entry.labels,
+        layers=[service_pb2.LayerInfo(
+            name=layer.name, shape=[-1 if d is None else d for d in layer.shape], kind=layer.kind,
+            grid_height=layer.grid[0], grid_width=layer.grid[1], prefix_tokens=layer.prefix_tokens,
+            is_default=entry.default_layer is not None and layer.name == entry.default_layer.name,
+            op_type=layer.op_type) for layer in entry.layers],
+        execution_provider=entry.runner.provider,
+        limits=service_pb2.Limits(
+            max_image_pixels=limits.max_image_pixels, max_images=limits.max_images, max_methods=limits.max_methods,
+            max_targets=limits.max_targets, max_batch=entry.runner.max_batch,
+            max_concurrent_jobs=limits.max_concurrent_jobs, max_queued_jobs=limits.max_queued_jobs,
+            max_message_bytes=limits.max_message_bytes))
+
+
+def method_info(method: Method) -> methods_pb2.MethodInfo:
+    params = []
+    for p in method.params:
+        info = methods_pb2.ParamInfo(name=p.name, type=PARAM_TYPES[p.type], description=p.description,
+                                     choices=list(p.choices))
+        if p.type == "bool":
+            info.default_bool = bool(p.default)
+        elif p.type == "enum":
+            info.default_string = str(p.default)
+        elif p.default is not None:
+            info.default_number = float(p.default)
+        if p.minimum is not None:
+            info.minimum = p.minimum
+        if p.maximum is not None:
+            info.maximum = p.maximum
+        params.append(info)
+    return methods_pb2.MethodInfo(name=method.name, family=method.family, description=method.description,
+                                  reference=method.reference, uses_layer=method.uses_layer,
+                                  uses_gradients=method.uses_gradients, params=params)

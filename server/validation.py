@@ -1,0 +1,155 @@
+"""Everything in a request is checked here, before any work starts. A `RequestError` carries the gRPC status
+code and a message that names the bad field and the allowed range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from onnxplain import tensors
+from onnxplain.kernels import images
+from onnxplain.kernels.methods import METHODS, Method, ParamError
+from onnxplain.v1 import methods_pb2
+
+from .config import Limits
+from .registry import ModelEntry, Registry
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.NOT_FOUND, message)
+
+
+@dataclass
+class MethodPlan:
+    method: Method
+    params: dict[str, Any]
+    layer: Any          # kernels.graph.Layer or None
+
+
+def model(registry: Registry, name: str) -> ModelEntry:
+    entry = registry.get(name)
+    if entry is None:
+        raise not_found(f"model {name!r} is not served; models: {registry.names}")
+    return entry
+
+
+def prepared_images(entry: ModelEntry, request_images, limits: Limits) -> list[images.Prepared]:
+    if not request_images:
+        raise invalid("images must hold at least 1 image")
+    if len(request_images) > limits.max_images:
+        raise invalid(f"images holds {len(request_images)} images; at most {limits.max_images} are allowed")
+    prepared = []
+    for i, image in enumerate(request_images):
+        name = image.name or f"image{i}"
+        where = f"images[{i}]"
+        try:
+            kind = image.WhichOneof("source")
+            if kind == "encoded":
+                decoded = images.decode(image.encoded, limits.max_image_pixels)
+                prepared.append(images.preprocess(decoded, entry.preprocessing, name))
+            elif kind == "tensor":
+                sample = images.check_sample(tensors.from_proto(image.tensor, f"{where}.tensor"), entry.preprocessing)
+                pre = entry.preprocessing
+                geometry = images.Geometry(0, 0, (0.0, 0.0, float(pre.width), float(pre.height)), pre.width, pre.height)
+                prepared.append(images.Prepared(sample, geometry, name))
+            else:
+                raise invalid(f"{where} needs `encoded` bytes or a `tensor`")
+        except (images.ImageError, tensors.TensorError) as exc:
+            raise invalid(f"{where}: {exc}") from None
+    return prepared
+
+
+def class_ids(entry: ModelEntry, targets, limits: Limits) -> tuple[list[int], int]:
+    """(explicit class ids, top_k): explicit ids when any class is named, else top_k (default 1)."""
+    ids = []
+    for i, c in enumerate(targets.class_ids):
+        if not 0 <= c < entry.num_classes:
+            raise invalid(f"targets.class_ids[{i}] must be in [0, {entry.num_classes - 1}], got {c}")
+        ids.append(c)
+    for i, label in enumerate(targets.class_names):
+        if label not in entry.labels:
+            raise invalid(f"targets.class_names[{i}] {label!r} is not a label of model {entry.name}"
+                          + ("" if entry.labels else " (it has no labels)"))
+        ids.append(entry.labels.index(label))
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > limits.max_targets:
+        raise invalid(f"targets name {len(ids)} classes; at most {limits.max_targets} are allowed")
+    top_k = targets.top_k or 1
+    if not ids and not 1 <= top_k <= min(limits.max_targets, entry.num_classes):
+        raise invalid(f"targets.top_k must be in [1, {min(limits.max_targets, entry.num_classes)}], got {top_k}")
+    return ids, top_k
+
+
+def typed_params(spec: methods_pb2.MethodSpec, index: int) -> tuple[str, dict[str, Any]]:
+    """The method's name and the parameters set in its typed message."""
+    chosen = spec.WhichOneof("params")
+    name = spec.method or chosen or ""
+    if not name:
+        raise invalid(f"methods[{index}] names no method: set `method` or one parameter message; "
+                      f"methods: {sorted(METHODS)}")
+    if chosen and spec.method and chosen != spec.method:
+        raise invalid(f"methods[{index}].method is {spec.method!r} but its parameters are for {chosen!r}")
+    if not chosen:
+        return name, {}
+    message = getattr(spec, chosen)
+    return name, {f.name: value for f, value in message.ListFields()}
+
+
+def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:
+    if not specs:
+        raise invalid(f"methods must hold at least 1 method; methods: {sorted(METHODS)}")
+    if len(specs) > limits.max_methods:
+        raise invalid(f"methods holds {len(specs)} methods; at most {limits.max_methods} are allowed")
+    spatial = (entry.preprocessing.height, entry.preprocessing.width)
+    plans = []
+    for i, spec in enumerate(specs):
+        name, given = typed_params(spec, i)
+        method = METHODS.get(name)
+        if method is None:
+            raise not_found(f"methods[{i}]: method {name!r} is not known; methods: {sorted(METHODS)}")
+        try:
+            params = method.resolve(given, spatial)
+        except ParamError as exc:
+            raise invalid(f"methods[{i}].{exc}") from None
+        layer = None
+        if method.uses_layer:
+            layer = entry.layer(spec.layer)
+            valid = [layer.name for layer in entry.layers]
+            if layer is None and spec.layer in entry.tensor_names:
+                raise invalid(f"methods[{i}].layer {spec.layer!r} has no spatial structure (not a feature map or "
+                              f"token grid); valid layers: {valid}")
+            if layer is None and spec.layer:
+                raise not_found(f"methods[{i}].layer {spec.layer!r} is not a layer with spatial structure in model "
+                                f"{entry.name}; valid layers: {valid}")
+            if layer is None:
+                raise invalid(f"methods[{i}]: model {entry.name} has no default layer for {name}; "
+                              f"set layer to one of {valid}")
+        elif spec.layer:
+            raise invalid(f"methods[{i}].layer is set but {name} uses no layer; leave it empty")
+        plans.append(MethodPlan(method, params, layer))
+    return plans
+
+
+def top_k(entry: ModelEntry, value: int) -> int:
+    k = value or min(5, entry.num_classes)
+    if not 1 <= k <= entry.num_classes:
+        raise invalid(f"top_k must be in [1, {entry.num_classes}], got {value}")
+    return k
+
+
+def stack(prepared: list[images.Prepared]) -> np.ndarray:
+    return np.stack([p.sample for p in prepared])
