@@ -1,0 +1,198 @@
+"""`onnxplain`: the command line for people and audits.
+
+    onnxplain models
+    onnxplain model NAME
+    onnxplain methods
+    onnxplain predict IMAGE... [--model M] [--top-k K]
+    onnxplain explain IMAGE... [--model M] --method NAME [--target C | --top-k K] [--layer L]
+                      [--param key=value ...] --out DIR
+
+Exit status: 0 on success, 1 when the server answers with an error (its message is printed), 2 on a usage
+error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import grpc
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .client import Accepted, Client, Done, MapResult, Progress
+from .overlay import overlay
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
+    """`key=value` applies to every requested method that has no explicit `method.key=value`;
+    `method.key=value` to that method only."""
+    per_method: dict[str, dict[str, str]] = {m: {} for m in methods}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param wants key=value, got {item!r}")
+        method, dot, name = key.rpartition(".")
+        targets = [method] if dot else methods
+        if dot and method not in per_method:
+            raise UsageError(f"--param {item!r} names method {method!r}, which is not requested")
+        for m in targets:
+            per_method[m][name] = value
+    return per_method
+
+
+def parse_target(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def pick_model(client: Client, model: str | None) -> str:
+    if model:
+        return model
+    names = [m.name for m in client.models()]
+    if len(names) == 1:
+        return names[0]
+    raise UsageError(f"the server serves {names}: choose one with --model")
+
+
+def cmd_models(client: Client, args) -> None:
+    for m in client.models():
+        print(f"{m.name}\t{m.num_classes} classes\t{m.execution_provider}\t{m.description}")
+
+
+def cmd_model(client: Client, args) -> None:
+    info = client.model(args.name)
+    pre = info.preprocessing
+    print(f"model {info.name} on {info.execution_provider}: {info.num_classes} classes, scores {info.score_tensor}")
+    for t in info.inputs:
+        print(f"input {t.name} {t.dtype} {list(t.shape)} ({pre.layout})")
+    print(f"preprocessing: fit={pre.fit} scale={pre.scale:g} mean={list(pre.mean)} std={list(pre.std)} "
+          f"{pre.channel_order} -> {pre.input_height}x{pre.input_width}")
+    print("layers:")
+    for layer in info.layers:
+        mark = " (default)" if layer.is_default else ""
+        print(f"  {layer.name}\t{layer.kind}\t{list(layer.shape)}\tgrid {layer.grid_height}x{layer.grid_width}{mark}")
+
+
+def cmd_methods(client: Client, args) -> None:
+    for m in client.methods():
+        print(f"{m.name} ({m.family}): {m.description}")
+        for p in m.params:
+            default = p.WhichOneof("default_value")
+            value = getattr(p, default) if default else None
+            bounds = f" [{p.minimum:g}, {p.maximum:g}]" if p.HasField("minimum") and p.HasField("maximum") else ""
+            choices = f" one of {list(p.choices)}" if p.choices else ""
+            print(f"    {p.name} = {value}{bounds}{choices}: {p.description}")
+
+
+def cmd_predict(client: Client, args) -> None:
+    model = pick_model(client, args.model)
+    for path, prediction in zip(args.images, client.predict(model, args.images, top_k=args.top_k)):
+        best = ", ".join(f"{s.class_id} {s.label} {s.probability:.3f}" for s in prediction.top)
+        print(f"{path}: {best}")
+
+
+def cmd_explain(client: Client, args) -> None:
+    model = pick_model(client, args.model)
+    method_names = [m for item in args.method for m in item.split(",") if m]
+    params = parse_params(args.param, method_names)
+    methods = [(m, params[m]) for m in method_names]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [parse_target(t) for t in args.target]
+    stems = {i: pathlib.Path(p).stem for i, p in enumerate(args.images)}
+    accepted = None
+    done_tasks: dict[tuple[int, str], float] = {}
+    bar = None
+    written = []
+    try:
+        events = client.explain(model, args.images, methods, targets=targets, top_k=args.top_k, layer=args.layer,
+                                normalization=args.normalize, timeout=args.timeout)
+        for event in events:
+            if isinstance(event, Accepted):
+                accepted = event
+                bar = tqdm(total=len(args.images) * len(methods), unit="task", disable=args.quiet,
+                           bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+            elif isinstance(event, Progress) and bar is not None:
+                done_tasks[(event.image_index, event.method)] = event.done / max(event.total, 1)
+                bar.n = sum(done_tasks.values())
+                bar.set_postfix_str(f"{stems[event.image_index]} {event.method}", refresh=True)
+            elif isinstance(event, MapResult) and event.final:
+                written += save_map(out, args.images[event.image_index], stems[event.image_index], event,
+                                    accepted.images[event.image_index].geometry.crop)
+            elif isinstance(event, Done):
+                if bar is not None:
+                    bar.n = bar.total
+                    bar.close()
+                if not args.quiet:
+                    print(f"{event.maps} maps in {event.total_ms / 1e3:.2f} s ({event.forward_samples} forward, "
+                          f"{event.backward_samples} backward samples); written to {out}/", file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
+    for path in written:
+        print(path)
+
+
+def save_map(out: pathlib.Path, image_path: str, stem: str, result: MapResult, crop) -> list[pathlib.Path]:
+    base = f"{stem}.{result.method}.{result.class_id}"
+    npy, png = out / f"{base}.npy", out / f"{base}.png"
+    np.save(npy, result.map.astype(np.float32))
+    with Image.open(image_path) as original:
+        overlay(original, result.map, crop).save(png)
+    return [npy, png]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxplain", description="Explain ONNX image classifiers with an "
+                                     "onnxplain server.")
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
+    p = sub.add_parser("model", help="describe a model: input, preprocessing, layers")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_model)
+    sub.add_parser("methods", help="list the methods and their parameters").set_defaults(run=cmd_methods)
+    p = sub.add_parser("predict", help="top-k classes of images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(run=cmd_predict)
+    p = sub.add_parser("explain", help="saliency maps of images, written as .npy and .png overlays")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model")
+    p.add_argument("--method", action="append", required=True, help="method name (repeatable, or a,b,c)")
+    p.add_argument("--target", action="append", default=[], help="class id or label to explain (repeatable)")
+    p.add_argument("--top-k", type=int, default=0, help="explain the top-k classes (default 1 when no --target)")
+    p.add_argument("--layer", default="", help="layer for layer methods (default: the model's default layer)")
+    p.add_argument("--param", action="append", default=[], help="key=value or method.key=value (repeatable)")
+    p.add_argument("--normalize", choices=("none", "minmax", "maxabs"), default="none",
+                   help="normalisation of the saved maps (default: the method's raw values)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.server, timeout=args.timeout if args.command != "explain" else None) as client:
+            args.run(client, args)
+    except grpc.RpcError as exc:
+        print(f"onnxplain: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (UsageError, ValueError, OSError) as exc:
+        print(f"onnxplain: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

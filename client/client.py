@@ -1,0 +1,254 @@
+"""The thin Python client: grpcio + protobuf + numpy, no onnxruntime. Results come back as typed dataclasses
+with numpy maps.
+
+    from onnxplain.client import Client
+    with Client("127.0.0.1:50051") as c:
+        for event in c.explain("shapes", ["star.png"], methods=["occlusion"], top_k=2):
+            if isinstance(event, MapResult) and event.final:
+                print(event.label, event.map.shape)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Union
+
+import grpc
+import numpy as np
+
+from onnxplain import tensors
+from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+
+ImageLike = Union[str, os.PathLike, bytes, np.ndarray, tensor_pb2.Image]
+MethodLike = Union[str, tuple, methods_pb2.MethodSpec]
+Norm = methods_pb2.OutputOptions
+NORMALIZATIONS = {"none": Norm.NONE, "minmax": Norm.MINMAX, "maxabs": Norm.MAX_ABS}
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    class_id: int
+    label: str
+    logit: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Geometry:
+    original_width: int
+    original_height: int
+    crop: tuple[float, float, float, float]
+    input_width: int
+    input_height: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    image_index: int
+    image_name: str
+    top: list[ClassScore]
+    geometry: Geometry
+
+
+@dataclass(frozen=True)
+class ImageTargets:
+    image_index: int
+    image_name: str
+    geometry: Geometry
+    targets: list[ClassScore]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job_id: str
+    request_id: str
+    model: str
+    execution_provider: str
+    images: list[ImageTargets]
+    total_maps: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    image_index: int
+    method: str
+    done: int
+    total: int
+    stage: str
+
+
+@dataclass(frozen=True)
+class MapResult:
+    image_index: int
+    image_name: str
+    method: str
+    class_id: int
+    label: str
+    final: bool
+    layer: str
+    map: np.ndarray
+    attribution: np.ndarray | None
+    stats: dict[str, float]
+    step: int
+
+
+@dataclass(frozen=True)
+class Done:
+    queue_ms: float
+    preprocess_ms: float
+    compute_ms: float
+    total_ms: float
+    forward_samples: int
+    backward_samples: int
+    model_runs: int
+    maps: int
+
+
+Event = Union[Accepted, Progress, MapResult, Done]
+
+
+def _scores(items) -> list[ClassScore]:
+    return [ClassScore(s.class_id, s.label, s.logit, s.probability) for s in items]
+
+
+def _geometry(g) -> Geometry:
+    return Geometry(g.original_width, g.original_height, (g.crop_x0, g.crop_y0, g.crop_x1, g.crop_y1),
+                    g.input_width, g.input_height)
+
+
+def image_message(image: ImageLike, name: str = "") -> tensor_pb2.Image:
+    """An Image message from a file path, encoded bytes, or an already preprocessed float32 array."""
+    if isinstance(image, tensor_pb2.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return tensor_pb2.Image(tensor=tensors.to_proto(image), name=name)
+    if isinstance(image, (bytes, bytearray)):
+        return tensor_pb2.Image(encoded=bytes(image), name=name)
+    path = pathlib.Path(image)
+    return tensor_pb2.Image(encoded=path.read_bytes(), name=name or path.name)
+
+
+def method_spec(method: MethodLike, layer: str = "") -> methods_pb2.MethodSpec:
+    """A MethodSpec from a name, a (name, {param: value}) pair, or a MethodSpec. Parameter values may be
+    strings (as typed on a command line); they are converted to the field's type."""
+    if isinstance(method, methods_pb2.MethodSpec):
+        return method
+    name, params = (method, {}) if isinstance(method, str) else method
+    spec = methods_pb2.MethodSpec(method=name, layer=layer)
+    if not params:
+        return spec
+    field_desc = methods_pb2.MethodSpec.DESCRIPTOR.fields_by_name.get(name)
+    if field_desc is None or field_desc.containing_oneof is None:
+        raise ValueError(f"method {name!r} has no parameter message in this client's contract")
+    message = getattr(spec, name)
+    for key, value in params.items():
+        fd = message.DESCRIPTOR.fields_by_name.get(key)
+        if fd is None:
+            raise ValueError(f"{name} has no parameter {key!r}; it takes {sorted(message.DESCRIPTOR.fields_by_name)}")
+        setattr(message, key, _convert(fd, value, f"{name}.{key}"))
+    return spec
+
+
+def _convert(fd, value: Any, where: str) -> Any:
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    try:
+        if fd.type in (F.TYPE_INT32, F.TYPE_INT64, F.TYPE_UINT32, F.TYPE_UINT64):
+            return int(value)
+        if fd.type in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
+            return float(value)
+        if fd.type == F.TYPE_BOOL:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if fd.type == F.TYPE_ENUM and isinstance(value, str):
+            return fd.enum_type.values_by_name[value.upper()].number
+        return value
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{where}: cannot use {value!r}: {exc}") from None
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = channel or grpc.insecure_channel(target, options=options)
+        self.stub = service_pb2_grpc.ExplainerStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def models(self) -> list[service_pb2.ModelSummary]:
+        return list(self.stub.ListModels(service_pb2.ListModelsRequest(), timeout=self.timeout).models)
+
+    def model(self, name: str) -> service_pb2.ModelInfo:
+        return self.stub.GetModel(service_pb2.GetModelRequest(name=name), timeout=self.timeout)
+
+    def methods(self) -> list[methods_pb2.MethodInfo]:
+        return list(self.stub.ListMethods(service_pb2.ListMethodsRequest(), timeout=self.timeout).methods)
+
+    def predict(self, model: str, images: Iterable[ImageLike], top_k: int = 5) -> list[Prediction]:
+        request = service_pb2.PredictRequest(model=model, images=[image_message(i) for i in images], top_k=top_k)
+        response = self.stub.Predict(request, timeout=self.timeout)
+        return [Prediction(p.image_index, p.image_name, _scores(p.top), _geometry(p.geometry))
+                for p in response.predictions]
+
+    def explain_request(self, model: str, images: Iterable[ImageLike], methods: Iterable[MethodLike],
+                        targets: Iterable[int | str] = (), top_k: int = 0, layer: str = "",
+                        normalization: str = "none", partial_maps: bool = False,
+                        return_attribution: bool = False, request_id: str = "") -> service_pb2.ExplainRequest:
+        targets = list(targets)
+        return service_pb2.ExplainRequest(
+            model=model, images=[image_message(i) for i in images], request_id=request_id,
+            methods=[method_spec(m, layer) for m in methods],
+            targets=service_pb2.Targets(class_ids=[t for t in targets if isinstance(t, int)],
+                                        class_names=[t for t in targets if isinstance(t, str)], top_k=top_k),
+            output=Norm(normalization=NORMALIZATIONS[normalization], partial_maps=partial_maps,
+                        return_attribution=return_attribution))
+
+    def explain(self, model: str, images: Iterable[ImageLike], methods: Iterable[MethodLike], *,
+                timeout: float | None = None, **options) -> Iterator[Event]:
+        """Stream the events of one Explain call. Stop iterating (or call .cancel() on the underlying
+        call, see `explain_call`) to cancel it: the server stops within one model batch."""
+        call = self.explain_call(self.explain_request(model, images, methods, **options), timeout=timeout)
+        try:
+            for message in call:
+                yield event_from_message(message)
+        finally:
+            call.cancel()
+
+    def explain_call(self, request: service_pb2.ExplainRequest, timeout: float | None = None):
+        """The raw streaming call (an iterator of ExplainEvent that also has .cancel())."""
+        return self.stub.Explain(request, timeout=timeout if timeout is not None else self.timeout)
+
+
+def event_from_message(message: service_pb2.ExplainEvent) -> Event:
+    kind = message.WhichOneof("event")
+    if kind == "accepted":
+        a = message.accepted
+        return Accepted(a.job_id, a.request_id, a.model, a.execution_provider,
+                        [ImageTargets(i.image_index, i.image_name, _geometry(i.geometry), _scores(i.targets))
+                         for i in a.images], a.total_maps)
+    if kind == "progress":
+        p = message.progress
+        return Progress(p.image_index, p.method, p.done, p.total, p.stage)
+    if kind == "map":
+        m = message.map
+        return MapResult(m.image_index, m.image_name, m.method, m.class_id, m.label, m.final, m.layer,
+                         tensors.from_proto(m.map, "map"),
+                         tensors.from_proto(m.attribution, "attribution") if m.HasField("attribution") else None,
+                         dict(m.stats), m.step)
+    if kind == "done":
+        d = message.done
+        t = d.timings
+        return Done(t.queue_ms, t.preprocess_ms, t.compute_ms, t.total_ms, d.forward_samples, d.backward_samples,
+                    d.model_runs, d.maps)
+    raise ValueError(f"unknown event {kind!r}")
