@@ -16,8 +16,8 @@ A candidate is a tensor that
   output grid ``gh * gw`` plus ``prefix_tokens`` (0..8: CLS / distillation tokens concatenated in front).
 
 Near-duplicates are dropped: a tensor is not listed when every consumer is a pointwise op that keeps its shape
-(activation, BatchNormalization, bias/residual Add, Mul by a gate, Dropout/Identity ...) or a Transpose that
-only switches it between NCHW and NHWC. So ``Conv -> BN -> ReLU`` lists the ReLU output only, a residual
+(activation, BatchNormalization, bias/residual Add, Mul by a gate, Dropout/Identity ...), and a Transpose that
+only switches a map between NCHW and NHWC is not listed (its input is). So ``Conv -> BN -> ReLU`` lists the ReLU output only, a residual
 ``Add -> ReLU`` lists the ReLU output, ``x * sigmoid(x)`` lists the product, and a tensor that also feeds a
 Conv, a pool or the next residual branch stays listed. The listed tensor always carries the same map as the
 dropped ones, after the activation -- what Grad-CAM style methods conventionally explain.
@@ -263,17 +263,16 @@ def _attr(node, name, default=None):
 def score_tensor(model: onnx.ModelProto) -> str:
     """The tensor to explain: the pre-softmax logits when the first output comes out of (Log)Softmax."""
     gi = _Graph(model)
-    name = model.graph.output[0].name
+    first = model.graph.output[0].name
+    name = first
     while True:
         n = gi.producer.get(name)
-        if n is None:
-            return name
-        if n.op_type in ("Softmax", "LogSoftmax"):
-            return n.input[0]
-        if n.op_type == "Identity" and n.input[0] in gi.producer:
+        if n is not None and n.op_type == "Identity":
             name = n.input[0]
             continue
-        return model.graph.output[0].name if n.op_type != "Identity" else name
+        if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
+            return n.input[0]
+        return first
 
 
 _SPATIAL_OPS = {
@@ -347,8 +346,6 @@ def _is_duplicate(gi: _Graph, name: str, lay: dict) -> bool:
             if gi.shapes.get(n.output[0]) != shape:
                 return False
             continue
-        if n.op_type == "Transpose" and name in lay and n.output[0] in lay:
-            continue
         return False
     return True
 
@@ -386,6 +383,8 @@ def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
             s = gi.shapes.get(o)
             if s is None:
                 continue
+            if n.op_type == "Transpose" and n.input[0] in lay:
+                continue  # the same map in the other layout: its input is the layer
             if len(s) == 4 and o in lay and _batch_like(s[0], batch):
                 h, w = (s[2], s[3]) if lay[o] == "NCHW" else (s[1], s[2])
                 if h is None or w is None or h <= 1 or w <= 1 or _is_duplicate(gi, o, lay):
