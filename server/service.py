@@ -48,6 +48,13 @@ class JobRecord:
     model: str
     status: str = "running"
     passes: Passes = field(default_factory=Passes)
+    samples_at_end: int | None = None   # samples run when the RPC ended (completed, cancelled or expired)
+
+    def samples(self) -> int:
+        return self.passes.forward_samples + self.passes.backward_samples
+
+    def rpc_ended(self) -> None:
+        self.samples_at_end = self.samples()
 
 
 def handles_errors(rpc):
@@ -138,6 +145,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         prepared = validation.prepared_images(entry, request.images, self.limits)
         preprocess_ms = (time.perf_counter() - started) * 1e3
         record = self._record("Explain", entry)
+        context.add_callback(record.rpc_ended)
         try:
             yield from self._explain(request, context, entry, plans, explicit, k, prepared, record, started,
                                      preprocess_ms)

@@ -1,0 +1,94 @@
+"""Decoding and preprocessing: geometry of each fit, normalisation, channel order, layout, refusal of bad
+images, and the bilinear upsampling of maps against PyTorch."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnxplain.kernels import images
+from onnxplain.kernels.images import ImageError, Preprocessing
+
+
+def encoded(array, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def gradient_image(height, width):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fit, size, expected", [
+    ("stretch", (300, 200), (0, 0, 300, 200)),
+    ("center_crop", (300, 200), (50, 0, 250, 200)),
+    ("center_crop", (200, 300), (0, 50, 200, 250)),
+    ("shorter_side", (300, 200), (150 - 224 / 256 * 200 / 2, 100 - 224 / 256 * 200 / 2,
+                                  150 + 224 / 256 * 200 / 2, 100 + 224 / 256 * 200 / 2)),
+])
+def test_crop_box(fit, size, expected):
+    pre = Preprocessing(224, 224, fit=fit, resize_shorter=256 if fit == "shorter_side" else 0)
+    np.testing.assert_allclose(images.crop_box(*size, pre), expected)
+
+
+def test_normalisation_channel_order_and_layout():
+    array = gradient_image(64, 64)
+    rgb = Preprocessing(64, 64, fit="stretch", scale=0.5, mean=(1, 2, 3), std=(2, 4, 8))
+    x = images.preprocess(Image.fromarray(array), rgb).sample
+    expected = (array.astype(np.float32) * 0.5 - [1, 2, 3]) / [2, 4, 8]
+    np.testing.assert_allclose(x, expected.transpose(2, 0, 1), rtol=1e-6)
+    bgr = Preprocessing(64, 64, fit="stretch", scale=0.5, mean=(1, 2, 3), std=(2, 4, 8), channel_order="BGR",
+                        layout="NHWC")
+    y = images.preprocess(Image.fromarray(array), bgr).sample
+    np.testing.assert_allclose(y, (array[..., ::-1].astype(np.float32) * 0.5 - [1, 2, 3]) / [2, 4, 8], rtol=1e-6)
+
+
+def test_grey_and_rgba_images_become_rgb():
+    pre = Preprocessing(16, 16, fit="stretch")
+    for mode_array in (np.full((20, 20), 100, np.uint8), np.full((20, 20, 4), 100, np.uint8)):
+        x = images.preprocess(images.decode(encoded(mode_array), 10 ** 6), pre).sample
+        assert x.shape == (3, 16, 16)
+
+
+NOISE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"hello", "cannot be decoded"),
+    (encoded(NOISE)[:2000], "cannot be decoded"),
+    (encoded(NOISE, "JPEG")[:1000], "cannot be decoded"),
+], ids=["empty", "garbage", "truncated-png", "truncated-jpeg"])
+def test_bad_images_are_refused(data, message):
+    with pytest.raises(ImageError, match=message):
+        images.decode(data, 10 ** 6)
+
+
+def test_too_many_pixels_are_refused_before_decoding():
+    data = encoded(np.zeros((3000, 3000), np.uint8))
+    with pytest.raises(ImageError, match="limit is 1000000"):
+        images.decode(data, 1_000_000)
+
+
+def test_check_sample():
+    pre = Preprocessing(8, 8)
+    good = np.zeros((3, 8, 8), np.float32)
+    assert images.check_sample(good[None], pre).shape == (3, 8, 8)
+    for bad, message in ((np.zeros((8, 8, 3), np.float32), "shape"), (good.astype(np.float16), "dtype"),
+                         (np.full((3, 8, 8), np.nan, np.float32), "NaN")):
+        with pytest.raises(ImageError, match=message):
+            images.check_sample(bad, pre)
+
+
+@pytest.mark.parametrize("src, dst", [((7, 7), (224, 224)), ((5, 9), (33, 20)), ((14, 14), (14, 14)), ((3, 4), (2, 2))])
+def test_upsample_matches_torch_bilinear_half_pixel(src, dst):
+    torch = pytest.importorskip("torch")
+    maps = np.random.default_rng(0).normal(size=(2, *src)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(maps)[None], size=dst, mode="bilinear",
+                                               align_corners=False)[0].numpy()
+    np.testing.assert_allclose(images.upsample_bilinear(maps, *dst), expected, atol=1e-5)

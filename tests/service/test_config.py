@@ -1,0 +1,112 @@
+"""Server configuration: TOML files, model directories, layout detection, limits, and clear start-up errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxplain.server import config
+from onnxplain.server.config import ConfigError
+from onnxplain.server.registry import load_entry
+
+
+def nhwc_classifier(path, classes=4):
+    """A tiny tf2onnx-style classifier: NHWC input, Transpose to NCHW, Conv, Relu, GAP, Flatten, Gemm."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3], rng.normal(size=216).astype(np.float32))
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, [8, classes], rng.normal(size=8 * classes).astype(np.float32))
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 32, 32, 3])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", classes])], [w, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+def test_no_configuration_serves_the_default_model():
+    cfg = config.load(None)
+    assert [m.name for m in cfg.models] == ["shapes"]
+    assert cfg.limits.max_concurrent_jobs >= 1 and cfg.limits.max_image_pixels > 0
+
+
+def test_model_directory_detects_nhwc_and_the_logits_before_softmax(tmp_path):
+    nhwc_classifier(tmp_path / "tiny.onnx")
+    (tmp_path / "tiny.txt").write_text("a\nb\nc\nd\n")
+    cfg = config.load(None, [tmp_path])
+    assert [m.name for m in cfg.models] == ["tiny"]
+    entry = load_entry(cfg.models[0], cfg.limits)
+    assert entry.preprocessing.layout == "NHWC" and entry.preprocessing.sample_shape == (32, 32, 3)
+    assert entry.runner.score_name == "logits" and entry.labels == ["a", "b", "c", "d"]
+
+
+def test_toml_config_with_limits_and_preprocessing(tmp_path):
+    nhwc_classifier(tmp_path / "m.onnx")
+    (tmp_path / "server.toml").write_text('''
+[server]
+port = 0
+[limits]
+max_batch = 4
+max_concurrent_jobs = 3
+[[models]]
+name = "bgr"
+path = "m.onnx"
+[models.preprocessing]
+channel_order = "BGR"
+fit = "shorter_side"
+resize_shorter = 40
+scale = 1.0
+mean = [1, 2, 3]
+std = [4, 5, 6]
+''')
+    cfg = config.load(tmp_path / "server.toml", max_queued_jobs=5)
+    assert (cfg.limits.max_batch, cfg.limits.max_concurrent_jobs, cfg.limits.max_queued_jobs) == (4, 3, 5)
+    entry = load_entry(cfg.models[0], cfg.limits)
+    pre = entry.preprocessing
+    assert (pre.channel_order, pre.fit, pre.resize_shorter, pre.mean, pre.std) == ("BGR", "shorter_side", 40,
+                                                                                   (1, 2, 3), (4, 5, 6))
+    assert entry.runner.max_batch == 4
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[limits]\nmax_batch = 0', "positive integer"),
+    ('[limits]\nmax_bach = 2', "unknown limits"),
+    ('[oops]\n', "unknown sections"),
+    ('[[models]]\nname = "x"', "needs a path"),
+    ('[[models]]\npath = "missing.onnx"', "missing.onnx"),
+    ('[[models]]\npath = "m.onnx"\n[models.preprocessing]\nfit = "zoom"', "fit must be one of"),
+    ('[[models]]\npath = "m.onnx"\nlabels = "three.txt"', "3 names for 4 classes"),
+    ('[[models]]\npath = "m.onnx"\n[[models]]\npath = "m.onnx"', "unique"),
+])
+def test_bad_configuration_is_reported_clearly(tmp_path, toml, message):
+    nhwc_classifier(tmp_path / "m.onnx")
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    (tmp_path / "s.toml").write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        cfg = config.load(tmp_path / "s.toml")
+        for m in cfg.models:
+            load_entry(m, cfg.limits)
+
+
+def test_corrupt_model_file_is_reported(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    cfg = config.load(None, [tmp_path])
+    with pytest.raises(ConfigError, match="bad"):
+        load_entry(cfg.models[0], cfg.limits)
+
+
+def test_server_command_fails_fast_on_a_bad_model(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    result = subprocess.run([sys.executable, "-m", "onnxplain.server.main", "--model-dir", str(tmp_path), "--port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "bad" in result.stderr
