@@ -73,6 +73,34 @@ class Runner:
             self.run(self.session, [self.score_name], {self.input_name: x[i:i + self.max_batch]}, passes)[0]
             for i in range(0, len(x), self.max_batch)])
 
+    def forward(self, x: np.ndarray, outputs: tuple[str, ...], passes: Passes) -> dict[str, np.ndarray]:
+        """Scores and intermediate tensors of a batch, in chunks of max_batch (the exposing graph is cached)."""
+        from . import graph
+
+        outputs = tuple(dict.fromkeys((self.score_name, *outputs)))
+        session = self.graph("forward/" + "|".join(outputs), lambda: graph.expose(self.model, list(outputs)))
+        chunks = [self.run(session, list(outputs), {self.input_name: x[i:i + self.max_batch]}, passes)
+                  for i in range(0, len(x), self.max_batch)]
+        return {name: np.concatenate([chunk[j] for chunk in chunks]) for j, name in enumerate(outputs)}
+
+    def gradients(self, x: np.ndarray, seed: np.ndarray, passes: Passes, layers: tuple[str, ...] = (),
+                  rule: str = "standard", wrt_input: bool = True) -> dict[str, np.ndarray]:
+        """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`) and
+        the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of max_batch. The gradient
+        graph is built by kernels.autodiff once per (layers, rule, wrt_input) and reused."""
+        from . import autodiff
+
+        layers = tuple(layers)
+        key = f"gradients/{rule}/{int(wrt_input)}/" + "|".join(layers)
+        session = self.graph(key, lambda: autodiff.augment(self.model, layers, wrt_input=wrt_input, rule=rule,
+                                                             scores=self.score_name))
+        names = [self.score_name, *layers, *(f"{name}__grad" for name in layers)]
+        if wrt_input:
+            names.append(f"{self.input_name}__grad")
+        chunks = [self.run(session, names, {self.input_name: x[i:i + self.max_batch], "seed": seed[i:i + self.max_batch]},
+                           passes, backward=True) for i in range(0, len(x), self.max_batch)]
+        return {name: np.concatenate([chunk[j] for chunk in chunks]) for j, name in enumerate(names)}
+
     def run(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
             passes: Passes, samples: int | None = None, backward: bool = False) -> list[np.ndarray]:
         """One onnxruntime run, counted in `passes` (samples defaults to the first feed's batch size)."""

@@ -12,7 +12,7 @@ import numpy as np
 from onnxplain import tensors
 from onnxplain.kernels import images
 from onnxplain.kernels.methods import METHODS, Method, ParamError
-from onnxplain.v1 import methods_pb2
+from onnxplain.v1 import methods_pb2, tensor_pb2
 
 from .config import Limits
 from .registry import ModelEntry, Registry
@@ -106,7 +106,15 @@ def typed_params(spec: methods_pb2.MethodSpec, index: int) -> tuple[str, dict[st
     if not chosen:
         return name, {}
     message = getattr(spec, chosen)
-    return name, {f.name: value for f, value in message.ListFields()}
+    params = {}
+    for fd, value in message.ListFields():
+        if isinstance(value, tensor_pb2.Tensor):
+            try:
+                value = tensors.from_proto(value, f"methods[{index}].{chosen}.{fd.name}")
+            except tensors.TensorError as exc:
+                raise invalid(str(exc)) from None
+        params[fd.name] = value
+    return name, params
 
 
 def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:

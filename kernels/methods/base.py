@@ -20,7 +20,7 @@ class ParamError(ValueError):
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str                       # "int" | "float" | "bool" | "enum"
+    type: str                       # "int" | "float" | "bool" | "enum" | "tensor"
     default: Any
     description: str
     minimum: float | None = None    # inclusive
@@ -35,6 +35,11 @@ class Param:
             return value
         if self.type == "bool":
             return bool(value)
+        if self.type == "tensor":
+            value = np.asarray(value)
+            if value.dtype != np.float32 or not np.isfinite(value).all():
+                raise ParamError(f"{field_name} must be a finite float32 tensor")
+            return value
         if self.type == "float" and not math.isfinite(value):
             raise ParamError(f"{field_name} must be finite{self._range()}, got {value}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):

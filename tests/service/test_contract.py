@@ -56,7 +56,12 @@ def test_every_message_field_enum_and_rpc_is_documented(tmp_path):
     assert undocumented == []
 
 
-PROTO_TYPES = {"int": {"int32", "int64"}, "float": {"float", "double"}, "bool": {"bool"}, "enum": {"string"}}
+PROTO_TYPES = {"int": {"int32", "int64"}, "float": {"float", "double"}, "bool": {"bool"}, "enum": {"string"},
+               "tensor": {"message"}}
+# Parameter messages in the contract whose method this server version does not run yet (answered NOT_FOUND).
+NOT_YET_SERVED = {"gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop", "deconvnet",
+                  "guided_gradcam", "cam", "gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam",
+                  "scorecam", "ablationcam", "rise", "opticam"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -69,11 +74,12 @@ def test_method_declaration_matches_its_parameter_message(name):
     assert set(message.fields_by_name) == set(declared)
     type_names = {v: k for k, v in vars(type(field)).items() if k.startswith("TYPE_")}
     for fname, fd in message.fields_by_name.items():
-        assert fd.has_presence, f"{name}.{fname} must be `optional` so that unset means default"
+        assert fd.has_presence, f"{name}.{fname} must be `optional` (or a message) so that unset means default"
         proto_type = type_names[fd.type].removeprefix("TYPE_").lower()
         assert proto_type in PROTO_TYPES[declared[fname].type], f"{name}.{fname}: {proto_type}"
 
 
-def test_every_parameter_message_has_a_declared_method():
+def test_every_parameter_message_has_a_declared_method_or_is_listed_as_not_served():
     oneof = methods_pb2.MethodSpec.DESCRIPTOR.oneofs_by_name["params"]
-    assert {f.name for f in oneof.fields} == set(METHODS)
+    assert {f.name for f in oneof.fields} - set(METHODS) == NOT_YET_SERVED - set(METHODS)
+    assert not NOT_YET_SERVED & set(METHODS), "a served method is still listed as not served"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from onnxplain.v1 import tensor_pb2 as onnxplain_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aonnxplain/v1/methods.proto\x12\x0connxplain.v1\x1a\x19onnxplain/v1/tensor.proto\"u\n\x0fOcclusionParams\x12\x13\n\x06window\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06stride\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x62\x61seline\x18\x03 \x01(\x02H\x02\x88\x01\x01\x42\t\n\x07_windowB\t\n\x07_strideB\x0b\n\t_baseline\"i\n\nMethodSpec\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x32\n\tocclusion\x18\n \x01(\x0b\x32\x1d.onnxplain.v1.OcclusionParamsH\x00\x42\x08\n\x06params\"\xa7\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\treference\x18\x04 \x01(\t\x12\x12\n\nuses_layer\x18\x05 \x01(\x08\x12\x16\n\x0euses_gradients\x18\x06 \x01(\x08\x12\'\n\x06params\x18\x07 \x03(\x0b\x32\x17.onnxplain.v1.ParamInfo\"\xf7\x02\n\tParamInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.onnxplain.v1.ParamInfo.Type\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x18\n\x0e\x64\x65\x66\x61ult_number\x18\x04 \x01(\x01H\x00\x12\x16\n\x0c\x64\x65\x66\x61ult_bool\x18\x05 \x01(\x08H\x00\x12\x18\n\x0e\x64\x65\x66\x61ult_string\x18\x06 \x01(\tH\x00\x12\x14\n\x07minimum\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\t \x03(\t\"i\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08TYPE_INT\x10\x01\x12\x0e\n\nTYPE_FLOAT\x10\x02\x12\r\n\tTYPE_BOOL\x10\x03\x12\r\n\tTYPE_ENUM\x10\x04\x12\x0f\n\x0bTYPE_TENSOR\x10\x05\x42\x0f\n\rdefault_valueB\n\n\x08_minimumB\n\n\x08_maximum\"\xd2\x02\n\rOutputOptions\x12@\n\rnormalization\x18\x01 \x01(\x0e\x32).onnxplain.v1.OutputOptions.Normalization\x12:\n\nresolution\x18\x02 \x01(\x0e\x32&.onnxplain.v1.OutputOptions.Resolution\x12\x14\n\x0cpartial_maps\x18\x03 \x01(\x08\x12\x1a\n\x12return_attribution\x18\x04 \x01(\x08\"Q\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\n\n\x06MINMAX\x10\x02\x12\x0b\n\x07MAX_ABS\x10\x03\">\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\t\n\x05INPUT\x10\x01\x12\t\n\x05LAYER\x10\x02\"_\n\x03Map\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x10\n\x08\x63lass_id\x18\x02 \x01(\x05\x12\x0e\n\x06method\x18\x03 \x01(\t\x12!\n\x03map\x18\x04 \x01(\x0b\x32\x14.onnxplain.v1.Tensor*\xa4\x01\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41VERAGE_DROP\x10\x01\x12\x10\n\x0c\x41VERAGE_GAIN\x10\x02\x12\x14\n\x10\x41VERAGE_INCREASE\x10\x03\x12\r\n\tINSERTION\x10\x04\x12\x0c\n\x08\x44\x45LETION\x10\x05\x12\x11\n\rPOINTING_GAME\x10\x06\x12\x18\n\x14\x45NERGY_POINTING_GAME\x10\x07\x42@\n\x10\x64\x65v.onnxplain.v1P\x01Z*onnxplain.dev/gen/onnxplain/v1;onnxplainv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aonnxplain/v1/methods.proto\x12\x0connxplain.v1\x1a\x19onnxplain/v1/tensor.proto\"u\n\x0fOcclusionParams\x12\x13\n\x06window\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06stride\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x62\x61seline\x18\x03 \x01(\x02H\x02\x88\x01\x01\x42\t\n\x07_windowB\t\n\x07_strideB\x0b\n\t_baseline\"\x10\n\x0eGradientParams\"\x16\n\x14InputXGradientParams\"\x9c\x01\n\x10SmoothGradParams\x12\x14\n\x07samples\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bnoise_level\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x14\n\x07variant\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\n\n\x08_samplesB\x0e\n\x0c_noise_levelB\n\n\x08_variantB\x07\n\x05_seed\"\xd4\x01\n\x19IntegratedGradientsParams\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08\x62\x61seline\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nblur_sigma\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x13\n\x06method\x18\x04 \x01(\tH\x03\x88\x01\x01\x12-\n\x0f\x62\x61seline_tensor\x18\x05 \x01(\x0b\x32\x14.onnxplain.v1.TensorB\x08\n\x06_stepsB\x0b\n\t_baselineB\r\n\x0b_blur_sigmaB\t\n\x07_method\"\x16\n\x14GuidedBackpropParams\"\x11\n\x0f\x44\x65\x63onvnetParams\"\x15\n\x13GuidedGradCamParams\"\x0b\n\tCamParams\"\x0f\n\rGradCamParams\"\x17\n\x15GradCamPlusPlusParams\"\x10\n\x0eXGradCamParams\"\x10\n\x0eHiResCamParams\"\x10\n\x0eLayerCamParams\"\x10\n\x0e\x45igenCamParams\"\x10\n\x0eScoreCamParams\"\x13\n\x11\x41\x62lationCamParams\"\x96\x01\n\nRiseParams\x12\x12\n\x05masks\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04grid\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10keep_probability\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x08\n\x06_masksB\x07\n\x05_gridB\x13\n\x11_keep_probabilityB\x07\n\x05_seed\"\x85\x02\n\rOptiCamParams\x12\x17\n\niterations\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04loss\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x15\n\x08gradient\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x17\n\ndirections\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04step\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x42\r\n\x0b_iterationsB\x10\n\x0e_learning_rateB\x07\n\x05_lossB\x0b\n\t_gradientB\r\n\x0b_directionsB\x07\n\x05_stepB\x07\n\x05_seed\"\xa8\x08\n\nMethodSpec\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x32\n\tocclusion\x18\n \x01(\x0b\x32\x1d.onnxplain.v1.OcclusionParamsH\x00\x12\x30\n\x08gradient\x18\x0b \x01(\x0b\x32\x1c.onnxplain.v1.GradientParamsH\x00\x12>\n\x10input_x_gradient\x18\x0c \x01(\x0b\x32\".onnxplain.v1.InputXGradientParamsH\x00\x12\x34\n\nsmoothgrad\x18\r \x01(\x0b\x32\x1e.onnxplain.v1.SmoothGradParamsH\x00\x12G\n\x14integrated_gradients\x18\x0e \x01(\x0b\x32\'.onnxplain.v1.IntegratedGradientsParamsH\x00\x12=\n\x0fguided_backprop\x18\x0f \x01(\x0b\x32\".onnxplain.v1.GuidedBackpropParamsH\x00\x12\x32\n\tdeconvnet\x18\x10 \x01(\x0b\x32\x1d.onnxplain.v1.DeconvnetParamsH\x00\x12;\n\x0eguided_gradcam\x18\x11 \x01(\x0b\x32!.onnxplain.v1.GuidedGradCamParamsH\x00\x12&\n\x03\x63\x61m\x18\x12 \x01(\x0b\x32\x17.onnxplain.v1.CamParamsH\x00\x12.\n\x07gradcam\x18\x13 \x01(\x0b\x32\x1b.onnxplain.v1.GradCamParamsH\x00\x12\x38\n\tgradcampp\x18\x14 \x01(\x0b\x32#.onnxplain.v1.GradCamPlusPlusParamsH\x00\x12\x30\n\x08xgradcam\x18\x15 \x01(\x0b\x32\x1c.onnxplain.v1.XGradCamParamsH\x00\x12\x30\n\x08hirescam\x18\x16 \x01(\x0b\x32\x1c.onnxplain.v1.HiResCamParamsH\x00\x12\x30\n\x08layercam\x18\x17 \x01(\x0b\x32\x1c.onnxplain.v1.LayerCamParamsH\x00\x12\x30\n\x08\x65igencam\x18\x18 \x01(\x0b\x32\x1c.onnxplain.v1.EigenCamParamsH\x00\x12\x30\n\x08scorecam\x18\x19 \x01(\x0b\x32\x1c.onnxplain.v1.ScoreCamParamsH\x00\x12\x36\n\x0b\x61\x62lationcam\x18\x1a \x01(\x0b\x32\x1f.onnxplain.v1.AblationCamParamsH\x00\x12(\n\x04rise\x18\x1b \x01(\x0b\x32\x18.onnxplain.v1.RiseParamsH\x00\x12.\n\x07opticam\x18\x1c \x01(\x0b\x32\x1b.onnxplain.v1.OptiCamParamsH\x00\x42\x08\n\x06params\"\xa7\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\treference\x18\x04 \x01(\t\x12\x12\n\nuses_layer\x18\x05 \x01(\x08\x12\x16\n\x0euses_gradients\x18\x06 \x01(\x08\x12\'\n\x06params\x18\x07 \x03(\x0b\x32\x17.onnxplain.v1.ParamInfo\"\xf7\x02\n\tParamInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04type\x18\x02 \x01(\x0e\x32\x1c.onnxplain.v1.ParamInfo.Type\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x18\n\x0e\x64\x65\x66\x61ult_number\x18\x04 \x01(\x01H\x00\x12\x16\n\x0c\x64\x65\x66\x61ult_bool\x18\x05 \x01(\x08H\x00\x12\x18\n\x0e\x64\x65\x66\x61ult_string\x18\x06 \x01(\tH\x00\x12\x14\n\x07minimum\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\t \x03(\t\"i\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08TYPE_INT\x10\x01\x12\x0e\n\nTYPE_FLOAT\x10\x02\x12\r\n\tTYPE_BOOL\x10\x03\x12\r\n\tTYPE_ENUM\x10\x04\x12\x0f\n\x0bTYPE_TENSOR\x10\x05\x42\x0f\n\rdefault_valueB\n\n\x08_minimumB\n\n\x08_maximum\"\xd2\x02\n\rOutputOptions\x12@\n\rnormalization\x18\x01 \x01(\x0e\x32).onnxplain.v1.OutputOptions.Normalization\x12:\n\nresolution\x18\x02 \x01(\x0e\x32&.onnxplain.v1.OutputOptions.Resolution\x12\x14\n\x0cpartial_maps\x18\x03 \x01(\x08\x12\x1a\n\x12return_attribution\x18\x04 \x01(\x08\"Q\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\n\n\x06MINMAX\x10\x02\x12\x0b\n\x07MAX_ABS\x10\x03\">\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\t\n\x05INPUT\x10\x01\x12\t\n\x05LAYER\x10\x02\"_\n\x03Map\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\x10\n\x08\x63lass_id\x18\x02 \x01(\x05\x12\x0e\n\x06method\x18\x03 \x01(\t\x12!\n\x03map\x18\x04 \x01(\x0b\x32\x14.onnxplain.v1.Tensor*\xa4\x01\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41VERAGE_DROP\x10\x01\x12\x10\n\x0c\x41VERAGE_GAIN\x10\x02\x12\x14\n\x10\x41VERAGE_INCREASE\x10\x03\x12\r\n\tINSERTION\x10\x04\x12\x0c\n\x08\x44\x45LETION\x10\x05\x12\x11\n\rPOINTING_GAME\x10\x06\x12\x18\n\x14\x45NERGY_POINTING_GAME\x10\x07\x42@\n\x10\x64\x65v.onnxplain.v1P\x01Z*onnxplain.dev/gen/onnxplain/v1;onnxplainv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,60 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onnxplain.v1.methods_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.onnxplain.v1P\001Z*onnxplain.dev/gen/onnxplain/v1;onnxplainv1'
-  _globals['_METRIC']._serialized_start=1284
-  _globals['_METRIC']._serialized_end=1448
+  _globals['_METRIC']._serialized_start=3309
+  _globals['_METRIC']._serialized_end=3473
   _globals['_OCCLUSIONPARAMS']._serialized_start=71
   _globals['_OCCLUSIONPARAMS']._serialized_end=188
-  _globals['_METHODSPEC']._serialized_start=190
-  _globals['_METHODSPEC']._serialized_end=295
-  _globals['_METHODINFO']._serialized_start=298
-  _globals['_METHODINFO']._serialized_end=465
-  _globals['_PARAMINFO']._serialized_start=468
-  _globals['_PARAMINFO']._serialized_end=843
-  _globals['_PARAMINFO_TYPE']._serialized_start=697
-  _globals['_PARAMINFO_TYPE']._serialized_end=802
-  _globals['_OUTPUTOPTIONS']._serialized_start=846
-  _globals['_OUTPUTOPTIONS']._serialized_end=1184
-  _globals['_OUTPUTOPTIONS_NORMALIZATION']._serialized_start=1039
-  _globals['_OUTPUTOPTIONS_NORMALIZATION']._serialized_end=1120
-  _globals['_OUTPUTOPTIONS_RESOLUTION']._serialized_start=1122
-  _globals['_OUTPUTOPTIONS_RESOLUTION']._serialized_end=1184
-  _globals['_MAP']._serialized_start=1186
-  _globals['_MAP']._serialized_end=1281
+  _globals['_GRADIENTPARAMS']._serialized_start=190
+  _globals['_GRADIENTPARAMS']._serialized_end=206
+  _globals['_INPUTXGRADIENTPARAMS']._serialized_start=208
+  _globals['_INPUTXGRADIENTPARAMS']._serialized_end=230
+  _globals['_SMOOTHGRADPARAMS']._serialized_start=233
+  _globals['_SMOOTHGRADPARAMS']._serialized_end=389
+  _globals['_INTEGRATEDGRADIENTSPARAMS']._serialized_start=392
+  _globals['_INTEGRATEDGRADIENTSPARAMS']._serialized_end=604
+  _globals['_GUIDEDBACKPROPPARAMS']._serialized_start=606
+  _globals['_GUIDEDBACKPROPPARAMS']._serialized_end=628
+  _globals['_DECONVNETPARAMS']._serialized_start=630
+  _globals['_DECONVNETPARAMS']._serialized_end=647
+  _globals['_GUIDEDGRADCAMPARAMS']._serialized_start=649
+  _globals['_GUIDEDGRADCAMPARAMS']._serialized_end=670
+  _globals['_CAMPARAMS']._serialized_start=672
+  _globals['_CAMPARAMS']._serialized_end=683
+  _globals['_GRADCAMPARAMS']._serialized_start=685
+  _globals['_GRADCAMPARAMS']._serialized_end=700
+  _globals['_GRADCAMPLUSPLUSPARAMS']._serialized_start=702
+  _globals['_GRADCAMPLUSPLUSPARAMS']._serialized_end=725
+  _globals['_XGRADCAMPARAMS']._serialized_start=727
+  _globals['_XGRADCAMPARAMS']._serialized_end=743
+  _globals['_HIRESCAMPARAMS']._serialized_start=745
+  _globals['_HIRESCAMPARAMS']._serialized_end=761
+  _globals['_LAYERCAMPARAMS']._serialized_start=763
+  _globals['_LAYERCAMPARAMS']._serialized_end=779
+  _globals['_EIGENCAMPARAMS']._serialized_start=781
+  _globals['_EIGENCAMPARAMS']._serialized_end=797
+  _globals['_SCORECAMPARAMS']._serialized_start=799
+  _globals['_SCORECAMPARAMS']._serialized_end=815
+  _globals['_ABLATIONCAMPARAMS']._serialized_start=817
+  _globals['_ABLATIONCAMPARAMS']._serialized_end=836
+  _globals['_RISEPARAMS']._serialized_start=839
+  _globals['_RISEPARAMS']._serialized_end=989
+  _globals['_OPTICAMPARAMS']._serialized_start=992
+  _globals['_OPTICAMPARAMS']._serialized_end=1253
+  _globals['_METHODSPEC']._serialized_start=1256
+  _globals['_METHODSPEC']._serialized_end=2320
+  _globals['_METHODINFO']._serialized_start=2323
+  _globals['_METHODINFO']._serialized_end=2490
+  _globals['_PARAMINFO']._serialized_start=2493
+  _globals['_PARAMINFO']._serialized_end=2868
+  _globals['_PARAMINFO_TYPE']._serialized_start=2722
+  _globals['_PARAMINFO_TYPE']._serialized_end=2827
+  _globals['_OUTPUTOPTIONS']._serialized_start=2871
+  _globals['_OUTPUTOPTIONS']._serialized_end=3209
+  _globals['_OUTPUTOPTIONS_NORMALIZATION']._serialized_start=3064
+  _globals['_OUTPUTOPTIONS_NORMALIZATION']._serialized_end=3145
+  _globals['_OUTPUTOPTIONS_RESOLUTION']._serialized_start=3147
+  _globals['_OUTPUTOPTIONS_RESOLUTION']._serialized_end=3209
+  _globals['_MAP']._serialized_start=3211
+  _globals['_MAP']._serialized_end=3306
 # @@protoc_insertion_point(module_scope)

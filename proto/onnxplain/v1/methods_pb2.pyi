@@ -37,15 +37,163 @@ class OcclusionParams(_message.Message):
     baseline: float
     def __init__(self, window: _Optional[int] = ..., stride: _Optional[int] = ..., baseline: _Optional[float] = ...) -> None: ...
 
+class GradientParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InputXGradientParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SmoothGradParams(_message.Message):
+    __slots__ = ("samples", "noise_level", "variant", "seed")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    noise_level: float
+    variant: str
+    seed: int
+    def __init__(self, samples: _Optional[int] = ..., noise_level: _Optional[float] = ..., variant: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class IntegratedGradientsParams(_message.Message):
+    __slots__ = ("steps", "baseline", "blur_sigma", "method", "baseline_tensor")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    BLUR_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    baseline: str
+    blur_sigma: float
+    method: str
+    baseline_tensor: _tensor_pb2.Tensor
+    def __init__(self, steps: _Optional[int] = ..., baseline: _Optional[str] = ..., blur_sigma: _Optional[float] = ..., method: _Optional[str] = ..., baseline_tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GuidedBackpropParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeconvnetParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuidedGradCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GradCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GradCamPlusPlusParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class XGradCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HiResCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayerCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EigenCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ScoreCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AblationCamParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RiseParams(_message.Message):
+    __slots__ = ("masks", "grid", "keep_probability", "seed")
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    masks: int
+    grid: int
+    keep_probability: float
+    seed: int
+    def __init__(self, masks: _Optional[int] = ..., grid: _Optional[int] = ..., keep_probability: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class OptiCamParams(_message.Message):
+    __slots__ = ("iterations", "learning_rate", "loss", "gradient", "directions", "step", "seed")
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    iterations: int
+    learning_rate: float
+    loss: str
+    gradient: str
+    directions: int
+    step: float
+    seed: int
+    def __init__(self, iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss: _Optional[str] = ..., gradient: _Optional[str] = ..., directions: _Optional[int] = ..., step: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class MethodSpec(_message.Message):
-    __slots__ = ("method", "layer", "occlusion")
+    __slots__ = ("method", "layer", "occlusion", "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop", "deconvnet", "guided_gradcam", "cam", "gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam", "ablationcam", "rise", "opticam")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     OCCLUSION_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_X_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHGRAD_FIELD_NUMBER: _ClassVar[int]
+    INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_BACKPROP_FIELD_NUMBER: _ClassVar[int]
+    DECONVNET_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_GRADCAM_FIELD_NUMBER: _ClassVar[int]
+    CAM_FIELD_NUMBER: _ClassVar[int]
+    GRADCAM_FIELD_NUMBER: _ClassVar[int]
+    GRADCAMPP_FIELD_NUMBER: _ClassVar[int]
+    XGRADCAM_FIELD_NUMBER: _ClassVar[int]
+    HIRESCAM_FIELD_NUMBER: _ClassVar[int]
+    LAYERCAM_FIELD_NUMBER: _ClassVar[int]
+    EIGENCAM_FIELD_NUMBER: _ClassVar[int]
+    SCORECAM_FIELD_NUMBER: _ClassVar[int]
+    ABLATIONCAM_FIELD_NUMBER: _ClassVar[int]
+    RISE_FIELD_NUMBER: _ClassVar[int]
+    OPTICAM_FIELD_NUMBER: _ClassVar[int]
     method: str
     layer: str
     occlusion: OcclusionParams
-    def __init__(self, method: _Optional[str] = ..., layer: _Optional[str] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ...) -> None: ...
+    gradient: GradientParams
+    input_x_gradient: InputXGradientParams
+    smoothgrad: SmoothGradParams
+    integrated_gradients: IntegratedGradientsParams
+    guided_backprop: GuidedBackpropParams
+    deconvnet: DeconvnetParams
+    guided_gradcam: GuidedGradCamParams
+    cam: CamParams
+    gradcam: GradCamParams
+    gradcampp: GradCamPlusPlusParams
+    xgradcam: XGradCamParams
+    hirescam: HiResCamParams
+    layercam: LayerCamParams
+    eigencam: EigenCamParams
+    scorecam: ScoreCamParams
+    ablationcam: AblationCamParams
+    rise: RiseParams
+    opticam: OptiCamParams
+    def __init__(self, method: _Optional[str] = ..., layer: _Optional[str] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., gradient: _Optional[_Union[GradientParams, _Mapping]] = ..., input_x_gradient: _Optional[_Union[InputXGradientParams, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradParams, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropParams, _Mapping]] = ..., deconvnet: _Optional[_Union[DeconvnetParams, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., cam: _Optional[_Union[CamParams, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamParams, _Mapping]] = ..., gradcampp: _Optional[_Union[GradCamPlusPlusParams, _Mapping]] = ..., xgradcam: _Optional[_Union[XGradCamParams, _Mapping]] = ..., hirescam: _Optional[_Union[HiResCamParams, _Mapping]] = ..., layercam: _Optional[_Union[LayerCamParams, _Mapping]] = ..., eigencam: _Optional[_Union[EigenCamParams, _Mapping]] = ..., scorecam: _Optional[_Union[ScoreCamParams, _Mapping]] = ..., ablationcam: _Optional[_Union[AblationCamParams, _Mapping]] = ..., rise: _Optional[_Union[RiseParams, _Mapping]] = ..., opticam: _Optional[_Union[OptiCamParams, _Mapping]] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
     __slots__ = ("name", "family", "description", "reference", "uses_layer", "uses_gradients", "params")
