@@ -53,6 +53,19 @@ class Runner:
         self._lock = threading.Lock()
         self.session = self._session(model)
         self.provider = self.session.get_providers()[0]
+        self._num_classes: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Width of the score tensor (from one run on a zero input, the first time it is asked)."""
+        if self._num_classes is None:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in self._input_shape()]
+            self._num_classes = int(self.session.run([self.score_name], {
+                self.input_name: np.zeros(shape, np.float32)})[0].shape[-1])
+        return self._num_classes
+
+    def _input_shape(self) -> list:
+        return next(i.shape for i in self.session.get_inputs() if i.name == self.input_name)
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(model.SerializeToString(), self._options, providers=self._providers)

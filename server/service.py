@@ -21,7 +21,7 @@ import onnx
 
 from onnxplain import tensors
 from onnxplain.kernels.images import upsample_bilinear
-from onnxplain.kernels.methods import METHODS, Job, Maps, Method, Progress
+from onnxplain.kernels.methods import METHODS, Job, Maps, Method, ParamError, Progress
 from onnxplain.kernels.runtime import Passes
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
@@ -66,6 +66,8 @@ def handles_errors(rpc):
             return rpc(self, request, context)
         except RequestError as exc:
             context.abort(exc.code, exc.message)
+        except ParamError as exc:   # a parameter that only the method itself could judge
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exhausted as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TimeoutError as exc:
@@ -80,6 +82,8 @@ def handles_errors(rpc):
             yield from rpc(self, request, context)
         except RequestError as exc:
             context.abort(exc.code, exc.message)
+        except ParamError as exc:   # a parameter that only the method itself could judge
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exhausted as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TimeoutError as exc:
@@ -171,7 +175,8 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
             for i, (p, t) in enumerate(zip(prepared, targets)):
                 for plan in plans:
                     job = Job(entry.runner, p.sample, t.astype(np.int64), plan.params, entry.preprocessing.layout,
-                              plan.layer, record.passes, partial_every=4 if output.partial_maps else 0)
+                              plan.layer, record.passes, partial_every=4 if output.partial_maps else 0,
+                              preprocessing=entry.preprocessing)
                     for event in plan.method.run(job):
                         if not context.is_active():
                             record.status = "cancelled"

@@ -146,6 +146,11 @@ def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:
             if layer is None:
                 raise invalid(f"methods[{i}]: model {entry.name} has no default layer for {name}; "
                               f"set layer to one of {valid}")
+            if method.check_for_layer is not None:
+                try:
+                    method.check_for_layer(entry.runner, layer)
+                except ParamError as exc:
+                    raise invalid(f"methods[{i}]: {exc}") from None
         elif spec.layer:
             raise invalid(f"methods[{i}].layer is set but {name} uses no layer; leave it empty")
         plans.append(MethodPlan(method, params, layer))

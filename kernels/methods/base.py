@@ -64,10 +64,16 @@ class Job:
     layer: Any = None               # kernels.graph.Layer for layer methods
     passes: Passes = field(default_factory=Passes)
     partial_every: int = 0          # yield a partial map every this many batches (0: none)
+    preprocessing: Any = None       # kernels.images.Preprocessing of the model (e.g. for a black baseline)
 
     @property
     def spatial(self) -> tuple[int, int]:
         return self.sample.shape[1:] if self.layout == "NCHW" else self.sample.shape[:2]
+
+    @property
+    def channel_axis(self) -> int:
+        """The channel axis of a batch of samples."""
+        return 1 if self.layout == "NCHW" else 3
 
 
 @dataclass
@@ -103,6 +109,8 @@ class Method:
     uses_gradients: bool = False
     # Checks that depend on the model (e.g. a window no larger than the input): (params, (H, W)) -> None.
     check_for_input: Callable[[dict[str, Any], tuple[int, int]], None] | None = None
+    # Checks that depend on the model's graph around the layer (e.g. CAM's head): (runner, layer) -> None.
+    check_for_layer: Callable[[Runner, Any], None] | None = None
 
     def resolve(self, given: dict[str, Any], spatial: tuple[int, int]) -> dict[str, Any]:
         """Defaults for what is not given, every value checked against its declaration."""

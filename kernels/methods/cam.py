@@ -1,0 +1,198 @@
+"""The CAM family: maps over a layer's grid from its activations A (K maps) and their gradients G.
+
+One base (`layer_run`) does what every variant shares, as pytorch-grad-cam's BaseCAM does: activations and
+gradients of the layer for every target in one batched forward+backward (one seed row per target), token
+layers reshaped to their grid (layers.as_maps). Each variant is a short function of (A, G) -> maps; the server
+upsamples the maps to the input's resolution (bilinear, half-pixel) unless the request asks for the layer's.
+ReLU is applied only where the method's paper applies it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .base import Event, Job, Maps, Method, ParamError, Progress
+from .gradients import input_gradients, reduce_channels
+from .layers import as_maps, one_hot
+
+EPS = 1e-7
+
+
+def layer_tensors(job: Job, gradients: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """[T, K, h, w] activations (and gradients of each target's score) of job.layer."""
+    runner, layer = job.runner, job.layer
+    x = np.repeat(job.sample[None], len(job.targets), axis=0)
+    if not gradients:
+        activations = runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name]
+        return np.repeat(as_maps(activations, layer), len(job.targets), axis=0), None
+    out = runner.gradients(x, one_hot(job.targets, runner.num_classes), job.passes, layers=(layer.name,),
+                           wrt_input=False)
+    return as_maps(out[layer.name], layer), as_maps(out[f"{layer.name}__grad"], layer)
+
+
+def relu(a: np.ndarray) -> np.ndarray:
+    return np.maximum(a, 0)
+
+
+def weighted(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    """sum_k w[t, k] A[t, k] -> [T, h, w]"""
+    return np.einsum("tk,tkhw->thw", weights, activations)
+
+
+def gradcam(a, g):
+    return relu(weighted(g.mean(axis=(2, 3)), a))
+
+
+def gradcampp(a, g):
+    # alpha = g^2 / (2 g^2 + sum_ij(A) g^3), where the gradient is non-zero (exp(S) form, as in the paper and
+    # pytorch-grad-cam); weights = sum_ij alpha * ReLU(g).
+    g2, g3 = g ** 2, g ** 3
+    denominator = 2 * g2 + a.sum(axis=(2, 3), keepdims=True) * g3
+    alpha = g2 / np.where(denominator != 0, denominator, 1.0)
+    alpha = np.where(g != 0, alpha, 0)
+    return relu(weighted((alpha * relu(g)).sum(axis=(2, 3)), a))
+
+
+def xgradcam(a, g):
+    return relu(weighted((g * a).sum(axis=(2, 3)) / (a.sum(axis=(2, 3)) + EPS), a))
+
+
+def hirescam(a, g):
+    return relu((g * a).sum(axis=1))
+
+
+def layercam(a, g):
+    return relu((relu(g) * a).sum(axis=1))
+
+
+def eigencam(a, g=None):
+    """Projection of the activations on their first principal component (over positions, channels centred);
+    the component's sign is chosen to correlate positively with the mean activation map."""
+    t, k, h, w = a.shape
+    maps = []
+    for sample in a.reshape(t, k, h * w).astype(np.float64):
+        positions = sample.T - sample.T.mean(axis=0)                 # [hw, K]
+        _, _, vt = np.linalg.svd(positions, full_matrices=False)
+        projection = positions @ vt[0]
+        if np.dot(projection - projection.mean(), sample.mean(0) - sample.mean()) < 0:
+            projection = -projection
+        maps.append(projection.reshape(h, w))
+    return np.stack(maps)
+
+
+def layer_run(combine: Callable, gradients: bool = True) -> Callable[[Job], Iterator[Event]]:
+    def run(job: Job) -> Iterator[Event]:
+        a, g = layer_tensors(job, gradients)
+        yield Progress(1, 1, "forward+backward" if gradients else "forward")
+        yield Maps(combine(a, g).astype(np.float32), final=True)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- CAM
+
+LINEAR = {"Gemm", "MatMul"}
+RESHAPES = {"Flatten", "Reshape", "Squeeze", "Identity"}
+
+
+def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.ndarray:
+    """[classes, K] weights of a global-average-pooling + linear head that reads `layer` and produces
+    `score`; ParamError naming what was found when the head is anything else."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    path, name = [], layer
+    while True:
+        following = consumers.get(name, [])
+        if len(following) != 1:
+            break
+        node = following[0]
+        path.append(node)
+        name = node.output[0]
+        if node.op_type in LINEAR:
+            break
+    ops = [n.op_type for n in path]
+    pooled = ops[:1] == ["GlobalAveragePool"] or (ops[:1] == ["ReduceMean"])
+    if not pooled or not path or path[-1].op_type not in LINEAR or not set(ops[1:-1]) <= RESHAPES:
+        raise ParamError(f"cam needs a global-average-pooling + linear head after layer {layer}; found {ops or 'none'}"
+                         " (use gradcam, which works with any head)")
+    linear = path[-1]
+    weight_name = next((i for i in linear.input[1:2] if i in constants), None)
+    if weight_name is None:
+        raise ParamError(f"cam: the linear head {linear.name} has no constant weight")
+    weight = constants[weight_name].astype(np.float64)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in linear.attribute}
+    if linear.op_type == "Gemm":
+        weight = weight if attrs.get("transB", 0) else weight.T
+        weight = weight * attrs.get("alpha", 1.0)
+    else:
+        weight = weight.T
+    rest = linear.output[0]
+    while rest != score:   # only a bias Add (or identities) may stand between the linear layer and the scores
+        following = consumers.get(rest, [])
+        if len(following) != 1 or following[0].op_type not in {"Add", "Identity"}:
+            raise ParamError(f"cam: the linear head of layer {layer} does not lead straight to the scores")
+        rest = following[0].output[0]
+    return weight
+
+
+def run_cam(job: Job) -> Iterator[Event]:
+    runner = job.runner
+    weights = classifier_weights(runner.model, job.layer.name, runner.score_name)
+    a, _ = layer_tensors(job, gradients=False)
+    if weights.shape[1] != a.shape[1]:
+        raise ParamError(f"cam: the head has {weights.shape[1]} inputs but layer {job.layer.name} has "
+                         f"{a.shape[1]} channels")
+    yield Progress(1, 1, "forward")
+    yield Maps(weighted(weights[job.targets], a).astype(np.float32), final=True)
+
+
+def run_guided_gradcam(job: Job) -> Iterator[Event]:
+    from ..images import upsample_bilinear
+
+    a, g = layer_tensors(job)
+    yield Progress(1, 2, "grad-cam")
+    height, width = job.spatial
+    coarse = upsample_bilinear(gradcam(a, g).astype(np.float32), height, width)
+    guided = yield from input_gradients(job, np.repeat(job.sample[None], len(job.targets), axis=0), job.targets,
+                                        rule="guided", stage="guided backprop")
+    shape = (len(job.targets), 1, height, width) if job.layout == "NCHW" else (len(job.targets), height, width, 1)
+    attribution = (guided * coarse.reshape(shape)).astype(np.float32)
+    yield Maps(reduce_channels(attribution, job, "max_abs"), final=True, attribution=attribution)
+
+
+def _cam_method(name: str, run, description: str, reference: str, gradients: bool = True) -> Method:
+    return Method(name, "cam", description, reference, (), run, uses_layer=True, uses_gradients=gradients)
+
+
+METHODS = (
+    Method("cam", "cam", "sum_k w_ck A_k with the linear head's weights (global-average-pooling heads only).",
+           "Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016", (), run_cam,
+           uses_layer=True, check_for_layer=lambda runner, layer: classifier_weights(runner.model, layer.name,
+                                                                                    runner.score_name)),
+    _cam_method("gradcam", layer_run(gradcam), "ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of dS_c/dA_k.",
+                "Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+                "Localization, ICCV 2017"),
+    _cam_method("gradcampp", layer_run(gradcampp), "Grad-CAM with pixel-wise weights from second- and third-order "
+                "terms of exp(S_c).", "Chattopadhay et al., Grad-CAM++, WACV 2018"),
+    _cam_method("xgradcam", layer_run(xgradcam), "ReLU(sum_k alpha_k A_k), alpha_k = sum(A_k dS_c/dA_k) / sum(A_k).",
+                "Fu et al., Axiom-based Grad-CAM, BMVC 2020"),
+    _cam_method("hirescam", layer_run(hirescam), "ReLU(sum_k dS_c/dA_k * A_k), element-wise: no spatial averaging.",
+                "Draelos & Carin, Use HiResCAM instead of Grad-CAM for faithful explanations, 2020"),
+    _cam_method("layercam", layer_run(layercam), "ReLU(sum_k ReLU(dS_c/dA_k) * A_k).",
+                "Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, TIP 2021"),
+    _cam_method("eigencam", layer_run(eigencam, gradients=False), "First principal component of the layer's "
+                "activations (class-agnostic), sign-aligned with the mean activation.",
+                "Muhammad & Yeasin, Eigen-CAM: Class Activation Map using Principal Components, IJCNN 2020",
+                gradients=False),
+    Method("guided_gradcam", "cam", "Guided backpropagation times the upsampled Grad-CAM; max over channels of |.|.",
+           "Selvaraju et al., Grad-CAM, ICCV 2017", (), run_guided_gradcam, uses_layer=True, uses_gradients=True),
+)

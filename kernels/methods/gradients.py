@@ -1,0 +1,205 @@
+"""The gradient family: attributions over the input pixels from the model's gradient graph.
+
+Every method here asks the runner for forward+backward passes of the augmented graph (kernels.autodiff) with
+one seed row per (perturbed input, target): all targets, noise samples and path points of one image run as
+batches of one graph, and a Progress event follows each batch so that a cancelled call stops within one.
+Maps reduce the input-shaped attribution over channels: max |.| for gradient-like methods (a sensitivity),
+the sum for methods whose attribution is a signed contribution (input x gradient, integrated gradients).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .base import Event, Job, Maps, Method, Param, ParamError, Progress
+from .layers import one_hot
+
+SEED_RANGE = (0, 2 ** 31 - 1)
+
+
+def input_gradients(job: Job, inputs: np.ndarray, rows: np.ndarray, rule: str = "standard",
+                    stage: str = "backward") -> Iterator[Event]:
+    """d(score of target rows[i])/d(inputs[i]) for every i, a batch at a time, yielding Progress after each
+    batch; returns the gradients, shaped like `inputs`."""
+    runner = job.runner
+    seed = one_hot(rows, runner.num_classes)
+    grads = []
+    for start in range(0, len(inputs), runner.max_batch):
+        chunk = slice(start, start + runner.max_batch)
+        grads.append(runner.gradients(inputs[chunk], seed[chunk], job.passes, rule=rule)[f"{runner.input_name}__grad"])
+        yield Progress(min(start + runner.max_batch, len(inputs)), len(inputs), stage)
+    return np.concatenate(grads)
+
+
+def reduce_channels(attribution: np.ndarray, job: Job, how: str) -> np.ndarray:
+    """[T, *sample] -> [T, H, W]."""
+    axis = job.channel_axis
+    if how == "max_abs":
+        return np.abs(attribution).max(axis=axis).astype(np.float32)
+    return attribution.sum(axis=axis).astype(np.float32)
+
+
+def _per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
+    """One gradient per target of the image itself."""
+    inputs = np.repeat(job.sample[None], len(job.targets), axis=0)
+    return (yield from input_gradients(job, inputs, job.targets, rule))
+
+
+def run_gradient(job: Job) -> Iterator[Event]:
+    grad = yield from _per_target(job)
+    yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
+
+
+def run_input_x_gradient(job: Job) -> Iterator[Event]:
+    grad = yield from _per_target(job)
+    attribution = job.sample[None] * grad
+    yield Maps(reduce_channels(attribution, job, "sum"), final=True, attribution=attribution)
+
+
+def run_guided_backprop(job: Job) -> Iterator[Event]:
+    grad = yield from _per_target(job, rule="guided")
+    yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
+
+
+def run_deconvnet(job: Job) -> Iterator[Event]:
+    grad = yield from _per_target(job, rule="deconvnet")
+    yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
+
+
+def smoothgrad_noise(sample: np.ndarray, samples: int, noise_level: float, seed: int) -> np.ndarray:
+    """The noise draws: N(0, (noise_level * (max - min))^2), float32, [samples, *sample.shape]."""
+    sigma = noise_level * float(sample.max() - sample.min())
+    return np.random.default_rng(seed).normal(0.0, sigma, size=(samples, *sample.shape)).astype(np.float32)
+
+
+def run_smoothgrad(job: Job) -> Iterator[Event]:
+    n, variant = job.params["samples"], job.params["variant"]
+    noisy = job.sample[None] + smoothgrad_noise(job.sample, n, job.params["noise_level"], job.params["seed"])
+    targets = len(job.targets)
+    # every noisy copy for every target: row t * n + s
+    grads = yield from input_gradients(job, np.tile(noisy, (targets, *[1] * job.sample.ndim)),
+                                       np.repeat(job.targets, n), stage="noisy samples")
+    grads = grads.reshape(targets, n, *job.sample.shape)
+    if variant == "plain":
+        attribution = grads.mean(1)
+    elif variant == "squared":
+        attribution = (grads ** 2).mean(1)
+    else:  # variance (VarGrad): E[g^2] - E[g]^2
+        attribution = (grads ** 2).mean(1) - grads.mean(1) ** 2
+    yield Maps(reduce_channels(attribution, job, "max_abs"), final=True, attribution=attribution.astype(np.float32))
+
+
+QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+
+
+def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, weights) on [0, 1], with Captum's definitions of each rule."""
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return 0.5 * (1 + nodes), 0.5 * weights
+    if method == "riemann_trapezoid":
+        weights = np.full(steps, 1 / (steps - 1))
+        weights[[0, -1]] /= 2
+        return np.linspace(0, 1, steps), weights
+    start, stop = {"riemann_left": (0, 1 - 1 / steps), "riemann_right": (1 / steps, 1),
+                   "riemann_middle": (1 / (2 * steps), 1 - 1 / (2 * steps))}[method]
+    return np.linspace(start, stop, steps), np.full(steps, 1 / steps)
+
+
+def baseline_for(job: Job) -> np.ndarray:
+    kind = job.params["baseline"]
+    sample = job.sample
+    if kind == "zero":
+        return np.zeros_like(sample)
+    if kind == "black":
+        pre = job.preprocessing
+        if pre is None:
+            raise ParamError("integrated_gradients.baseline = black needs the model's preprocessing")
+        value = (0.0 - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+        shape = (-1, 1, 1) if job.layout == "NCHW" else (1, 1, -1)
+        return np.broadcast_to(value.reshape(shape), sample.shape).astype(np.float32)
+    if kind == "blurred":
+        from scipy.ndimage import gaussian_filter
+
+        sigma = job.params["blur_sigma"]
+        spatial_sigma = (0, sigma, sigma) if job.layout == "NCHW" else (sigma, sigma, 0)
+        return gaussian_filter(sample, spatial_sigma, mode="nearest").astype(np.float32)
+    custom = job.params["baseline_tensor"]
+    if custom is None:
+        raise ParamError("integrated_gradients.baseline = custom needs baseline_tensor")
+    custom = custom[0] if custom.shape == (1, *sample.shape) else custom
+    if custom.shape != sample.shape:
+        raise ParamError(f"integrated_gradients.baseline_tensor has shape {list(custom.shape)}; "
+                         f"the model takes {list(sample.shape)}")
+    return custom.astype(np.float32)
+
+
+def run_integrated_gradients(job: Job) -> Iterator[Event]:
+    steps, targets = job.params["steps"], len(job.targets)
+    alphas, weights = quadrature(job.params["method"], steps)
+    baseline = baseline_for(job)
+    delta = job.sample - baseline
+    path = (baseline[None] + alphas.astype(np.float32).reshape(-1, *[1] * delta.ndim) * delta[None]).astype(np.float32)
+    grads = yield from input_gradients(job, np.tile(path, (targets, *[1] * delta.ndim)),
+                                       np.repeat(job.targets, steps), stage="path points")
+    grads = grads.reshape(targets, steps, *delta.shape).astype(np.float64)
+    attribution = (delta[None] * np.tensordot(weights, grads, axes=([0], [1]))).astype(np.float32)
+    ends = job.runner.scores(np.stack([job.sample, baseline]), job.passes)[:, job.targets]
+    gaps = attribution.reshape(targets, -1).sum(1, dtype=np.float64) - (ends[0] - ends[1])
+    yield Maps(reduce_channels(attribution, job, "sum"), final=True, attribution=attribution,
+               stats=[{"completeness_gap": float(g), "score_delta": float(d)} for g, d in zip(gaps, ends[0] - ends[1])])
+
+
+def _check_ig(params: dict, spatial: tuple[int, int]) -> None:
+    if params["method"] == "riemann_trapezoid" and params["steps"] < 2:
+        raise ParamError(f"integrated_gradients.steps must be in [2, 1000] for riemann_trapezoid, got {params['steps']}")
+    if params["baseline"] == "custom" and params["baseline_tensor"] is None:
+        raise ParamError("integrated_gradients.baseline_tensor must be set when baseline = custom")
+
+
+GRADIENT = Method(
+    "gradient", "gradient", "Max over channels of |dS_c/dx|: how sensitive the class score is to each pixel.",
+    "Simonyan, Vedaldi & Zisserman, Deep Inside Convolutional Networks, ICLR workshop 2014",
+    (), run_gradient, uses_gradients=True)
+
+INPUT_X_GRADIENT = Method(
+    "input_x_gradient", "gradient", "Sum over channels of x * dS_c/dx: first-order contribution of each pixel.",
+    "Shrikumar et al., Not Just a Black Box: Learning Important Features Through Propagating Activation "
+    "Differences, 2016", (), run_input_x_gradient, uses_gradients=True)
+
+SMOOTHGRAD = Method(
+    "smoothgrad", "gradient", "The gradient averaged over noisy copies of the input (plain, squared or VarGrad); "
+    "max over channels of |.|.", "Smilkov et al., SmoothGrad: removing noise by adding noise, 2017",
+    (Param("samples", "int", 25, "noisy copies (all run as batches)", 1, 1000),
+     Param("noise_level", "float", 0.15, "noise standard deviation / (max - min) of the input", 0.0, 1.0),
+     Param("variant", "enum", "plain", "plain mean, squared mean, or variance (VarGrad)",
+           choices=("plain", "squared", "variance")),
+     Param("seed", "int", 0, "seed of the noise draws (numpy default_rng)", *SEED_RANGE)),
+    run_smoothgrad, uses_gradients=True)
+
+INTEGRATED_GRADIENTS = Method(
+    "integrated_gradients", "gradient", "(x - baseline) times the path integral of the gradient; sum over "
+    "channels. Stats: completeness_gap = sum(attribution) - (S(x) - S(baseline)).",
+    "Sundararajan, Taly & Yan, Axiomatic Attribution for Deep Networks, ICML 2017",
+    (Param("steps", "int", 50, "points on the path", 1, 1000),
+     Param("baseline", "enum", "black", "black pixels, zero tensor, Gaussian-blurred input, or baseline_tensor",
+           choices=("black", "zero", "blurred", "custom")),
+     Param("blur_sigma", "float", 10.0, "blur of the blurred baseline, in input pixels", 0.1, 1000.0),
+     Param("method", "enum", "gausslegendre", "quadrature rule (Captum's names)", choices=QUADRATURES),
+     Param("baseline_tensor", "tensor", None, "custom baseline: one preprocessed input sample")),
+    run_integrated_gradients, uses_gradients=True, check_for_input=_check_ig)
+
+GUIDED_BACKPROP = Method(
+    "guided_backprop", "gradient", "The gradient with ReLU-like units passing only positive gradients where "
+    "their input is positive; max over channels of |.|.",
+    "Springenberg et al., Striving for Simplicity: The All Convolutional Net, ICLR workshop 2015",
+    (), run_guided_backprop, uses_gradients=True)
+
+DECONVNET = Method(
+    "deconvnet", "gradient", "The gradient with ReLU-like units passing only positive gradients; max over "
+    "channels of |.|.", "Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014",
+    (), run_deconvnet, uses_gradients=True)
+
+METHODS = (GRADIENT, INPUT_X_GRADIENT, SMOOTHGRAD, INTEGRATED_GRADIENTS, GUIDED_BACKPROP, DECONVNET)
