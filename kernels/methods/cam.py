@@ -70,17 +70,17 @@ def layercam(a, g):
 
 
 def eigencam(a, g=None):
-    """Projection of the activations on their first principal component (over positions, channels centred);
-    the component's sign is chosen to correlate positively with the mean activation map."""
+    """Projection of the activations on their first principal component (over positions, channels centred).
+    A principal component's sign is arbitrary: it is chosen so that the map's largest-magnitude value is
+    positive (sklearn's svd_flip convention), which is deterministic where a correlation with the mean
+    activation is not (after LayerNorm the mean over channels is nearly constant)."""
     t, k, h, w = a.shape
     maps = []
     for sample in a.reshape(t, k, h * w).astype(np.float64):
         positions = sample.T - sample.T.mean(axis=0)                 # [hw, K]
         _, _, vt = np.linalg.svd(positions, full_matrices=False)
         projection = positions @ vt[0]
-        if np.dot(projection - projection.mean(), sample.mean(0) - sample.mean()) < 0:
-            projection = -projection
-        maps.append(projection.reshape(h, w))
+        maps.append((projection * np.sign(projection[np.argmax(np.abs(projection))])).reshape(h, w))
     return np.stack(maps)
 
 
@@ -190,7 +190,7 @@ METHODS = (
     _cam_method("layercam", layer_run(layercam), "ReLU(sum_k ReLU(dS_c/dA_k) * A_k).",
                 "Jiang et al., LayerCAM: Exploring Hierarchical Class Activation Maps for Localization, TIP 2021"),
     _cam_method("eigencam", layer_run(eigencam, gradients=False), "First principal component of the layer's "
-                "activations (class-agnostic), sign-aligned with the mean activation.",
+                "activations (class-agnostic), signed so that its largest-magnitude value is positive.",
                 "Muhammad & Yeasin, Eigen-CAM: Class Activation Map using Principal Components, IJCNN 2020",
                 gradients=False),
     Method("guided_gradcam", "cam", "Guided backpropagation times the upsampled Grad-CAM; max over channels of |.|.",
