@@ -100,6 +100,7 @@ class Done:
     preprocess_ms: float
     compute_ms: float
     total_ms: float
+    model_ms: float
     forward_samples: int
     backward_samples: int
     model_runs: int
@@ -249,6 +250,6 @@ def event_from_message(message: service_pb2.ExplainEvent) -> Event:
     if kind == "done":
         d = message.done
         t = d.timings
-        return Done(t.queue_ms, t.preprocess_ms, t.compute_ms, t.total_ms, d.forward_samples, d.backward_samples,
+        return Done(t.queue_ms, t.preprocess_ms, t.compute_ms, t.total_ms, t.model_ms, d.forward_samples, d.backward_samples,
                     d.model_runs, d.maps)
     raise ValueError(f"unknown event {kind!r}")

@@ -7,6 +7,7 @@ the per-job bookkeeping (how many samples went through the model) lives in a `Pa
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +34,7 @@ class Passes:
     forward_samples: int = 0
     backward_samples: int = 0
     runs: int = 0
+    seconds: float = 0.0    # inside onnxruntime's run: the model passes alone
 
 
 class Runner:
@@ -117,7 +119,9 @@ class Runner:
     def run(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
             passes: Passes, samples: int | None = None, backward: bool = False) -> list[np.ndarray]:
         """One onnxruntime run, counted in `passes` (samples defaults to the first feed's batch size)."""
+        start = time.perf_counter()
         out = session.run(outputs, feeds)
+        passes.seconds += time.perf_counter() - start
         size = len(next(iter(feeds.values()))) if samples is None else samples
         passes.runs += 1
         if backward:

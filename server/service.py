@@ -194,7 +194,8 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
             yield service_pb2.ExplainEvent(done=service_pb2.Done(
                 timings=service_pb2.Timings(queue_ms=waited * 1e3, preprocess_ms=preprocess_ms,
                                             compute_ms=(finished - compute_start) * 1e3,
-                                            total_ms=(finished - started) * 1e3),
+                                            total_ms=(finished - started) * 1e3,
+                                            model_ms=record.passes.seconds * 1e3),
                 forward_samples=record.passes.forward_samples, backward_samples=record.passes.backward_samples,
                 model_runs=record.passes.runs, maps=sent))
 

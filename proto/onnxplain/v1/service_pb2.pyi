@@ -298,16 +298,18 @@ class MapResult(_message.Message):
     def __init__(self, image_index: _Optional[int] = ..., image_name: _Optional[str] = ..., method: _Optional[str] = ..., class_id: _Optional[int] = ..., label: _Optional[str] = ..., final: _Optional[bool] = ..., layer: _Optional[str] = ..., map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., attribution: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., stats: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "preprocess_ms", "compute_ms", "total_ms")
+    __slots__ = ("queue_ms", "preprocess_ms", "compute_ms", "total_ms", "model_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     preprocess_ms: float
     compute_ms: float
     total_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    model_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., model_ms: _Optional[float] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("timings", "forward_samples", "backward_samples", "model_runs", "maps")

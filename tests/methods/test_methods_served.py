@@ -1,0 +1,142 @@
+"""Every gradient and CAM method through the real server and the CLI: the real ImageNet model with real
+photos and several targets per image, a ViT-like model whose token grid is found from the graph, layer
+errors, and Grad-CAM pointing at the known object of the shipped default model."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnxplain.client import Client, MapResult
+from onnxplain.server.config import ModelConfig
+
+from ..conftest import SHARED, needs_shared, start_server
+
+GRADIENT_METHODS = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop",
+                    "deconvnet"]
+CAM_METHODS = ["cam", "gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "guided_gradcam"]
+FAST = {"smoothgrad": {"samples": 4}, "integrated_gradients": {"steps": 8}}
+
+
+def final_maps(events):
+    return [e for e in events if isinstance(e, MapResult) and e.final]
+
+
+@needs_shared
+@pytest.mark.parametrize("method", GRADIENT_METHODS + CAM_METHODS)
+def test_every_method_on_efficientnet_with_real_photos(client, method):
+    photos = [SHARED / "images" / name for name in ("chelsea.jpg", "coffee.jpg")]
+    events = list(client.explain("efficientnet", photos, [(method, FAST.get(method, {}))], top_k=2,
+                                 return_attribution=True))
+    maps = final_maps(events)
+    assert len(maps) == 4 and {(m.image_index, m.method) for m in maps} == {(0, method), (1, method)}
+    for m in maps:
+        assert m.map.shape == (224, 224) and np.isfinite(m.map).all() and np.ptp(m.map) > 0
+    layer_methods = set(CAM_METHODS)
+    assert all(bool(m.layer) == (method in layer_methods) for m in maps)
+    pixel_level = method in GRADIENT_METHODS or method == "guided_gradcam"
+    assert all((m.attribution is not None) == pixel_level for m in maps)
+    if pixel_level:
+        assert maps[0].attribution.shape == (3, 224, 224)
+    # two targets of the same image give different maps (eigencam is class-agnostic by definition)
+    if method != "eigencam":
+        assert not np.allclose(maps[0].map, maps[1].map)
+    if method == "integrated_gradients":
+        assert {"completeness_gap", "score_delta"} <= set(maps[0].stats)
+
+
+@needs_shared
+def test_layer_resolution_and_an_earlier_layer(client):
+    info = client.model("efficientnet")
+    early = next(layer for layer in info.layers if layer.grid_height == 14)
+    events = list(client.explain("efficientnet", [SHARED / "images" / "rocket.jpg"], ["gradcam"], layer=early.name,
+                                 targets=[657]))
+    assert final_maps(events)[0].layer == early.name
+    request = client.explain_request("efficientnet", [SHARED / "images" / "rocket.jpg"], ["gradcam"], targets=[657])
+    request.output.resolution = request.output.LAYER
+    layer_map = next(e.map for e in client.explain_call(request) if e.WhichOneof("event") == "map")
+    assert tuple(layer_map.shape) == (7, 7)
+
+
+@pytest.mark.parametrize("layer, code, fragment", [
+    ("no/such/tensor", grpc.StatusCode.NOT_FOUND, "valid layers"),
+    ("logits", grpc.StatusCode.INVALID_ARGUMENT, "no spatial structure"),
+])
+def test_bad_layers_name_the_valid_ones(client, layer, code, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.explain("shapes", [_sample()], ["gradcam"], layer=layer))
+    assert err.value.code() == code and fragment in err.value.details()
+    valid = [layer.name for layer in client.model("shapes").layers]
+    assert all(name in err.value.details() for name in valid)
+    assert final_maps(client.explain("shapes", [_sample()], ["gradcam"]))
+
+
+@pytest.fixture(scope="module")
+def vit_server(zoo_model):
+    path = zoo_model("vit", "dynamo")
+    config = ModelConfig("vit", pathlib.Path(path), None, "ViT-like",
+                         {"fit": "stretch", "mean": [0.5] * 3, "std": [0.25] * 3})
+    srv = start_server([config])
+    yield srv
+    srv.stop(0)
+
+
+def test_vit_token_grid_is_found_and_every_method_runs(vit_server):
+    with Client(vit_server.address, timeout=120) as c:
+        info = c.model("vit")
+        default = next(layer for layer in info.layers if layer.is_default)
+        assert (default.kind, default.grid_height, default.grid_width, default.prefix_tokens) == ("tokens", 4, 6, 1)
+        image = _png(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+        for method in GRADIENT_METHODS + [m for m in CAM_METHODS if m != "cam"]:
+            maps = final_maps(c.explain("vit", [image], [(method, FAST.get(method, {}))], targets=[1, 4]))
+            assert len(maps) == 2 and maps[0].map.shape == (32, 48), method
+            assert np.isfinite(maps[0].map).all()
+        with pytest.raises(grpc.RpcError) as err:   # CLS-token head: no global-average-pooling head for CAM
+            list(c.explain("vit", [image], ["cam"]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global-average-pooling" in err.value.details()
+
+
+def test_cli_runs_a_cam_method(server, tmp_path):
+    from importlib.resources import files
+
+    image = files("onnxplain.default_model") / "samples" / "star.png"
+    result = subprocess.run([sys.executable, "-m", "onnxplain.client.cli", "--server", server.address, "explain",
+                             str(image), "--model", "shapes", "--method", "gradcam,integrated_gradients",
+                             "--param", "integrated_gradients.steps=8", "--top-k", "2", "--out", str(tmp_path),
+                             "--quiet"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.glob("star.gradcam.*.npy"))) == 2
+    assert len(list(tmp_path.glob("star.integrated_gradients.*.npy"))) == 2
+
+
+def test_gradcam_points_at_the_object_on_held_out_shapes(client):
+    from onnxplain.default_model import shapes
+
+    held_out = shapes.generate(60, seed=9_000_002, size=128)
+    events = list(client.explain("shapes", [_png(img) for img in held_out.images], ["gradcam"]))
+    maps = {m.image_index: m.map for m in final_maps(events)}
+    inside = 0
+    for i, saliency in maps.items():
+        mask = np.asarray(Image.fromarray(held_out.masks[i]).resize((96, 96), Image.Resampling.NEAREST))
+        y, x = np.unravel_index(np.argmax(saliency), saliency.shape)
+        inside += bool(mask[y, x])
+    assert len(maps) == 60 and inside / 60 >= 0.9, f"Grad-CAM maximum inside the object on {inside}/60"
+
+
+def _sample() -> bytes:
+    from importlib.resources import files
+
+    return (files("onnxplain.default_model") / "samples" / "star.png").read_bytes()
+
+
+def _png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
