@@ -51,7 +51,7 @@ class Runner:
         if threads:
             self._options.intra_op_num_threads = threads
         self._providers = providers or pick_providers()
-        self._graphs: dict[str, ort.InferenceSession] = {}
+        self._cache: dict[str, object] = {}
         self._lock = threading.Lock()
         self.session = self._session(model)
         self.provider = self.session.get_providers()[0]
@@ -74,13 +74,17 @@ class Runner:
 
     def graph(self, key: str, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
         """A session for a graph composed around the model, built once per key and reused."""
+        return self.cached(f"session/{key}", lambda: self._session(build()))
+
+    def cached(self, key: str, build: Callable[[], object]):
+        """Anything derived from the model alone (sessions, head weights), built once per key and reused."""
         with self._lock:
-            session = self._graphs.get(key)
-        if session is None:
-            session = self._session(build())
+            value = self._cache.get(key)
+        if value is None:
+            value = build()
             with self._lock:
-                session = self._graphs.setdefault(key, session)
-        return session
+                value = self._cache.setdefault(key, value)
+        return value
 
     def scores(self, x: np.ndarray, passes: Passes) -> np.ndarray:
         """Scores of a batch of samples, run in chunks of max_batch."""

@@ -50,7 +50,8 @@ def gradcam(a, g):
 def gradcampp(a, g):
     # alpha = g^2 / (2 g^2 + sum_ij(A) g^3), where the gradient is non-zero (exp(S) form, as in the paper and
     # pytorch-grad-cam); weights = sum_ij alpha * ReLU(g).
-    g2, g3 = g ** 2, g ** 3
+    g2 = g * g
+    g3 = g2 * g
     denominator = 2 * g2 + a.sum(axis=(2, 3), keepdims=True) * g3
     alpha = g2 / np.where(denominator != 0, denominator, 1.0)
     alpha = np.where(g != 0, alpha, 0)
@@ -78,8 +79,9 @@ def eigencam(a, g=None):
     maps = []
     for sample in a.reshape(t, k, h * w).astype(np.float64):
         positions = sample.T - sample.T.mean(axis=0)                 # [hw, K]
-        _, _, vt = np.linalg.svd(positions, full_matrices=False)
-        projection = positions @ vt[0]
+        # positions @ v1 = s1 * u1: the first left-singular vector, from the small [hw, hw] Gram matrix
+        values, vectors = np.linalg.eigh(positions @ positions.T)
+        projection = vectors[:, -1] * np.sqrt(max(values[-1], 0.0))
         maps.append((projection * np.sign(projection[np.argmax(np.abs(projection))])).reshape(h, w))
     return np.stack(maps)
 
@@ -144,9 +146,14 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
     return weight
 
 
+def head_weights(runner, layer) -> np.ndarray:
+    return runner.cached(f"cam-weights/{layer.name}", lambda: classifier_weights(runner.model, layer.name,
+                                                                                 runner.score_name))
+
+
 def run_cam(job: Job) -> Iterator[Event]:
     runner = job.runner
-    weights = classifier_weights(runner.model, job.layer.name, runner.score_name)
+    weights = head_weights(runner, job.layer)
     a, _ = layer_tensors(job, gradients=False)
     if weights.shape[1] != a.shape[1]:
         raise ParamError(f"cam: the head has {weights.shape[1]} inputs but layer {job.layer.name} has "
@@ -176,8 +183,7 @@ def _cam_method(name: str, run, description: str, reference: str, gradients: boo
 METHODS = (
     Method("cam", "cam", "sum_k w_ck A_k with the linear head's weights (global-average-pooling heads only).",
            "Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016", (), run_cam,
-           uses_layer=True, check_for_layer=lambda runner, layer: classifier_weights(runner.model, layer.name,
-                                                                                    runner.score_name)),
+           uses_layer=True, check_for_layer=head_weights),
     _cam_method("gradcam", layer_run(gradcam), "ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of dS_c/dA_k.",
                 "Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
                 "Localization, ICCV 2017"),
