@@ -1,0 +1,463 @@
+"""Reverse-mode differentiation of ONNX graphs into ONNX graphs.
+
+`augment(model)` returns a model that takes the original inputs plus `seed` (the cotangent of the score
+tensor, shaped like it) and additionally returns chosen layer tensors, their gradients `<layer>__grad`
+and the input gradient `<input>__grad`. `differentiate` is the general form for composed graphs.
+
+The per-operator vector-Jacobian rules live in one table, `autodiff_rules.RULES`; this module holds the
+reverse walk (`_backward`) and the small `Ctx` API the rules use to emit nodes. Everything emitted is a
+standard ai.onnx operator, so the result runs on any ONNX runtime (onnxruntime's own training ops are
+com.microsoft and not available at inference time). Forward tensors are reused by name: the backward never
+recomputes the forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .autodiff_rules import NON_DIFFERENTIABLE, RULES, RULE_VARIANTS
+
+__all__ = ["augment", "augment_cached", "differentiate", "AutodiffError", "RULE_VARIANTS"]
+
+# ScatterElements(reduction="add") and CastLike need opset 16; opsets 13..15 differ from 16 only in type
+# lists and ops that image classifiers do not use, so such models are lifted by relabelling the import.
+_MIN_OPSET = 16
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+class AutodiffError(ValueError):
+    """A graph that cannot be differentiated (missing rule, missing static shape, bad request)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the rules see: the node, its output cotangents, and an emitter of new nodes.
+# ----------------------------------------------------------------------------------------------------------
+class Ctx:
+    def __init__(self, g: "_Graph", node: onnx.NodeProto, gs: list, rule: str):
+        self.graph, self.node, self.gs, self.rule = g, node, gs, rule
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.opset = g.opset
+
+    # node ---------------------------------------------------------------------------------------------
+    @property
+    def g(self):
+        return self.gs[0]
+
+    def x(self, i: int = 0):
+        return self.node.input[i] if i < len(self.node.input) and self.node.input[i] else None
+
+    def y(self, i: int = 0):
+        return self.node.output[i] if i < len(self.node.output) and self.node.output[i] else None
+
+    def attr(self, name, default=None):
+        v = self.attrs.get(name, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    def needs(self, i: int) -> bool:
+        return self.x(i) is not None and self.x(i) in self.graph.active
+
+    def fail(self, why: str):
+        raise AutodiffError(f"{self.node.op_type} node {self.node.name!r}: {why}")
+
+    # static knowledge ---------------------------------------------------------------------------------
+    def value(self, name):
+        """Constant value of a tensor (initializer or Constant output), else None."""
+        return None if name is None else self.graph.consts.get(name)
+
+    def ints(self, name):
+        v = self.value(name)
+        return None if v is None else [int(t) for t in np.asarray(v).reshape(-1)]
+
+    def dims(self, name):
+        return self.graph.dims(name)
+
+    def rank(self, name):
+        d = self.graph.dims(name)
+        if d is None and name in self.graph.consts:
+            return np.asarray(self.graph.consts[name]).ndim
+        return None if d is None else len(d)
+
+    def need_rank(self, name):
+        r = self.rank(name)
+        if r is None:
+            self.fail(f"the rank of {name!r} is unknown (shape inference gave none)")
+        return r
+
+    def static_dims(self, name, axes=None):
+        """Integer dims of `name` (only `axes` when given), or None where any is symbolic/unknown."""
+        d = self.dims(name)
+        if d is None:
+            return None
+        d = list(d) if axes is None else [d[a] for a in axes]
+        return d if all(isinstance(v, int) for v in d) else None
+
+    def dtype(self, name):
+        return self.graph.dtype(name)
+
+    # emitting -----------------------------------------------------------------------------------------
+    def __call__(self, op_type, *inputs, outputs: int = 1, **attrs):
+        return self.graph.emit(op_type, inputs, outputs, attrs, hint=self.node.name or self.node.op_type)
+
+    def const(self, value, like=None, dtype=None):
+        """A constant with the element type of tensor `like` (or explicit onnx dtype)."""
+        dt = dtype if dtype is not None else self.dtype(like)
+        return self.graph.const(np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dt)))
+
+    def i64(self, values):
+        return self.graph.const(np.asarray(values, dtype=np.int64))
+
+    def shape(self, name, start=None, end=None):
+        return self.graph.shape(name, start, end)
+
+    def zeros_like(self, name):
+        dt = helper.tensor_dtype_to_np_dtype(self.dtype(name))
+        return self("ConstantOfShape", self.shape(name), value=numpy_helper.from_array(np.zeros(1, dt)))
+
+    def reduce(self, op, x, axes, keepdims=1):
+        """Reduce over `axes` (ints) choosing attribute or input form by opset."""
+        if op == "ReduceSum" and self.opset >= 13 or self.opset >= 18:
+            return self(op, x, self.i64(list(axes)), keepdims=keepdims)
+        return self(op, x, axes=list(axes), keepdims=keepdims)
+
+    def reshape_like(self, g, x):
+        return self("Reshape", g, self.shape(x))
+
+    def unbroadcast(self, g, x, like=None):
+        """Sum cotangent `g` (shaped like tensor `like`, by default the node's output) back to the shape
+        of operand `x`."""
+        gd, xd = self.dims(like or self.y(0)), self.dims(x)
+        if gd is not None and xd is not None and _same_dims(gd, xd):
+            return g
+        if gd is not None and xd is not None and _static_broadcast_axes(gd, xd) is not None:
+            axes = _static_broadcast_axes(gd, xd)
+            if axes:
+                g = self.reduce("ReduceSum", g, axes, keepdims=1)
+            return g if len(gd) == len(xd) else self("Reshape", g, self.shape(x))
+        # Fully dynamic: left-pad x's shape with ones to g's rank and sum where the dims differ.
+        sg, sx = self.shape(g), self.shape(x)
+        extra = self("Sub", self("Size", sg), self("Size", sx))
+        ones = self("ConstantOfShape", self("Reshape", extra, self.i64([1])),
+                    value=numpy_helper.from_array(np.ones(1, np.int64)))
+        padded = self("Concat", ones, sx, axis=0)
+        axes = self("Reshape", self("NonZero", self("Not", self("Equal", padded, sg))), self.i64([-1]))
+        summed = self("ReduceSum", g, axes, keepdims=1, noop_with_empty_axes=1)
+        return self("Reshape", summed, sx)
+
+    def scatter_back(self, x, g, forward):
+        """Adjoint of an index-selecting op (Gather, Slice, Pad modes, ...): run the op on the flat indices
+        of `x`, then scatter-add `g` to where each element came from (duplicates sum, as autograd does)."""
+        sx = self.shape(x)
+        n = self("Size", x)
+        idx = self("Reshape", self("Range", self.i64(0), n, self.i64(1)), sx)
+        picked = self("Reshape", forward(idx), self.i64([-1]))
+        dt = helper.tensor_dtype_to_np_dtype(self.dtype(x))
+        zeros = self("ConstantOfShape", self("Reshape", n, self.i64([1])),
+                     value=numpy_helper.from_array(np.zeros(1, dt)))
+        flat = self("ScatterElements", zeros, picked, self("Reshape", g, self.i64([-1])),
+                    axis=0, reduction="add")
+        return self("Reshape", flat, sx)
+
+
+def _same_dims(a, b):
+    return len(a) == len(b) and all(p == q and p is not None for p, q in zip(a, b))
+
+
+def _static_broadcast_axes(gd, xd):
+    """Axes of g to sum so it broadcasts back to x, when knowable from static/symbolic dims."""
+    if len(xd) > len(gd):
+        return None
+    pad = len(gd) - len(xd)
+    axes = list(range(pad))
+    for i, d in enumerate(xd):
+        o = gd[pad + i]
+        if d == 1 and o != 1:
+            if o is None:
+                return None
+            axes.append(pad + i)
+        elif d != o or d is None:
+            return None
+    return axes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The graph under construction
+# ----------------------------------------------------------------------------------------------------------
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.opset = _default_opset(model)
+        self.nodes, self.inits = [], []
+        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.attribute:
+                a = n.attribute[0]
+                if a.name == "value":
+                    self.consts[n.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                    self.consts[n.output[0]] = np.asarray(helper.get_attribute_value(a))
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - a model ORT accepts may still trip the checker's inference
+            inferred = model
+        self.types = {}
+        ig = inferred.graph
+        for vi in itertools.chain(ig.input, ig.value_info, ig.output):
+            if vi.type.HasField("tensor_type"):
+                self.types[vi.name] = vi.type.tensor_type
+        for t in g.initializer:
+            self.types.setdefault(t.name, onnx.TypeProto.Tensor(elem_type=t.data_type, shape=_shape_proto(t.dims)))
+        self.taken = {n for node in g.node for n in itertools.chain(node.input, node.output)}
+        self.taken |= {v.name for v in itertools.chain(g.input, g.output, g.initializer)}
+        self.counter = itertools.count()
+        self.const_cache, self.shape_cache = {}, {}
+        self.active = set()
+        self.cot_dtype = {}
+
+    # static info
+    def dims(self, name):
+        t = self.types.get(name)
+        if t is None or not t.HasField("shape"):
+            if name in self.consts:
+                return list(np.asarray(self.consts[name]).shape)
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+    def dtype(self, name):
+        if name in self.cot_dtype:
+            return self.cot_dtype[name]
+        t = self.types.get(name)
+        if t is not None and t.elem_type:
+            return t.elem_type
+        if name in self.consts:
+            return helper.np_dtype_to_tensor_dtype(np.asarray(self.consts[name]).dtype)
+        return TensorProto.FLOAT
+
+    # emission
+    def fresh(self, hint):
+        while True:
+            name = f"ad/{hint}/{next(self.counter)}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def emit(self, op_type, inputs, outputs, attrs, hint="grad"):
+        outs = [self.fresh(hint) for _ in range(outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        ins = ["" if i is None else i for i in inputs]
+        self.nodes.append(helper.make_node(op_type, ins, outs, name=self.fresh(f"{hint}/{op_type}"), **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, arr: np.ndarray):
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.const_cache:
+            name = self.fresh("const")
+            self.inits.append(numpy_helper.from_array(arr, name))
+            self.consts[name] = arr
+            self.types[name] = onnx.TypeProto.Tensor(elem_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                                     shape=_shape_proto(arr.shape))
+            self.const_cache[key] = name
+        return self.const_cache[key]
+
+    def shape(self, name, start=None, end=None):
+        key = (name, start, end)
+        if key not in self.shape_cache:
+            self.shape_cache[key] = self.emit("Shape", [name], 1, {"start": start, "end": end}, hint="shape")
+        return self.shape_cache[key]
+
+
+def _shape_proto(dims):
+    s = onnx.TensorShapeProto()
+    for d in dims:
+        s.dim.add().dim_value = int(d)
+    return s
+
+
+def _default_opset(model):
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def _lift_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    v = _default_opset(model)
+    if v >= _MIN_OPSET:
+        return model
+    if v < 13:
+        from onnx import version_converter
+
+        return version_converter.convert_version(model, _MIN_OPSET)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = _MIN_OPSET
+    model.ir_version = max(model.ir_version, 8)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The walk
+# ----------------------------------------------------------------------------------------------------------
+def _path(g: _Graph, of: str, wrt: Sequence[str]):
+    """Nodes that carry a derivative from some `wrt` tensor to `of`, in topological order."""
+    nodes = list(g.model.graph.node)
+    active = set(wrt)
+    for n in nodes:
+        if n.op_type in NON_DIFFERENTIABLE or n.domain not in ("", "ai.onnx"):
+            continue
+        if any(i in active for i in n.input):
+            active.update(o for o in n.output if o and g.dtype(o) in _FLOAT_TYPES)
+    needed = {of}
+    on_path = []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output) and any(i in active for i in n.input):
+            if n.op_type in NON_DIFFERENTIABLE:
+                continue
+            on_path.append(n)
+            needed.update(i for i in n.input if i in active)
+    g.active = active & needed
+    return on_path[::-1]
+
+
+def _backward(g: _Graph, of: str, seed: str, wrt: Sequence[str], rule: str) -> dict:
+    """Reverse walk: each node turns its outputs' summed cotangents into its inputs' cotangents."""
+    grads: dict[str, list[str]] = {of: [seed]}
+
+    def total(name):
+        parts = grads.get(name)
+        if not parts:
+            return None
+        if len(parts) > 1:  # a tensor with several consumers: its cotangent is the sum of theirs
+            grads[name] = [g.emit("Sum", parts, 1, {}, hint=f"{name}/sum")]
+            g.cot_dtype[grads[name][0]] = g.dtype(name)
+        return grads[name][0]
+
+    for node in reversed(_path(g, of, wrt)):
+        gs = [total(o) if o else None for o in node.output]
+        if all(c is None for c in gs):
+            continue
+        fn = RULES.get(node.op_type)
+        if fn is None or node.domain not in ("", "ai.onnx"):
+            raise AutodiffError(f"no gradient rule for operator {node.op_type!r} "
+                                f"(node {node.name!r}) on the path from {list(wrt)} to {of!r}")
+        ctx = Ctx(g, node, gs, rule)
+        dxs = list(fn(ctx)) + [None] * len(node.input)
+        for i, name in enumerate(node.input):
+            if name and name in g.active:
+                if dxs[i] is None:
+                    raise AutodiffError(f"{node.op_type} node {node.name!r}: no gradient for its input {i} "
+                                        f"({name!r}), which lies on the path to {of!r}")
+                g.cot_dtype.setdefault(dxs[i], g.dtype(name))
+                grads.setdefault(name, []).append(dxs[i])
+    return {w: total(w) for w in wrt}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str = "standard",
+                  seed_name: str = "seed", keep_outputs: bool = True,
+                  extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """Model computing d<of>/d<w> for each w in `wrt` (any graph inputs or intermediate tensors), given
+    `seed_name` as the cotangent of `of`. Outputs: the original outputs (if keep_outputs), `extra_outputs`,
+    then `<w>__grad` for each w. The input model is not modified."""
+    if rule not in RULE_VARIANTS:
+        raise AutodiffError(f"rule must be one of {sorted(RULE_VARIANTS)}, got {rule!r}")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m = _lift_opset(m)
+    g = _Graph(m)
+    known = g.taken
+    for name in [of, *wrt, *extra_outputs]:
+        if name not in known:
+            raise AutodiffError(f"tensor {name!r} is not in the graph")
+    if seed_name in known:
+        raise AutodiffError(f"seed name {seed_name!r} is already used in the graph")
+    wrt = list(dict.fromkeys(wrt))
+    dims = g.dims(of)
+    seed_vi = helper.make_tensor_value_info(seed_name, g.dtype(of), dims)
+    g.cot_dtype[seed_name] = g.dtype(of)
+    grads = _backward(g, of, seed_name, wrt, rule)
+
+    out_vis = []
+    for o in (m.graph.output if keep_outputs else []):
+        if not o.type.tensor_type.HasField("shape") and g.dims(o.name) is not None:
+            o = helper.make_tensor_value_info(o.name, g.dtype(o.name), g.dims(o.name))
+        out_vis.append(o)
+    present = {v.name for v in out_vis}
+    for name in extra_outputs:
+        if name not in present:
+            out_vis.append(helper.make_tensor_value_info(name, g.dtype(name), g.dims(name)))
+            present.add(name)
+    ctx = Ctx(g, helper.make_node("Identity", [], [], name="wrt"), [], rule)
+    for w in wrt:
+        gname = f"{w}__grad"
+        # A tensor the score does not depend on has a zero gradient, not a missing output.
+        src = grads[w] if grads[w] is not None else ctx.zeros_like(w)
+        g.nodes.append(helper.make_node("Identity", [src], [gname], name=g.fresh(f"{w}/grad/out")))
+        out_vis.append(helper.make_tensor_value_info(gname, g.dtype(w), g.dims(w)))
+
+    m.graph.node.extend(g.nodes)
+    m.graph.initializer.extend(g.inits)
+    m.graph.input.append(seed_vi)
+    del m.graph.output[:]
+    m.graph.output.extend(out_vis)
+    return m
+
+
+def _score_of(model):
+    try:
+        from .graph import score_tensor
+    except ImportError:
+        return model.graph.output[0].name
+    return score_tensor(model)
+
+
+def _float_inputs(model):
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits
+            and i.type.tensor_type.elem_type in _FLOAT_TYPES]
+
+
+def augment(model: onnx.ModelProto, layers: Sequence[str] = (), wrt_input: bool = True,
+            rule: str = "standard", scores: str | None = None) -> onnx.ModelProto:
+    """Inputs: the original inputs + `seed` (cotangent of the score tensor, so a batch of one-hot or weighted
+    targets is one run). Outputs: original outputs, each layer tensor, `<layer>__grad` per layer, and
+    `<input>__grad` per float input when `wrt_input`. Each sample's gradient depends only on its seed row.
+    `rule`: "standard" (gradient), "guided" or "deconvnet" (see autodiff_rules)."""
+    layers = list(layers)
+    score = scores if scores is not None else _score_of(model)
+    wrt = layers + (_float_inputs(model) if wrt_input else [])
+    if not wrt:
+        raise AutodiffError("nothing to differentiate: no layers given and wrt_input is False")
+    return differentiate(model, score, wrt, rule=rule, extra_outputs=layers)
+
+
+_CACHE: "OrderedDict[tuple, onnx.ModelProto]" = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def augment_cached(model: onnx.ModelProto, layers: Sequence[str] = (), wrt_input: bool = True,
+                   rule: str = "standard", scores: str | None = None) -> onnx.ModelProto:
+    """`augment`, built once per (model bytes, layers, wrt_input, rule, scores) and then shared: the same
+    ModelProto object is returned on a hit, so callers must not mutate it."""
+    key = (model_digest(model), tuple(layers), bool(wrt_input), rule, scores)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    out = augment(model, layers, wrt_input, rule, scores)
+    _CACHE[key] = out
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return out

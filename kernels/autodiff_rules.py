@@ -1,0 +1,790 @@
+"""Vector-Jacobian rules, one per ONNX operator: `RULES[op_type](c) -> [cotangent of each input]`.
+
+`c` is an `autodiff.Ctx`: `c.g`/`c.gs` are the cotangents of the node's outputs, `c.x(i)`/`c.y(i)` the
+forward tensors (reused, never recomputed), `c(op, *inputs, **attrs)` emits a node and returns its output,
+`c.needs(i)` says whether input i lies on the differentiated path. A rule returns None for inputs that need
+no gradient; the walk raises if the path needed one.
+
+Rule variants for ReLU-like activations (`c.rule`), after Springenberg et al. 2015:
+- "standard": the true gradient.
+- "guided": dx = f'(x) * max(g, 0), i.e. the operator's own local derivative applied to the positive part
+  of the incoming signal. For ReLU this is exactly "pass g where x > 0 and g > 0". For Clip (ReLU6) the
+  forward mask is min < x < max. LeakyRelu/PRelu keep their negative slope. For HardSwish and GELU we keep
+  their smooth local derivative (not a hard x > 0 mask): the variant is then a pure modification of the
+  backward signal, as in the paper's definition, and we do not invent a gate the model does not have.
+- "deconvnet": dx = max(g, 0), ignoring x entirely (Zeiler & Fergus's backward ReLU). The same holds for
+  Clip/ReLU6, LeakyRelu, PRelu, HardSwish and GELU: each is treated as the rectifier it approximates.
+Other operators (sigmoid, tanh, softmax, ...) use their true gradient under every variant, as captum does.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+RULE_VARIANTS = ("standard", "guided", "deconvnet")
+
+# Outputs of these carry no derivative (shapes, indices, comparisons, constants).
+NON_DIFFERENTIABLE = {
+    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "NonZero", "ArgMax", "ArgMin", "Equal",
+    "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
+    "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+    "Sign", "Floor", "Ceil", "Round", "TopK_indices", "OneHot", "Bernoulli",
+}
+
+RULES: dict = {}
+
+
+def rule(*ops):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+def _k(c, v, like=None):
+    return c.const(v, like=like or c.x(0))
+
+
+def _rectify(c, local):
+    """ReLU-like backward under the chosen variant; `local(g)` applies the true local derivative."""
+    if c.rule == "deconvnet":
+        return c("Relu", c.g)
+    return local(c("Relu", c.g) if c.rule == "guided" else c.g)
+
+
+def _mask(c, cond, g):
+    return c("Where", cond, g, _k(c, 0))
+
+
+def _norm_axes(axes, rank):
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+def _reduce_axes(c):
+    """Static axes of a Reduce* node (attribute or constant input), or None (= all axes)."""
+    if "axes" in c.attrs:
+        return list(c.attrs["axes"])
+    if c.x(1) is not None:
+        v = c.ints(c.x(1))
+        if v is None:
+            c.fail("reduction axes must be constant")
+        return v
+    return None
+
+
+def _spatial(c, x):
+    return c.need_rank(x) - 2
+
+
+def _pool_geometry(c, x, nsp, kernel):
+    """Strides, dilations and explicit (begin..., end...) pads, resolving auto_pad from static dims."""
+    s = list(c.attr("strides", [1] * nsp))
+    d = list(c.attr("dilations", [1] * nsp))
+    auto = c.attr("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        return s, d, list(c.attr("pads", [0] * (2 * nsp)))
+    if auto == "VALID":
+        return s, d, [0] * (2 * nsp)
+    ins = c.static_dims(x, range(2, 2 + nsp))
+    if ins is None:
+        c.fail(f"auto_pad={auto} needs static spatial dims of {x!r}")
+    pb, pe = [], []
+    for i, n, st, dl, k in zip(range(nsp), ins, s, d, kernel):
+        out = -(-n // st)
+        total = max(0, (out - 1) * st + dl * (k - 1) + 1 - n)
+        small, big = total // 2, total - total // 2
+        pb.append(small if auto == "SAME_UPPER" else big)
+        pe.append(big if auto == "SAME_UPPER" else small)
+    return s, d, pb + pe
+
+
+def _fit_spatial(c, r, x, nsp):
+    """Crop or zero-extend the trailing end of r's spatial axes to x's runtime size."""
+    target = c.shape(x, 2)
+    r = c("Slice", r, c.i64([0] * nsp), target, c.i64(list(range(2, 2 + nsp))))
+    short = c("Sub", target, c.shape(r, 2))
+    pads = c("Concat", c.i64([0] * (2 + nsp) + [0, 0]), short, axis=0)
+    return c("Pad", r, pads)
+
+
+def _transpose_back(c, g, x, s, d, pads, kernel, weight, group, nsp):
+    """Adjoint of a strided window op (Conv, pooling): ConvTranspose with the same geometry, sized to x."""
+    ins = c.static_dims(x, range(2, 2 + nsp))
+    outs = c.static_dims(c.y(0), range(2, 2 + nsp))
+    if ins is not None and outs is not None:
+        pb, pe = list(pads[:nsp]), list(pads[nsp:])
+        op = []
+        for i in range(nsp):
+            full = (outs[i] - 1) * s[i] + d[i] * (kernel[i] - 1) + 1 - pb[i] - pe[i]
+            if full > ins[i]:  # windows hanging past the padded input (ceil_mode): crop them away
+                pe[i] += full - ins[i]
+                full = ins[i]
+            op.append(ins[i] - full)
+        if all(o < max(st, dl) for o, st, dl in zip(op, s, d)):
+            return c("ConvTranspose", g, weight, strides=s, dilations=d, group=group, pads=pb + pe,
+                     output_padding=op if any(op) else None)
+    r = c("ConvTranspose", g, weight, strides=s, dilations=d, group=group, pads=list(pads[:nsp]) + [0] * nsp)
+    return _fit_spatial(c, r, x, nsp)
+
+
+# --- elementwise arithmetic -------------------------------------------------------------------------------
+@rule("Identity", "Dropout")
+def _identity(c):
+    return [c.g]
+
+
+@rule("Cast")
+def _cast(c):
+    return [c("Cast", c.g, to=c.dtype(c.x(0)))]
+
+
+@rule("Add")
+def _add(c):
+    return [c.unbroadcast(c.g, c.x(0)) if c.needs(0) else None,
+            c.unbroadcast(c.g, c.x(1)) if c.needs(1) else None]
+
+
+@rule("Sum")
+def _sum(c):
+    return [c.unbroadcast(c.g, x) if c.needs(i) else None for i, x in enumerate(c.node.input)]
+
+
+@rule("Sub")
+def _sub(c):
+    return [c.unbroadcast(c.g, c.x(0)) if c.needs(0) else None,
+            c.unbroadcast(c("Neg", c.g), c.x(1)) if c.needs(1) else None]
+
+
+@rule("Mul")
+def _mul(c):
+    a, b = c.x(0), c.x(1)
+    return [c.unbroadcast(c("Mul", c.g, b), a) if c.needs(0) else None,
+            c.unbroadcast(c("Mul", c.g, a), b) if c.needs(1) else None]
+
+
+@rule("Div")
+def _div(c):
+    a, b = c.x(0), c.x(1)
+    return [c.unbroadcast(c("Div", c.g, b), a) if c.needs(0) else None,
+            c.unbroadcast(c("Neg", c("Div", c("Mul", c.g, c.y(0)), b)), b) if c.needs(1) else None]
+
+
+@rule("Neg")
+def _neg(c):
+    return [c("Neg", c.g)]
+
+
+@rule("Reciprocal")
+def _reciprocal(c):
+    return [c("Neg", c("Mul", c.g, c("Mul", c.y(0), c.y(0))))]
+
+
+@rule("Pow")
+def _pow(c):
+    x, p, y = c.x(0), c.x(1), c.y(0)
+    dx = dp = None
+    if c.needs(0):
+        pv = c.value(p)
+        if pv is not None and pv.size == 1 and float(pv) == 2.0:  # the common square, without a Pow
+            local = c("Mul", x, _k(c, 2.0))
+        else:
+            pl = c("CastLike", p, x)
+            local = c("Mul", pl, c("Pow", x, c("Sub", pl, _k(c, 1.0))))
+        dx = c.unbroadcast(c("Mul", c.g, local), x)
+    if c.needs(1):
+        dp = c.unbroadcast(c("Mul", c.g, c("Mul", y, c("Log", x))), p)
+    return [dx, dp]
+
+
+@rule("Sqrt")
+def _sqrt(c):
+    return [c("Div", c("Mul", c.g, _k(c, 0.5)), c.y(0))]
+
+
+@rule("Exp")
+def _exp(c):
+    return [c("Mul", c.g, c.y(0))]
+
+
+@rule("Log")
+def _log(c):
+    return [c("Div", c.g, c.x(0))]
+
+
+@rule("Abs")
+def _abs(c):
+    return [c("Mul", c.g, c("Sign", c.x(0)))]
+
+
+@rule("Sigmoid")
+def _sigmoid(c):
+    y = c.y(0)
+    return [c("Mul", c.g, c("Mul", y, c("Sub", _k(c, 1.0), y)))]
+
+
+@rule("Tanh")
+def _tanh(c):
+    y = c.y(0)
+    return [c("Mul", c.g, c("Sub", _k(c, 1.0), c("Mul", y, y)))]
+
+
+@rule("Erf")
+def _erf(c):
+    x = c.x(0)
+    local = c("Mul", _k(c, 2.0 / math.sqrt(math.pi)), c("Exp", c("Neg", c("Mul", x, x))))
+    return [c("Mul", c.g, local)]
+
+
+@rule("Softplus")
+def _softplus(c):
+    return [c("Mul", c.g, c("Sigmoid", c.x(0)))]
+
+
+@rule("Where")
+def _where(c):
+    cond, zero = c.x(0), _k(c, 0, like=c.x(1))
+    return [None,
+            c.unbroadcast(c("Where", cond, c.g, zero), c.x(1)) if c.needs(1) else None,
+            c.unbroadcast(c("Where", cond, zero, c.g), c.x(2)) if c.needs(2) else None]
+
+
+# --- activations (ReLU-like ones honour the guided/deconvnet variants) -------------------------------------
+@rule("Relu")
+def _relu(c):
+    x = c.x(0)
+    return [_rectify(c, lambda g: _mask(c, c("Greater", x, _k(c, 0)), g))]
+
+
+@rule("LeakyRelu")
+def _leaky_relu(c):
+    x, a = c.x(0), c.attr("alpha", 0.01)
+    return [_rectify(c, lambda g: c("Where", c("Greater", x, _k(c, 0)), g, c("Mul", g, _k(c, a))))]
+
+
+@rule("PRelu")
+def _prelu(c):
+    x, slope = c.x(0), c.x(1)
+    pos = c("Greater", x, _k(c, 0))
+    dx = _rectify(c, lambda g: c("Where", pos, g, c("Mul", g, slope))) if c.needs(0) else None
+    ds = c.unbroadcast(_mask(c, c("Not", pos), c("Mul", c.g, x)), slope) if c.needs(1) else None
+    return [dx, ds]
+
+
+@rule("Clip")
+def _clip(c):
+    # Strict inequalities as PyTorch's hardtanh/ReLU6: at the bounds the output is flat.
+    x, lo, hi = c.x(0), c.x(1), c.x(2)
+    if lo is None and "min" in c.attrs:
+        lo = _k(c, c.attrs["min"])
+    if hi is None and "max" in c.attrs:
+        hi = _k(c, c.attrs["max"])
+    conds = ([c("Greater", x, lo)] if lo else []) + ([c("Less", x, hi)] if hi else [])
+
+    def local(g):
+        if not conds:
+            return g
+        return _mask(c, conds[0] if len(conds) == 1 else c("And", *conds), g)
+    return [_rectify(c, local)]
+
+
+@rule("HardSigmoid")
+def _hard_sigmoid(c):
+    a, b = c.attr("alpha", 0.2), c.attr("beta", 0.5)
+    z = c("Add", c("Mul", c.x(0), _k(c, a)), _k(c, b))
+    inside = c("And", c("Greater", z, _k(c, 0)), c("Less", z, _k(c, 1)))
+    return [_mask(c, inside, c("Mul", c.g, _k(c, a)))]
+
+
+@rule("HardSwish")
+def _hard_swish(c):
+    # PyTorch's hardswish_backward: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above 3.
+    x = c.x(0)
+    slope = c("Add", c("Mul", x, _k(c, 1.0 / 3.0)), _k(c, 0.5))
+    local = c("Where", c("Less", x, _k(c, -3.0)), _k(c, 0.0),
+              c("Where", c("Greater", x, _k(c, 3.0)), _k(c, 1.0), slope))
+    return [_rectify(c, lambda g: c("Mul", g, local))]
+
+
+@rule("Gelu")
+def _gelu(c):
+    x = c.x(0)
+    if c.attr("approximate", "none") == "tanh":
+        k, a = math.sqrt(2 / math.pi), 0.044715
+        x2 = c("Mul", x, x)
+        t = c("Tanh", c("Mul", c("Mul", x, c("Add", _k(c, 1.0), c("Mul", x2, _k(c, a)))), _k(c, k)))
+        dt = c("Mul", c("Sub", _k(c, 1.0), c("Mul", t, t)), c("Add", _k(c, k), c("Mul", x2, _k(c, 3 * a * k))))
+        local = c("Mul", _k(c, 0.5), c("Add", c("Add", _k(c, 1.0), t), c("Mul", x, dt)))
+    else:  # Φ(x) + x φ(x)
+        cdf = c("Mul", _k(c, 0.5), c("Add", _k(c, 1.0), c("Erf", c("Mul", x, _k(c, 1 / math.sqrt(2))))))
+        pdf = c("Mul", c("Exp", c("Mul", c("Mul", x, x), _k(c, -0.5))), _k(c, 1 / math.sqrt(2 * math.pi)))
+        local = c("Add", cdf, c("Mul", x, pdf))
+    return [_rectify(c, lambda g: c("Mul", g, local))]
+
+
+@rule("Softmax")
+def _softmax(c):
+    y, ax = c.y(0), c.attr("axis", -1)
+    gy = c("Mul", c.g, y)
+    return [c("Sub", gy, c("Mul", y, c.reduce("ReduceSum", gy, [ax])))]
+
+
+@rule("LogSoftmax")
+def _log_softmax(c):
+    ax = c.attr("axis", -1)
+    return [c("Sub", c.g, c("Mul", c("Exp", c.y(0)), c.reduce("ReduceSum", c.g, [ax])))]
+
+
+# --- linear algebra ----------------------------------------------------------------------------------------
+@rule("Gemm")
+def _gemm(c):
+    a, b, g = c.x(0), c.x(1), c.g
+    ta, tb = c.attr("transA", 0), c.attr("transB", 0)
+    alpha, beta = c.attr("alpha", 1.0), c.attr("beta", 1.0)
+    da = db = dc = None
+    if c.needs(0):
+        da = (c("Gemm", g, b, alpha=alpha, transB=1 - tb) if not ta
+              else c("Gemm", b, g, alpha=alpha, transA=tb, transB=1))
+    if c.needs(1):
+        db = (c("Gemm", a, g, alpha=alpha, transA=1 - ta) if not tb
+              else c("Gemm", g, a, alpha=alpha, transA=1, transB=ta))
+    if c.needs(2):
+        dc = c.unbroadcast(g if beta == 1.0 else c("Mul", g, _k(c, beta)), c.x(2))
+    return [da, db, dc]
+
+
+def _swap_last(c, t, rank):
+    return c("Transpose", t, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+@rule("MatMul")
+def _matmul(c):
+    a, b, g = c.x(0), c.x(1), c.g
+    ra, rb = c.need_rank(a), c.need_rank(b)
+    # Vectors are promoted to matrices as numpy does; the promoted axes are dropped again by the reshape.
+    a2 = c("Unsqueeze", a, c.i64([0])) if ra == 1 else a
+    b2 = c("Unsqueeze", b, c.i64([1])) if rb == 1 else b
+    g2 = c("Unsqueeze", g, c.i64([-2])) if ra == 1 else g
+    g2 = c("Unsqueeze", g2, c.i64([-1])) if rb == 1 else g2
+    da = db = None
+    if c.needs(0):
+        da = c("MatMul", g2, _swap_last(c, b2, max(rb, 2)))
+        da = da if _batch_matches(c, a) else c.reshape_like(_sum_to(c, da, a2), a)
+    if c.needs(1):
+        db = c("MatMul", _swap_last(c, a2, max(ra, 2)), g2)
+        db = db if _batch_matches(c, b) else c.reshape_like(_sum_to(c, db, b2), b)
+    return [da, db]
+
+
+def _batch_matches(c, t):
+    """Whether operand t already has the output's batch dims (so its cotangent needs no summing)."""
+    dt, dy = c.dims(t), c.dims(c.y(0))
+    return (dt is not None and dy is not None and len(dt) >= 2 and len(dt) == len(dy)
+            and all(p == q and p is not None for p, q in zip(dt[:-2], dy[:-2])))
+
+
+def _sum_to(c, t, x):
+    """Sum a batched product back onto x's (possibly broadcast) leading dims, dynamically."""
+    sx = c.shape(x)
+    st = c.shape(t)
+    extra = c("Sub", c("Size", st), c("Size", sx))
+    ones = c("ConstantOfShape", c("Reshape", extra, c.i64([1])),
+             value=numpy_helper.from_array(np.ones(1, np.int64)))
+    padded = c("Concat", ones, sx, axis=0)
+    axes = c("Reshape", c("NonZero", c("Not", c("Equal", padded, st))), c.i64([-1]))
+    return c("Reshape", c("ReduceSum", t, axes, keepdims=1, noop_with_empty_axes=1), sx)
+
+
+@rule("Einsum")
+def _einsum(c):
+    # d/d(operand i) is the einsum of g with the other operands, written out to operand i's subscripts.
+    eq = c.attr("equation").replace(" ", "").replace("...", ".")
+    lhs, explicit, out = eq.partition("->")
+    terms = lhs.split(",")
+    if not explicit:
+        letters = lhs.replace(",", "").replace(".", "")
+        out = ("." if "." in lhs else "") + "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    res = []
+    for i, term in enumerate(terms):
+        if not c.needs(i):
+            res.append(None)
+            continue
+        if len(set(term)) != len(term):
+            c.fail("repeated subscripts within one operand (diagonals) are not supported")
+        others = [t for j, t in enumerate(terms) if j != i]
+        avail = set(out + "".join(others))
+        missing = [k for k, ch in enumerate(term) if ch not in avail]
+        kept = "".join(ch for ch in term if ch in avail)
+        if "." in avail and "." not in kept:
+            kept = "." + kept  # ORT cannot sum an ellipsis away: keep it and sum it below
+        dx = c("Einsum", c.g, *[c.x(j) for j in range(len(terms)) if j != i],
+               equation=(",".join([out] + others) + "->" + kept).replace(".", "..."))
+        if missing:  # subscripts summed only inside this operand: broadcast the result back
+            if "." in term:
+                c.fail("an operand-only subscript together with an ellipsis is not supported")
+            dx = c("Expand", c("Unsqueeze", dx, c.i64(missing)), c.shape(c.x(i)))
+        res.append(_sum_to(c, dx, c.x(i)) if "." in kept else dx)
+    return res
+
+
+# --- convolution and pooling -------------------------------------------------------------------------------
+@rule("Conv")
+def _conv(c):
+    x, w, g = c.x(0), c.x(1), c.g
+    nsp = c.need_rank(w) - 2
+    kernel = c.attr("kernel_shape") or c.static_dims(w, range(2, 2 + nsp))
+    if kernel is None:
+        c.fail("needs kernel_shape or a static weight shape")
+    if c.needs(1):
+        c.fail("gradients w.r.t. convolution weights are not supported")
+    s, d, pads = _pool_geometry(c, x, nsp, kernel)
+    dx = _transpose_back(c, g, x, s, d, pads, kernel, w, c.attr("group", 1), nsp) if c.needs(0) else None
+    db = c("ReduceSum", g, c.i64([0] + list(range(2, 2 + nsp))), keepdims=0) if c.needs(2) else None
+    return [dx, None, db]
+
+
+@rule("ConvTranspose")
+def _conv_transpose(c):
+    x, w, g = c.x(0), c.x(1), c.g
+    nsp = c.need_rank(w) - 2
+    kernel = c.attr("kernel_shape") or c.static_dims(w, range(2, 2 + nsp))
+    if c.needs(1):
+        c.fail("gradients w.r.t. convolution weights are not supported")
+    s = list(c.attr("strides", [1] * nsp))
+    d = list(c.attr("dilations", [1] * nsp))
+    pads = list(c.attr("pads", [0] * (2 * nsp)))
+    if c.attr("auto_pad", "NOTSET") not in ("NOTSET", "") or "output_shape" in c.attrs:
+        ins, outs = c.static_dims(x, range(2, 2 + nsp)), c.static_dims(c.y(0), range(2, 2 + nsp))
+        if ins is None or outs is None or kernel is None:
+            c.fail("auto_pad/output_shape need static spatial dims")
+        op = list(c.attr("output_padding", [0] * nsp))
+        total = [s[i] * (ins[i] - 1) + op[i] + (kernel[i] - 1) * d[i] + 1 - outs[i] for i in range(nsp)]
+        lower = c.attr("auto_pad") != "SAME_UPPER"
+        pads = ([t - t // 2 if lower else t // 2 for t in total]
+                + [t // 2 if lower else t - t // 2 for t in total])
+    # Conv is the adjoint of ConvTranspose with the very same weight tensor, geometry and group.
+    dx = c("Conv", g, w, strides=s, dilations=d, pads=pads, group=c.attr("group", 1)) if c.needs(0) else None
+    db = c("ReduceSum", g, c.i64([0] + list(range(2, 2 + nsp))), keepdims=0) if c.needs(2) else None
+    return [dx, None, db]
+
+
+@rule("MaxPool")
+def _max_pool(c):
+    # Scatter-add g through the argmax indices (flat over the whole N*C*H*W tensor, per the ONNX spec).
+    # The indices output is added to the forward node itself, so the forward is not run twice.
+    if c.attr("storage_order", 0) != 0:
+        c.fail("storage_order=1 is not supported")
+    node = c.node
+    if len(node.output) < 2 or not node.output[1]:
+        while len(node.output) < 2:
+            node.output.append("")
+        node.output[1] = c.graph.fresh(f"{node.name or 'MaxPool'}/indices")
+    x = c.x(0)
+    dt = helper.tensor_dtype_to_np_dtype(c.dtype(x))
+    n = c("Size", x)
+    zeros = c("ConstantOfShape", c("Reshape", n, c.i64([1])), value=numpy_helper.from_array(np.zeros(1, dt)))
+    flat = c("ScatterElements", zeros, c("Reshape", node.output[1], c.i64([-1])),
+             c("Reshape", c.g, c.i64([-1])), axis=0, reduction="add")
+    return [c("Reshape", flat, c.shape(x))]
+
+
+def _avg_divisors(n, o, k, s, d, pb, pe, include_pad):
+    """Per output position along one axis: how many window taps the average divides by."""
+    out = np.empty(o)
+    for i in range(o):
+        taps = i * s - pb + d * np.arange(k)
+        lo, hi = (-pb, n + pe) if include_pad else (0, n)
+        out[i] = np.count_nonzero((taps >= lo) & (taps < hi))
+    return out
+
+
+@rule("AveragePool")
+def _average_pool(c):
+    x, y = c.x(0), c.y(0)
+    nsp = _spatial(c, x)
+    kernel = list(c.attr("kernel_shape"))
+    s, d, pads = _pool_geometry(c, x, nsp, kernel)
+    ins, outs = c.static_dims(x, range(2, 2 + nsp)), c.static_dims(y, range(2, 2 + nsp))
+    if ins is None or outs is None:
+        c.fail("needs static spatial dims (the divisor depends on the border)")
+    div = np.ones(())
+    for i in range(nsp):  # windows are boxes, so the divisor map is an outer product of per-axis counts
+        div = np.multiply.outer(div, _avg_divisors(ins[i], outs[i], kernel[i], s[i], d[i], pads[i],
+                                                   pads[nsp + i], c.attr("count_include_pad", 0)))
+    scaled = c("Mul", c.g, c.const((1.0 / div)[None, None], like=x))
+    flat = c("Reshape", scaled, c.i64([-1, 1] + outs))  # channels as batch: one depthwise ones-kernel
+    ones = c.const(np.ones([1, 1] + kernel), like=x)
+    dx = _transpose_back(c, flat, x, s, d, pads, kernel, ones, 1, nsp)
+    return [c("Reshape", dx, c.shape(x))]
+
+
+@rule("GlobalAveragePool")
+def _global_average_pool(c):
+    x = c.x(0)
+    sp = c.static_dims(x, range(2, c.need_rank(x)))
+    if sp is not None:
+        scaled = c("Mul", c.g, _k(c, 1.0 / float(np.prod(sp))))
+    else:
+        count = c("CastLike", c("ReduceProd", c.shape(x, 2), keepdims=0), x)
+        scaled = c("Div", c.g, count)
+    return [c("Expand", scaled, c.shape(x))]
+
+
+def _max_mask_grad(c, x, y_keep, g_keep, axes):
+    # Ties share the cotangent evenly (as torch.amax does); x == max picks them out.
+    hit = c("CastLike", c("Equal", x, y_keep), x)
+    count = c("ReduceSum", hit, axes, keepdims=1) if axes is not None else c("ReduceSum", hit, keepdims=1)
+    return c("Mul", hit, c("Div", g_keep, count))
+
+
+@rule("GlobalMaxPool")
+def _global_max_pool(c):
+    x = c.x(0)
+    axes = c.i64(list(range(2, c.need_rank(x))))
+    return [_max_mask_grad(c, x, c.y(0), c.g, axes)]
+
+
+@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin")
+def _reduce(c):
+    x, g, y = c.x(0), c.g, c.y(0)
+    axes = _reduce_axes(c)
+    if axes is not None and not axes and c.attr("noop_with_empty_axes", 0):
+        return [g, None]
+    if axes == []:
+        axes = None
+    if not c.attr("keepdims", 1) and axes is not None:
+        g = c("Unsqueeze", g, c.i64(axes))
+        y = c("Unsqueeze", y, c.i64(axes)) if c.node.op_type in ("ReduceMax", "ReduceMin") else y
+    elif not c.attr("keepdims", 1):  # all axes reduced to a scalar, which broadcasts as is
+        pass
+    if c.node.op_type == "ReduceSum":
+        return [c("Expand", g, c.shape(x)), None]
+    if c.node.op_type == "ReduceMean":
+        n_out = c("Size", c.y(0))
+        count = c("CastLike", c("Div", c("Size", x), n_out), x)
+        return [c("Expand", c("Div", g, count), c.shape(x)), None]
+    return [_max_mask_grad(c, x, y, g, c.i64(axes) if axes is not None else None), None]
+
+
+# --- normalisation -----------------------------------------------------------------------------------------
+@rule("BatchNormalization")
+def _batch_norm(c):
+    # Inference form: y = x * scale / sqrt(var + eps) + const, a per-channel affine map.
+    if c.attr("training_mode", 0):
+        c.fail("training_mode=1 is not supported (export the model in eval mode)")
+    x, scale, var = c.x(0), c.x(1), c.x(4)
+    if any(c.needs(i) for i in (1, 2, 3, 4)):
+        c.fail("gradients w.r.t. batch-norm parameters are not supported")
+    eps = c.attr("epsilon", 1e-5)
+    shape = [-1] + [1] * (c.need_rank(x) - 2)
+    sv, vv = c.value(scale), c.value(var)
+    if sv is not None and vv is not None:
+        factor = c.const((sv.astype(np.float64) / np.sqrt(vv.astype(np.float64) + eps)).reshape(shape), like=x)
+    else:
+        factor = c("Reshape", c("Div", scale, c("Sqrt", c("Add", var, _k(c, eps, like=var)))), c.i64(shape))
+    return [c("Mul", c.g, factor)]
+
+
+def _normalised_backward(c, x, gxhat, axes, mean=None, inv_std=None):
+    """dx for xhat = (x - mean(x)) * inv_std over `axes`, given the cotangent of xhat."""
+    eps = c.attr("epsilon", 1e-5)
+    if mean is None:
+        mean = c.reduce("ReduceMean", x, axes)
+    xc = c("Sub", x, mean)
+    if inv_std is None:
+        var = c.reduce("ReduceMean", c("Mul", xc, xc), axes)
+        inv_std = c("Reciprocal", c("Sqrt", c("Add", var, _k(c, eps))))
+    xhat = c("Mul", xc, inv_std)
+    m1 = c.reduce("ReduceMean", gxhat, axes)
+    m2 = c.reduce("ReduceMean", c("Mul", gxhat, xhat), axes)
+    return c("Mul", inv_std, c("Sub", c("Sub", gxhat, m1), c("Mul", xhat, m2))), xhat
+
+
+@rule("LayerNormalization")
+def _layer_norm(c):
+    x, scale, g = c.x(0), c.x(1), c.g
+    r = c.need_rank(x)
+    ax = c.attr("axis", -1)
+    axes = list(range(ax % r, r))
+    saved = c.y(1) is not None and c.y(2) is not None and c.attr("stash_type", 1) == 1 \
+        and c.dtype(c.y(1)) == c.dtype(x)
+    mean, inv = (c.y(1), c.y(2)) if saved else (None, None)
+    dx, xhat = _normalised_backward(c, x, c("Mul", g, scale), axes, mean, inv)
+    dscale = _sum_to(c, c("Mul", g, xhat), scale) if c.needs(1) else None
+    dbias = _sum_to(c, g, c.x(2)) if c.needs(2) else None
+    return [dx if c.needs(0) else None, dscale, dbias]
+
+
+@rule("InstanceNormalization")
+def _instance_norm(c):
+    x, scale = c.x(0), c.x(1)
+    r = c.need_rank(x)
+    if c.needs(1) or c.needs(2):
+        c.fail("gradients w.r.t. instance-norm parameters are not supported")
+    per_channel = c("Reshape", scale, c.i64([-1] + [1] * (r - 2)))
+    dx, _ = _normalised_backward(c, x, c("Mul", c.g, per_channel), list(range(2, r)))
+    return [dx]
+
+
+@rule("GroupNormalization")
+def _group_norm(c):
+    x, scale = c.x(0), c.x(1)
+    r = c.need_rank(x)
+    groups = c.attr("num_groups")
+    if c.needs(1) or c.needs(2):
+        c.fail("gradients w.r.t. group-norm parameters are not supported")
+    grouped = c.i64([0, groups, -1])
+    xg = c("Reshape", x, grouped)
+    if c.opset >= 21:  # scale per channel
+        gxhat = c("Reshape", c("Mul", c.g, c("Reshape", scale, c.i64([-1] + [1] * (r - 2)))), grouped)
+    else:  # opset 18: scale per group
+        gxhat = c("Mul", c("Reshape", c.g, grouped), c("Reshape", scale, c.i64([-1, 1])))
+    dx, _ = _normalised_backward(c, xg, gxhat, [2])
+    return [c("Reshape", dx, c.shape(x))]
+
+
+# --- shape and data movement -------------------------------------------------------------------------------
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(c):
+    return [c.reshape_like(c.g, c.x(0))]
+
+
+@rule("Transpose")
+def _transpose(c):
+    perm = c.attr("perm")
+    if perm is None:  # reversal is its own inverse
+        return [c("Transpose", c.g)]
+    return [c("Transpose", c.g, perm=[int(i) for i in np.argsort(perm)])]
+
+
+@rule("Concat")
+def _concat(c):
+    ax = c.attr("axis")
+    sizes = []
+    for x in c.node.input:
+        d = c.dims(x)
+        n = d[ax] if d is not None else None
+        sizes.append(c.i64([n]) if isinstance(n, int) else c("Gather", c.shape(x), c.i64([ax])))
+    parts = c("Split", c.g, c("Concat", *sizes, axis=0), axis=ax, outputs=len(sizes))
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p if c.needs(i) else None for i, p in enumerate(parts)]
+
+
+@rule("Split")
+def _split(c):
+    parts = [gi if gi is not None else c.zeros_like(y) for gi, y in zip(c.gs, c.node.output)]
+    return [c("Concat", *parts, axis=c.attr("axis", 0)), None]
+
+
+@rule("Slice")
+def _slice(c):
+    x, g = c.x(0), c.g
+    starts, ends = c.ints(c.x(1)), c.ints(c.x(2))
+    if starts is not None and ends is not None:
+        axes = c.ints(c.x(3)) if c.x(3) else list(range(len(starts)))
+        steps = c.ints(c.x(4)) if c.x(4) else [1] * len(starts)
+        rank, dims = c.rank(x), c.dims(x)
+        if axes is not None and steps is not None and all(s == 1 for s in steps) and dims is not None \
+                and all(isinstance(dims[a % rank], int) for a in axes):
+            pads = [0] * (2 * rank)
+            for a, b, e in zip(axes, starts, ends):
+                a, n = a % rank, dims[a % rank]
+                b = min(max(b + n if b < 0 else b, 0), n)
+                e = min(max(e + n if e < 0 else e, b), n)
+                pads[a], pads[rank + a] = b, n - e
+            return [c("Pad", g, c.i64(pads))]  # zero-pad the cotangent back to where the slice came from
+    return [c.scatter_back(x, g, lambda idx: c("Slice", idx, *c.node.input[1:]))]
+
+
+@rule("Gather")
+def _gather(c):
+    return [c.scatter_back(c.x(0), c.g, lambda idx: c("Gather", idx, c.x(1), axis=c.attr("axis", 0))), None]
+
+
+@rule("GatherElements")
+def _gather_elements(c):
+    return [c.scatter_back(c.x(0), c.g, lambda idx: c("GatherElements", idx, c.x(1), axis=c.attr("axis", 0))),
+            None]
+
+
+@rule("Expand")
+def _expand(c):
+    return [c.unbroadcast(c.g, c.x(0)), None]
+
+
+@rule("Tile")
+def _tile(c):
+    x = c.x(0)
+    r = c.need_rank(x)
+    # View g as (r0, d0, r1, d1, ...) and sum over the repeat axes.
+    reps = c("Unsqueeze", c.x(1), c.i64([1]))
+    inter = c("Reshape", c("Concat", reps, c("Unsqueeze", c.shape(x), c.i64([1])), axis=1), c.i64([-1]))
+    summed = c("ReduceSum", c("Reshape", c.g, inter), c.i64(list(range(0, 2 * r, 2))), keepdims=0)
+    return [summed, None]
+
+
+@rule("Pad")
+def _pad(c):
+    mode = c.attr("mode", "constant")
+    x = c.x(0)
+    if mode == "constant":
+        # Padding and cropping are adjoint: pad by p <-> crop by p, so negate the pads.
+        return [c("Pad", c.g, c("Neg", c.x(1)), None, *c.node.input[3:4]), None, None, None]
+    return [c.scatter_back(x, c.g, lambda idx: c("Pad", idx, *c.node.input[1:2], None, *c.node.input[3:4],
+                                                 mode=mode)), None, None, None]
+
+
+@rule("Resize")
+def _resize(c):
+    # Resize is separable and linear in x for every mode: one matrix per resized axis, built once by running
+    # the node's own Resize on an identity; the backward applies each transposed matrix.
+    x, y, g = c.x(0), c.y(0), c.g
+    if c.attr("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+        c.fail("tf_crop_and_resize is not supported")
+    ins, outs = c.static_dims(x), c.static_dims(y)
+    if ins is None or outs is None:
+        c.fail("needs static input and output shapes")
+    r = len(ins)
+    scales = c.value(c.x(2)) if c.x(2) is not None else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    axes_attr = c.attr("axes")
+    if scales is not None and axes_attr is not None:
+        full = np.ones(r, np.float32)
+        full[[a % r for a in axes_attr]] = scales
+        scales = full
+    attrs = {k: v for k, v in c.attrs.items() if k not in ("axes", "keep_aspect_ratio_policy")}
+    for a in range(r):
+        if ins[a] == outs[a] and (scales is None or scales[a] == 1.0):
+            continue
+        m = _resize_matrix(ins[a], outs[a], None if scales is None else float(scales[a]), attrs)
+        mat = c.const(m, like=x)  # (out, in)
+        if a == r - 1:
+            g = c("MatMul", g, mat)
+        elif a == r - 2:
+            g = c("MatMul", c.const(m.T, like=x), g)
+        else:
+            perm = list(range(r))
+            perm[a], perm[-1] = perm[-1], perm[a]
+            g = c("Transpose", c("MatMul", c("Transpose", g, perm=perm), mat), perm=perm)
+    return [g, None, None, None]
+
+
+def _resize_matrix(n_in, n_out, scale, attrs):
+    import onnx
+    import onnxruntime as ort
+
+    inputs = ["x", "", "scales"] if scale is not None else ["x", "", "", "sizes"]
+    node = helper.make_node("Resize", inputs, ["y"], **attrs)
+    inits = ([numpy_helper.from_array(np.array([1.0, scale], np.float32), "scales")] if scale is not None
+             else [numpy_helper.from_array(np.array([n_in, n_out], np.int64), "sizes")])
+    graph = helper.make_graph([node], "resize_matrix",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [n_in, n_in])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = sess.run(None, {"x": np.eye(n_in, dtype=np.float32)})[0]  # row i = resize of basis vector e_i
+    return np.ascontiguousarray(rows.T)

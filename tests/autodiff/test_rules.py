@@ -1,0 +1,279 @@
+"""One finite-difference gradient check per rule variant (each its own test id)."""
+import numpy as np
+import pytest
+
+from adcheck import gradcheck, make_model, node
+
+R = np.random.default_rng(42)
+
+
+def away(*shape, lo=0.2, hi=1.0):
+    """Random values with |v| in [lo, hi]: no kinks (ReLU at 0, ...) within a finite-difference step."""
+    return R.choice([-1.0, 1.0], size=shape) * R.uniform(lo, hi, size=shape)
+
+
+def pos(*shape, lo=0.5, hi=1.5):
+    return R.uniform(lo, hi, size=shape)
+
+
+def distinct(*shape):
+    """Well separated values (for max-pool/-reduce: no ties, no switching within a step)."""
+    n = int(np.prod(shape))
+    return (R.permutation(n) * 0.1 - n * 0.05).reshape(shape)
+
+
+def i64(*v):
+    return np.array(v, np.int64)
+
+
+def case(nodes, inputs, inits=None, opset=17, sym=None, out="y"):
+    def build(dtype):
+        model = make_model(nodes, inputs, inits or {}, out=out, opset=opset, dtype=dtype, sym=sym)
+        feeds = {k: (v.astype(dtype) if v.dtype == np.float64 else v) for k, v in inputs.items()}
+        return model, feeds, out
+    return build
+
+
+def unary(op, x=None, opset=17, **attrs):
+    return case([node(op, ["x"], "y", **attrs)], {"x": away(2, 3, 4) if x is None else x}, opset=opset)
+
+
+def binary(op, a, b, opset=17):
+    return case([node(op, ["a", "b"], "y")], {"a": a, "b": b}, opset=opset)
+
+
+W = lambda *s: R.standard_normal(s) * 0.5  # noqa: E731
+
+CASES = {
+    # elementwise arithmetic and broadcasting
+    "Add-same": binary("Add", away(2, 3), away(2, 3)),
+    "Add-broadcast": binary("Add", away(2, 3, 4), away(3, 1)),
+    "Add-symbolic-batch": case([node("Add", ["a", "b"], "y")], {"a": away(2, 3), "b": away(3)},
+                               sym={"a": ["N", 3]}),
+    "Sub-broadcast": binary("Sub", away(3, 1), away(2, 1, 4)),
+    "Mul-broadcast": binary("Mul", away(2, 3, 4), away(4)),
+    "Div-broadcast": binary("Div", away(2, 3, 4), pos(3, 1)),
+    "Sum-variadic": case([node("Sum", ["a", "b", "c"], "y")], {"a": away(2, 3), "b": away(3), "c": away(1, 3)}),
+    "Neg": unary("Neg"),
+    "Reciprocal": unary("Reciprocal", pos(2, 3)),
+    "Pow-square-const": case([node("Pow", ["x", "p"], "y")], {"x": away(2, 3)}, {"p": np.array(2.0)}),
+    "Pow-both-inputs": binary("Pow", pos(2, 3), away(3)),
+    "Pow-int-exponent": case([node("Pow", ["x", "p"], "y")], {"x": away(2, 3)}, {"p": np.array(3, np.int64)}),
+    "Sqrt": unary("Sqrt", pos(2, 3)),
+    "Exp": unary("Exp"),
+    "Log": unary("Log", pos(2, 3)),
+    "Abs": unary("Abs"),
+    "Sigmoid": unary("Sigmoid"),
+    "Tanh": unary("Tanh"),
+    "Erf": unary("Erf"),
+    "Softplus": unary("Softplus"),
+    "Where": case([node("Where", ["c", "a", "b"], "y")],
+                  {"c": R.random((2, 3)) > 0.5, "a": away(2, 3), "b": away(3)}),
+    "Identity": unary("Identity"),
+    "Dropout": case([node("Dropout", ["x"], ["y", "mask"])], {"x": away(2, 3)}),
+    "Cast-same-type": case([node("Cast", ["x"], "t", to=11), node("Mul", ["t", "t"], "y")], {"x": away(2, 3)}),
+    # activations
+    "Relu": unary("Relu"),
+    "LeakyRelu": unary("LeakyRelu", alpha=0.1),
+    "PRelu-channel-slope": binary("PRelu", away(2, 3, 4, 4), away(3, 1, 1)),
+    "Clip-inputs": case([node("Clip", ["x", "lo", "hi"], "y")], {"x": away(2, 3, 4, lo=0.05) * 2},
+                        {"lo": np.array(-0.5), "hi": np.array(1.0)}),
+    "Clip-min-only": case([node("Clip", ["x", "lo"], "y")], {"x": away(2, 3, 4)}, {"lo": np.array(0.0)}),
+    "Clip-relu6": case([node("Clip", ["x", "lo", "hi"], "y")], {"x": away(2, 3, 4, lo=0.1, hi=8)},
+                       {"lo": np.array(0.0), "hi": np.array(6.0)}),
+    "HardSigmoid": unary("HardSigmoid", away(3, 4, lo=0.1, hi=5), alpha=0.3, beta=0.4),
+    "HardSwish": unary("HardSwish", np.concatenate([away(12, lo=0.1, hi=2.9), away(12, lo=3.1, hi=6)])),
+    "Gelu-erf": unary("Gelu", opset=20),
+    "Gelu-tanh": unary("Gelu", opset=20, approximate="tanh"),
+    "Softmax-last": unary("Softmax", axis=-1),
+    "Softmax-axis1": unary("Softmax", axis=1),
+    "LogSoftmax": unary("LogSoftmax", axis=-1),
+    # linear algebra
+    "Gemm": case([node("Gemm", ["a", "b", "c"], "y")], {"a": away(2, 3), "b": away(3, 4), "c": away(4)}),
+    "Gemm-transA-transB-alpha-beta": case([node("Gemm", ["a", "b", "c"], "y", transA=1, transB=1,
+                                                alpha=0.7, beta=1.3)],
+                                          {"a": away(3, 2), "b": away(4, 3), "c": away(2, 1)}),
+    "Gemm-transB-weights": case([node("Gemm", ["a", "w", "bias"], "y", transB=1)], {"a": away(2, 5)},
+                                {"w": W(3, 5), "bias": W(3)}),
+    "Gemm-transA": case([node("Gemm", ["a", "b"], "y", transA=1)], {"a": away(3, 2), "b": away(3, 4)}),
+    "MatMul-2d": binary("MatMul", away(2, 3), away(3, 4)),
+    "MatMul-batched": binary("MatMul", away(2, 3, 4), away(2, 4, 5)),
+    "MatMul-broadcast": binary("MatMul", away(2, 1, 3, 4), away(5, 4, 2)),
+    "MatMul-weight": case([node("MatMul", ["a", "w"], "y")], {"a": away(2, 3, 4)}, {"w": W(4, 5)},
+                          sym={"a": ["N", 3, 4]}),
+    "MatMul-vector-matrix": binary("MatMul", away(4), away(2, 4, 3)),
+    "MatMul-matrix-vector": binary("MatMul", away(2, 3, 4), away(4)),
+    "Einsum-batched-matmul": case([node("Einsum", ["a", "b"], "y", equation="bij,bjk->bik")],
+                                  {"a": away(2, 3, 4), "b": away(2, 4, 2)}),
+    "Einsum-implicit": case([node("Einsum", ["a", "b"], "y", equation="ij,jk")], {"a": away(2, 3), "b": away(3, 4)}),
+    "Einsum-channel-weights": case([node("Einsum", ["a", "b"], "y", equation="nchw,c->nhw")],
+                                   {"a": away(2, 3, 2, 2), "b": away(3)}),
+    "Einsum-summed-operand": case([node("Einsum", ["a", "b"], "y", equation="ij,k->i")],
+                                  {"a": away(2, 3), "b": away(4)}),
+    "Einsum-ellipsis": case([node("Einsum", ["a", "b"], "y", equation="...ij,jk->...ik")],
+                            {"a": away(2, 3, 4), "b": away(4, 2)}),
+    # convolution
+    "Conv-3x3-pad1": case([node("Conv", ["x", "w", "b"], "y", pads=[1, 1, 1, 1])], {"x": away(2, 3, 5, 5)},
+                          {"w": W(4, 3, 3, 3), "b": W(4)}),
+    "Conv-stride2-odd": case([node("Conv", ["x", "w"], "y", strides=[2, 2], pads=[1, 1, 1, 1])],
+                             {"x": away(1, 2, 7, 6)}, {"w": W(3, 2, 3, 3)}),
+    "Conv-stride3-nodivide": case([node("Conv", ["x", "w"], "y", strides=[3, 2])], {"x": away(1, 2, 8, 7)},
+                                  {"w": W(2, 2, 2, 3)}),
+    "Conv-dilation2": case([node("Conv", ["x", "w"], "y", dilations=[2, 2], pads=[2, 2, 2, 2])],
+                           {"x": away(1, 2, 6, 6)}, {"w": W(2, 2, 3, 3)}),
+    "Conv-group2": case([node("Conv", ["x", "w"], "y", group=2, pads=[1, 0, 1, 0])], {"x": away(1, 4, 5, 5)},
+                        {"w": W(6, 2, 3, 3)}),
+    "Conv-depthwise-stride2": case([node("Conv", ["x", "w"], "y", group=3, strides=[2, 2], pads=[1, 1, 1, 1])],
+                                   {"x": away(2, 3, 6, 6)}, {"w": W(3, 1, 3, 3)}),
+    "Conv-asymmetric-pads": case([node("Conv", ["x", "w"], "y", pads=[0, 1, 2, 0], strides=[2, 1])],
+                                 {"x": away(1, 2, 5, 5)}, {"w": W(2, 2, 3, 2)}),
+    "Conv-auto-same-upper": case([node("Conv", ["x", "w"], "y", auto_pad="SAME_UPPER", strides=[2, 2])],
+                                 {"x": away(1, 2, 6, 7)}, {"w": W(2, 2, 4, 3)}),
+    "Conv-auto-same-lower": case([node("Conv", ["x", "w"], "y", auto_pad="SAME_LOWER", strides=[2, 2])],
+                                 {"x": away(1, 2, 6, 6)}, {"w": W(2, 2, 4, 4)}),
+    "Conv-auto-valid": case([node("Conv", ["x", "w"], "y", auto_pad="VALID", strides=[2, 2])],
+                            {"x": away(1, 2, 7, 7)}, {"w": W(2, 2, 3, 3)}),
+    "Conv-1d": case([node("Conv", ["x", "w"], "y", strides=[2], pads=[1, 1])], {"x": away(2, 2, 9)},
+                    {"w": W(3, 2, 3)}),
+    "Conv-symbolic-spatial": case([node("Conv", ["x", "w"], "y", strides=[2, 2], pads=[1, 1, 1, 1])],
+                                  {"x": away(1, 2, 7, 6)}, {"w": W(3, 2, 3, 3)}, sym={"x": ["N", 2, "H", "W"]}),
+    "Conv-bias-input": case([node("Conv", ["x", "w", "b"], "y", pads=[1, 1, 1, 1])],
+                            {"x": away(1, 2, 4, 4), "b": away(3)}, {"w": W(3, 2, 3, 3)}),
+    "ConvTranspose-stride2": case([node("ConvTranspose", ["x", "w"], "y", strides=[2, 2], pads=[1, 1, 1, 1],
+                                        output_padding=[1, 1])], {"x": away(1, 3, 4, 4)}, {"w": W(3, 2, 3, 3)}),
+    "ConvTranspose-group": case([node("ConvTranspose", ["x", "w"], "y", group=2, strides=[2, 2])],
+                                {"x": away(1, 4, 3, 3)}, {"w": W(4, 1, 2, 2)}),
+    "ConvTranspose-output-shape": case([node("ConvTranspose", ["x", "w"], "y", strides=[2, 2],
+                                             output_shape=[7, 8])], {"x": away(1, 2, 4, 4)}, {"w": W(2, 2, 3, 3)}),
+    "ConvTranspose-same-upper": case([node("ConvTranspose", ["x", "w"], "y", strides=[2, 2], auto_pad="SAME_UPPER")],
+                                     {"x": away(1, 2, 3, 3)}, {"w": W(2, 2, 4, 3)}),
+    "ConvTranspose-same-lower": case([node("ConvTranspose", ["x", "w"], "y", strides=[2, 2], auto_pad="SAME_LOWER")],
+                                     {"x": away(1, 2, 3, 3)}, {"w": W(2, 2, 4, 3)}),
+    # pooling
+    "MaxPool-2x2": unary("MaxPool", distinct(2, 2, 4, 4), kernel_shape=[2, 2], strides=[2, 2]),
+    "MaxPool-3x3-s2-pad1": unary("MaxPool", distinct(1, 2, 7, 7), kernel_shape=[3, 3], strides=[2, 2],
+                                 pads=[1, 1, 1, 1]),
+    "MaxPool-overlap": unary("MaxPool", distinct(1, 2, 5, 5), kernel_shape=[3, 3]),
+    "MaxPool-ceil": unary("MaxPool", distinct(1, 2, 6, 6), kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+    "MaxPool-dilation": unary("MaxPool", distinct(1, 1, 7, 7), kernel_shape=[2, 2], dilations=[2, 2]),
+    "MaxPool-1d": unary("MaxPool", distinct(2, 2, 9), kernel_shape=[3], strides=[2]),
+    "MaxPool-symbolic-batch": case([node("MaxPool", ["x"], "y", kernel_shape=[2, 2], strides=[2, 2])],
+                                   {"x": distinct(2, 2, 4, 4)}, sym={"x": ["N", 2, 4, 4]}),
+    "AveragePool-2x2": unary("AveragePool", away(2, 2, 4, 4), kernel_shape=[2, 2], strides=[2, 2]),
+    "AveragePool-pad-exclude": unary("AveragePool", away(1, 2, 5, 5), kernel_shape=[3, 3], strides=[2, 2],
+                                     pads=[1, 1, 1, 1]),
+    "AveragePool-pad-include": unary("AveragePool", away(1, 2, 5, 5), kernel_shape=[3, 3], strides=[2, 2],
+                                     pads=[1, 1, 1, 1], count_include_pad=1),
+    "AveragePool-ceil": unary("AveragePool", away(1, 2, 6, 6), kernel_shape=[3, 3], strides=[2, 2],
+                              ceil_mode=1),
+    "AveragePool-ceil-pad-include": unary("AveragePool", away(1, 2, 6, 7), kernel_shape=[3, 3], strides=[2, 2],
+                                          pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=1),
+    "AveragePool-same-upper": unary("AveragePool", away(1, 2, 5, 5), kernel_shape=[2, 2], strides=[2, 2],
+                                    auto_pad="SAME_UPPER"),
+    "GlobalAveragePool": unary("GlobalAveragePool", away(2, 3, 3, 4)),
+    "GlobalAveragePool-symbolic": case([node("GlobalAveragePool", ["x"], "y")], {"x": away(2, 3, 3, 4)},
+                                       sym={"x": ["N", 3, "H", "W"]}),
+    "GlobalMaxPool": unary("GlobalMaxPool", distinct(2, 3, 3, 3)),
+    # reductions
+    "ReduceMean-axes-attr": unary("ReduceMean", away(2, 3, 2, 2), opset=13, axes=[2, 3]),
+    "ReduceMean-axes-input-nokeep": case([node("ReduceMean", ["x", "ax"], "y", keepdims=0)],
+                                         {"x": away(2, 3, 4)}, {"ax": i64(-1)}, opset=18),
+    "ReduceSum-negative-axes": case([node("ReduceSum", ["x", "ax"], "y", keepdims=0)],
+                                    {"x": away(2, 3, 4)}, {"ax": i64(-2, 0)}),
+    "ReduceSum-all": unary("ReduceSum", keepdims=0),
+    "ReduceMax-keepdims": case([node("ReduceMax", ["x", "ax"], "y")], {"x": distinct(2, 3, 4)}, {"ax": i64(1)},
+                               opset=18),
+    "ReduceMin-nokeep-attr": unary("ReduceMin", distinct(2, 3, 4), opset=13, axes=[-1], keepdims=0),
+    "ReduceMax-all": unary("ReduceMax", distinct(2, 3), opset=13, keepdims=0),
+    # normalisation
+    "BatchNormalization": case([node("BatchNormalization", ["x", "s", "b", "m", "v"], "y", epsilon=1e-3)],
+                               {"x": away(2, 3, 2, 2)}, {"s": W(3), "b": W(3), "m": W(3), "v": pos(3)}),
+    "LayerNormalization-last": case([node("LayerNormalization", ["x", "s", "b"], "y")], {"x": away(2, 3, 5)},
+                                    {"s": W(5), "b": W(5)}),
+    "LayerNormalization-axis1-params": case([node("LayerNormalization", ["x", "s", "b"], "y", axis=1)],
+                                            {"x": away(2, 3, 2), "s": away(3, 2), "b": away(3, 2)}),
+    "LayerNormalization-saved-stats": case([node("LayerNormalization", ["x", "s"], ["y", "mu", "inv"])],
+                                           {"x": away(2, 4)}, {"s": W(4)}),
+    "InstanceNormalization": case([node("InstanceNormalization", ["x", "s", "b"], "y")], {"x": away(2, 3, 2, 3)},
+                                  {"s": W(3), "b": W(3)}),
+    "GroupNormalization-18": case([node("GroupNormalization", ["x", "s", "b"], "y", num_groups=2)],
+                                  {"x": away(2, 4, 2, 2)}, {"s": W(2), "b": W(2)}, opset=18),
+    "GroupNormalization-21": case([node("GroupNormalization", ["x", "s", "b"], "y", num_groups=2)],
+                                  {"x": away(2, 4, 2, 2)}, {"s": W(4), "b": W(4)}, opset=21),
+    # shape and data movement
+    "Flatten": unary("Flatten", away(2, 3, 2), axis=1),
+    "Reshape": case([node("Reshape", ["x", "s"], "y")], {"x": away(2, 3, 4)}, {"s": i64(0, -1)}),
+    "Transpose-perm": unary("Transpose", away(2, 3, 4), perm=[2, 0, 1]),
+    "Transpose-default": unary("Transpose", away(2, 3, 4)),
+    "Squeeze": case([node("Squeeze", ["x", "a"], "y")], {"x": away(2, 1, 3)}, {"a": i64(1)}),
+    "Unsqueeze": case([node("Unsqueeze", ["x", "a"], "y")], {"x": away(2, 3)}, {"a": i64(-1)}),
+    "Concat-negative-axis": case([node("Concat", ["a", "b", "c"], "y", axis=-1)],
+                                 {"a": away(2, 3, 1), "b": away(2, 3, 2), "c": away(2, 3, 3)}),
+    "Concat-symbolic": case([node("Concat", ["a", "b"], "y", axis=1)], {"a": away(2, 3), "b": away(2, 1)},
+                            sym={"a": ["N", "K"]}),
+    "Split-both-used": case([node("Split", ["x", "s"], ["p", "q"], axis=1), node("Mul", ["p", "q"], "y")],
+                            {"x": away(2, 4)}, {"s": i64(2, 2)}),
+    "Split-one-unused": case([node("Split", ["x"], ["p", "q", "r"], axis=-1, num_outputs=3),
+                              node("Add", ["p", "r"], "y")], {"x": away(2, 6)}, opset=18),
+    "Slice-unit-steps": case([node("Slice", ["x", "st", "en", "ax"], "y")], {"x": away(2, 5, 6)},
+                             {"st": i64(1, -4), "en": i64(4, 100), "ax": i64(1, -1)}),
+    "Slice-negative-step": case([node("Slice", ["x", "st", "en", "ax", "sp"], "y")], {"x": away(2, 7)},
+                                {"st": i64(-1), "en": i64(0), "ax": i64(1), "sp": i64(-2)}),
+    "Slice-symbolic": case([node("Slice", ["x", "st", "en", "ax"], "y")], {"x": away(2, 5)},
+                           {"st": i64(1), "en": i64(3), "ax": i64(1)}, sym={"x": ["N", "L"]}),
+    "Gather-duplicates": case([node("Gather", ["x", "i"], "y", axis=1)], {"x": away(2, 4, 3)},
+                              {"i": i64(0, 2, 2, -1)}),
+    "Gather-scalar-index": case([node("Gather", ["x", "i"], "y", axis=1)], {"x": away(2, 4, 3)},
+                                {"i": np.array(0, np.int64)}),
+    "Expand": case([node("Expand", ["x", "s"], "y")], {"x": away(3, 1)}, {"s": i64(2, 3, 4)}),
+    "Tile": case([node("Tile", ["x", "r"], "y")], {"x": away(2, 3)}, {"r": i64(2, 3)}),
+    "Pad-constant": case([node("Pad", ["x", "p"], "y")], {"x": away(2, 3)}, {"p": i64(1, 0, 2, 3)}),
+    "Pad-negative": case([node("Pad", ["x", "p"], "y")], {"x": away(4, 5)}, {"p": i64(-1, 2, 1, -2)}),
+    "Pad-reflect": case([node("Pad", ["x", "p"], "y", mode="reflect")], {"x": away(1, 4, 5)},
+                        {"p": i64(0, 2, 1, 0, 1, 2)}),
+    "Pad-edge-axes": case([node("Pad", ["x", "p", "", "a"], "y", mode="edge")], {"x": away(2, 3)},
+                          {"p": i64(2, 1), "a": i64(-1)}, opset=18),
+    "Resize-linear-x2": case([node("Resize", ["x", "", "sc"], "y", mode="linear")], {"x": away(1, 2, 3, 4)},
+                             {"sc": np.array([1, 1, 2, 2], np.float32)}),
+    "Resize-linear-sizes-down": case([node("Resize", ["x", "", "", "sz"], "y", mode="linear")],
+                                     {"x": away(1, 1, 6, 5)}, {"sz": i64(1, 1, 4, 3)}),
+    "Resize-align-corners": case([node("Resize", ["x", "", "", "sz"], "y", mode="linear",
+                                       coordinate_transformation_mode="align_corners")],
+                                 {"x": away(1, 1, 3, 3)}, {"sz": i64(1, 1, 5, 7)}),
+    "Resize-nearest": case([node("Resize", ["x", "", "sc"], "y", mode="nearest")], {"x": away(1, 2, 3, 3)},
+                           {"sc": np.array([1, 1, 2, 3], np.float32)}),
+    "Resize-nhwc-axes": case([node("Resize", ["x", "", "sc"], "y", mode="linear", axes=[1, 2])],
+                             {"x": away(1, 3, 3, 2)}, {"sc": np.array([2, 2], np.float32)}, opset=19),
+}
+
+
+# ORT's float64 GroupNormalization computes in float32 (forward off by ~1e-7): check it in float32.
+FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rule_matches_finite_differences(name):
+    gradcheck(CASES[name], dtypes=(np.float32,) if name in FLOAT32_ONLY else (np.float64, np.float32))
+
+
+GUIDED_CASES = ["Relu", "LeakyRelu", "Clip-relu6", "HardSwish", "Gelu-erf"]
+
+
+@pytest.mark.parametrize("name", GUIDED_CASES)
+@pytest.mark.parametrize("variant", ["guided", "deconvnet"])
+def test_rectifier_variants_follow_their_definition(name, variant):
+    """guided: f'(x) * max(g, 0); deconvnet: max(g, 0) (see autodiff_rules' docstring)."""
+    from adcheck import session
+    from onnxplain.kernels.autodiff import augment
+
+    model, feeds, out = CASES[name](np.float32)
+    seed = np.random.default_rng(1).standard_normal(session(model).run([out], feeds)[0].shape).astype(np.float32)
+    std = augment(model, scores=out)
+    var = augment(model, scores=out, rule=variant)
+    g_pos = np.maximum(seed, 0)
+    got = session(var).run(["x__grad"], {**feeds, "seed": seed})[0]
+    if variant == "guided":
+        want = session(std).run(["x__grad"], {**feeds, "seed": g_pos})[0]  # elementwise: f'(x) * relu(g)
+    else:
+        want = g_pos
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
