@@ -1,0 +1,47 @@
+"""Tiny torch nets with the operator mix of ResNet, MobileNetV3, DenseNet, ViT and ConvNeXt."""
+import torch, torch.nn as nn, torch.nn.functional as F
+class ResBlock(nn.Module):
+    def __init__(s, c):
+        super().__init__(); s.c1=nn.Conv2d(c,c,3,padding=1,bias=False); s.b1=nn.BatchNorm2d(c); s.c2=nn.Conv2d(c,c,3,padding=1,bias=False); s.b2=nn.BatchNorm2d(c)
+    def forward(s,x): return F.relu(x + s.b2(s.c2(F.relu(s.b1(s.c1(x))))))
+class TinyResNet(nn.Module):
+    def __init__(s):
+        super().__init__(); s.stem=nn.Sequential(nn.Conv2d(3,8,5,stride=2,padding=2,bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3,2,1))
+        s.layer=ResBlock(8); s.fc=nn.Linear(8,5)
+    def forward(s,x): return s.fc(torch.flatten(F.adaptive_avg_pool2d(s.layer(s.stem(x)),1),1))
+class SE(nn.Module):
+    def __init__(s,c): super().__init__(); s.a=nn.Conv2d(c,4,1); s.b=nn.Conv2d(4,c,1)
+    def forward(s,x): return x*F.hardsigmoid(s.b(F.relu(s.a(F.adaptive_avg_pool2d(x,1)))))
+class TinyMobileNet(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.f=nn.Sequential(nn.Conv2d(3,8,3,2,1), nn.BatchNorm2d(8), nn.Hardswish(), nn.Conv2d(8,8,3,1,1,groups=8), nn.BatchNorm2d(8), nn.ReLU6(), SE(8), nn.Conv2d(8,12,1), nn.Hardswish())
+        s.h=nn.Sequential(nn.Linear(12,16), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(16,5))
+    def forward(s,x): return s.h(F.adaptive_avg_pool2d(s.f(x),1).flatten(1))
+class TinyDense(nn.Module):
+    def __init__(s):
+        super().__init__(); s.c0=nn.Conv2d(3,6,3,padding=1); s.b1=nn.BatchNorm2d(6); s.c1=nn.Conv2d(6,4,3,padding=1); s.b2=nn.BatchNorm2d(10); s.t=nn.Conv2d(10,6,1); s.fc=nn.Linear(6,5)
+    def forward(s,x):
+        x=s.c0(x); x=torch.cat([x, s.c1(F.relu(s.b1(x)))],1); x=F.avg_pool2d(s.t(F.relu(s.b2(x))),2)
+        return s.fc(F.relu(x).mean((2,3)))
+class Attn(nn.Module):
+    def __init__(s,d,h): super().__init__(); s.h=h; s.qkv=nn.Linear(d,3*d); s.o=nn.Linear(d,d)
+    def forward(s,x):
+        B,N,D=x.shape; q,k,v=s.qkv(x).reshape(B,N,3,s.h,D//s.h).permute(2,0,3,1,4)
+        a=(q@k.transpose(-2,-1))*(D//s.h)**-0.5; a=a.softmax(-1)
+        return s.o((a@v).transpose(1,2).reshape(B,N,D))
+class TinyViT(nn.Module):
+    def __init__(s,d=16):
+        super().__init__(); s.pe=nn.Conv2d(3,d,4,4); s.cls=nn.Parameter(torch.randn(1,1,d)); s.pos=nn.Parameter(torch.randn(1,17,d)*.1)
+        s.n1=nn.LayerNorm(d); s.at=Attn(d,2); s.n2=nn.LayerNorm(d); s.mlp=nn.Sequential(nn.Linear(d,32), nn.GELU(), nn.Linear(32,d)); s.n=nn.LayerNorm(d); s.head=nn.Linear(d,5)
+    def forward(s,x):
+        x=s.pe(x).flatten(2).transpose(1,2); x=torch.cat([s.cls.expand(x.shape[0],-1,-1),x],1)+s.pos
+        x=x+s.at(s.n1(x)); x=x+s.mlp(s.n2(x)); return s.head(s.n(x)[:,0])
+class CNBlock(nn.Module):
+    def __init__(s,c): super().__init__(); s.dw=nn.Conv2d(c,c,7,padding=3,groups=c); s.ln=nn.LayerNorm(c); s.l1=nn.Linear(c,4*c); s.l2=nn.Linear(4*c,c); s.g=nn.Parameter(torch.full((c,),0.5))
+    def forward(s,x):
+        y=s.dw(x).permute(0,2,3,1); y=s.l2(F.gelu(s.l1(s.ln(y))))*s.g; return x+y.permute(0,3,1,2)
+class TinyConvNeXt(nn.Module):
+    def __init__(s): super().__init__(); s.stem=nn.Conv2d(3,8,2,2); s.b=CNBlock(8); s.n=nn.LayerNorm(8); s.fc=nn.Linear(8,5)
+    def forward(s,x): return s.fc(s.n(s.b(s.stem(x)).mean((-2,-1))))
+NETS={"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
