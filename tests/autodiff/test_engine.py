@@ -1,0 +1,172 @@
+"""The walk and the API around it: batching, defaults, errors, caching, composition, the export CLI."""
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from adcheck import assert_standard, make_model, node, rel, session
+from onnxplain.kernels.autodiff import AutodiffError, augment, augment_cached, differentiate
+
+torch.set_num_threads(1)
+
+
+def tiny_cnn(softmax=False, batch="N"):
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+              torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5)]
+    net = torch.nn.Sequential(*layers, *([torch.nn.Softmax(-1)] if softmax else [])).eval()
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2)
+    f = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), f, dynamo=False, opset_version=13, input_names=["x"],
+                      output_names=["probs" if softmax else "logits"], dynamic_axes={"x": {0: batch}})
+    return net, onnx.load_from_string(f.getvalue())
+
+
+def test_each_row_depends_only_on_its_own_seed_row():
+    _, model = tiny_cnn()
+    sess = session(augment(model, scores="logits"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    seed = rng.standard_normal((3, 5)).astype(np.float32)
+    batch = sess.run(["x__grad"], {"x": x, "seed": seed})[0]
+    for i in range(3):
+        alone = sess.run(["x__grad"], {"x": x[i:i + 1], "seed": seed[i:i + 1]})[0]
+        np.testing.assert_allclose(batch[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    seed2 = seed.copy()
+    seed2[1] *= -3
+    changed = sess.run(["x__grad"], {"x": x, "seed": seed2})[0]
+    np.testing.assert_array_equal(changed[[0, 2]], batch[[0, 2]])
+    np.testing.assert_allclose(changed[1], -3 * batch[1], rtol=1e-5, atol=1e-6)
+
+
+def test_default_scores_are_the_logits_before_softmax():
+    net, model = tiny_cnn(softmax=True)
+    aug = augment(model)
+    seed_vi = [i for i in aug.graph.input if i.name == "seed"][0]
+    assert [d.dim_value or d.dim_param for d in seed_vi.type.tensor_type.shape.dim][1] == 5
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    seed = np.eye(5, dtype=np.float32)[[1, 3]]
+    got = session(aug).run(["x__grad"], {"x": x, "seed": seed})[0]
+    xx = torch.from_numpy(x).requires_grad_()
+    (net[:-1](xx) * torch.from_numpy(seed)).sum().backward()  # d(logit_target)/dx, not d(prob)/dx
+    assert rel(got, xx.grad.numpy()) < 1e-5
+
+
+def test_missing_rule_names_the_op_and_the_node():
+    model = make_model([node("Relu", ["x"], "r"), node("CumSum", ["r", "ax"], "c", name="the_cumsum"),
+                        node("Mul", ["c", "c"], "y")], {"x": np.ones((2, 3))}, {"ax": np.array(1, np.int64)})
+    with pytest.raises(AutodiffError, match=r"CumSum.*the_cumsum"):
+        augment(model, scores="y")
+
+
+def test_ops_off_the_path_need_no_rule():
+    # CumSum feeds a second output only; the score does not depend on it.
+    model = make_model([node("Relu", ["x"], "y"), node("CumSum", ["x", "ax"], "z")], {"x": np.ones((2, 3))},
+                       {"ax": np.array(1, np.int64)}, out=["y", "z"])
+    aug = augment(model, scores="y")
+    assert "CumSum" in [n.op_type for n in aug.graph.node]
+    assert_standard(aug)
+
+
+def test_unreached_tensor_gets_a_zero_gradient():
+    model = make_model([node("Relu", ["a"], "y")], {"a": np.ones((2, 3)), "b": np.ones((4,))})
+    out = session(augment(model, scores="y")).run(["b__grad"], {"a": np.ones((2, 3)), "b": np.ones(4),
+                                                               "seed": np.ones((2, 3))})[0]
+    np.testing.assert_array_equal(out, np.zeros(4))
+
+
+def test_bad_requests_are_errors():
+    _, model = tiny_cnn()
+    with pytest.raises(AutodiffError, match="rule must be one of"):
+        augment(model, rule="smooth")
+    with pytest.raises(AutodiffError, match="not in the graph"):
+        augment(model, layers=["no_such_tensor"])
+    with pytest.raises(AutodiffError, match="seed name"):
+        differentiate(model, "logits", ["x"], seed_name="x")
+    with pytest.raises(AutodiffError, match="nothing to differentiate"):
+        augment(model, wrt_input=False)
+
+
+def test_input_model_is_not_modified():
+    _, model = tiny_cnn()
+    before = model.SerializeToString()
+    augment(model)
+    assert model.SerializeToString() == before
+
+
+def test_cache_returns_the_same_graph_for_the_same_request():
+    _, model = tiny_cnn()
+    a = augment_cached(model, scores="logits")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    assert augment_cached(copy, scores="logits") is a
+    assert augment_cached(model, scores="logits", rule="guided") is not a
+    assert augment_cached(model, scores="logits").SerializeToString() == augment(model, scores="logits") \
+        .SerializeToString()
+
+
+def test_opti_cam_like_composed_graph_matches_torch():
+    """u -> softmax -> weighted sum of maps -> bilinear upsampling -> min-max -> x*mask -> model -> score,
+    composed with onnx.compose and differentiated w.r.t. u."""
+    net, model = tiny_cnn()
+    K, h, H = 4, 4, 8
+    prefix_nodes = [
+        node("Softmax", ["u"], "w", axis=1),
+        node("Unsqueeze", ["w", "ax23"], "w4"),
+        node("Mul", ["A", "w4"], "Aw"),
+        node("ReduceSum", ["Aw", "ax1"], "sal", keepdims=1),
+        node("Resize", ["sal", "", "scales"], "up", mode="linear"),
+        node("ReduceMin", ["up"], "lo", axes=[2, 3], keepdims=1),
+        node("ReduceMax", ["up"], "hi", axes=[2, 3], keepdims=1),
+        node("Sub", ["up", "lo"], "num"),
+        node("Sub", ["hi", "lo"], "den"),
+        node("Div", ["num", "den"], "mask"),
+        node("Mul", ["img", "mask"], "masked"),
+    ]
+    inits = [numpy_helper.from_array(np.array([2, 3], np.int64), "ax23"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+             numpy_helper.from_array(np.array([1, 1, H / h, H / h], np.float32), "scales")]
+    f32 = TensorProto.FLOAT
+    prefix = helper.make_model(helper.make_graph(
+        prefix_nodes, "opticam_prefix",
+        [helper.make_tensor_value_info("u", f32, [1, K]), helper.make_tensor_value_info("A", f32, [1, K, h, h]),
+         helper.make_tensor_value_info("img", f32, [1, 3, H, H])],
+        [helper.make_tensor_value_info("masked", f32, [1, 3, H, H])], inits),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    composed = onnx.compose.merge_models(prefix, model, io_map=[("masked", "x")])
+    aug = differentiate(composed, "logits", ["u"])
+    assert_standard(aug)
+
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((1, K)).astype(np.float32)
+    A = np.abs(rng.standard_normal((1, K, h, h))).astype(np.float32)
+    img = rng.standard_normal((1, 3, H, H)).astype(np.float32)
+    seed = np.eye(5, dtype=np.float32)[[2]]
+    got = session(aug).run(["u__grad"], {"u": u, "A": A, "img": img, "seed": seed})[0]
+
+    uu = torch.from_numpy(u).requires_grad_()
+    sal = (torch.from_numpy(A) * uu.softmax(1)[:, :, None, None]).sum(1, keepdim=True)
+    up = F.interpolate(sal, size=(H, H), mode="bilinear", align_corners=False)
+    lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+    (net(torch.from_numpy(img) * (up - lo) / (hi - lo)) * torch.from_numpy(seed)).sum().backward()
+    assert rel(got, uu.grad.numpy()) < 1e-4
+
+
+def test_export_cli_writes_an_augmented_model(tmp_path, capsys):
+    from onnxplain.kernels.export import main
+
+    _, model = tiny_cnn()
+    src, dst = tmp_path / "m.onnx", tmp_path / "aug.onnx"
+    onnx.save(model, src)
+    layer = [n for n in model.graph.node if n.op_type == "Relu"][0].output[0]
+    assert main([str(src), "--layer", layer, "--rule", "guided", "-o", str(dst)]) == 0
+    out = onnx.load(dst)
+    assert [o.name for o in out.graph.output] == ["logits", layer, f"{layer}__grad", "x__grad"]
+    assert [i.name for i in out.graph.input] == ["x", "seed"]
+    assert main([str(src), "--layer", "nope", "-o", str(tmp_path / "bad.onnx")]) == 2
+    assert "nope" in capsys.readouterr().err
