@@ -309,15 +309,15 @@ def _path(g: _Graph, of: str, wrt: Sequence[str]):
     nodes = list(g.model.graph.node)
     active = set(wrt)
     for n in nodes:
-        if n.op_type in NON_DIFFERENTIABLE or n.domain not in ("", "ai.onnx"):
-            continue
+        if n.op_type in NON_DIFFERENTIABLE and n.domain in ("", "ai.onnx"):
+            continue  # (a custom-domain node stays on the path, so that the walk reports it has no rule)
         if any(i in active for i in n.input):
             active.update(o for o in n.output if o and g.dtype(o) in _FLOAT_TYPES)
     needed = {of}
     on_path = []
     for n in reversed(nodes):
         if any(o in needed for o in n.output) and any(i in active for i in n.input):
-            if n.op_type in NON_DIFFERENTIABLE:
+            if n.op_type in NON_DIFFERENTIABLE and n.domain in ("", "ai.onnx"):
                 continue
             on_path.append(n)
             needed.update(i for i in n.input if i in active)

@@ -245,6 +245,20 @@ def _softplus(c):
     return [c("Mul", c.g, c("Sigmoid", c.x(0)))]
 
 
+@rule("Max", "Min")
+def _max_min(c):
+    # The cotangent goes to the operand(s) equal to the result.
+    y = c.y(0)
+    return [c.unbroadcast(c("Mul", c.g, c("Cast", c("Equal", x, y), to=c.dtype(x))), x) if c.needs(i) else None
+            for i, x in enumerate(c.node.input)]
+
+
+@rule("Mean")
+def _mean(c):
+    scaled = c("Mul", c.g, _k(c, 1.0 / len(c.node.input)))
+    return [c.unbroadcast(scaled, x) if c.needs(i) else None for i, x in enumerate(c.node.input)]
+
+
 @rule("Where")
 def _where(c):
     cond, zero = c.x(0), _k(c, 0, like=c.x(1))

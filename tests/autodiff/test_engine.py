@@ -64,6 +64,28 @@ def test_missing_rule_names_the_op_and_the_node():
         augment(model, scores="y")
 
 
+def test_custom_domain_op_on_the_path_is_an_error_not_a_zero_gradient():
+    graph = helper.make_graph(
+        [node("Relu", ["x"], "r"), helper.make_node("FusedThing", ["r"], ["y"], domain="com.acme", name="fused")],
+        "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)])
+    with pytest.raises(AutodiffError, match=r"FusedThing.*fused"):
+        augment(model, scores="y")
+
+
+def test_augmented_graph_means_the_same_on_the_onnx_reference_runtime():
+    from onnx.reference import ReferenceEvaluator
+
+    _, model = tiny_cnn()
+    aug = augment(model, scores="logits")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    feeds = {"x": x, "seed": np.ones((2, 5), np.float32)}
+    want = session(aug).run(["x__grad"], feeds)[0]
+    got = ReferenceEvaluator(aug).run(["x__grad"], feeds)[0]
+    assert rel(got, want) < 1e-5
+
+
 def test_ops_off_the_path_need_no_rule():
     # CumSum feeds a second output only; the score does not depend on it.
     model = make_model([node("Relu", ["x"], "y"), node("CumSum", ["x", "ax"], "z")], {"x": np.ones((2, 3))},
