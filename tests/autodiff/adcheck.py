@@ -9,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxplain.kernels.autodiff import augment
 
-STANDARD_OPS = {""}
 
 
 def node(op, ins, outs, **attrs):

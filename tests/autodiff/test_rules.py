@@ -252,6 +252,10 @@ CASES = {
                            {"sc": np.array([1, 1, 2, 3], np.float32)}),
     "Resize-nhwc-axes": case([node("Resize", ["x", "", "sc"], "y", mode="linear", axes=[1, 2])],
                              {"x": away(1, 3, 3, 2)}, {"sc": np.array([2, 2], np.float32)}, opset=19),
+    # an opset-11 model (Softmax with 2-D coercion) is converted to opset 16 before differentiation
+    "opset11-model": case([node("Conv", ["x", "w"], "c", pads=[1, 1, 1, 1]), node("Flatten", ["c"], "f"),
+                           node("Softmax", ["f"], "y", axis=1)], {"x": away(2, 2, 3, 3)}, {"w": W(2, 2, 3, 3)},
+                          opset=11),
     # a tf2onnx-style NHWC block: transposes around a SAME-padded conv, Clip as ReLU6, mean over H, W
     "tf2onnx-NHWC-block": case([node("Transpose", ["x"], "t", perm=[0, 3, 1, 2]),
                                 node("Conv", ["t", "w", "b"], "c", auto_pad="SAME_UPPER", strides=[2, 2]),
