@@ -9,7 +9,7 @@ import torch
 
 from adcheck import assert_standard, rel, session
 from onnxplain.kernels.autodiff import augment
-from tiny_nets import NETS
+from autodiff_tiny_nets import NETS
 
 torch.set_num_threads(1)
 
