@@ -1,0 +1,107 @@
+"""Pieces of the small ONNX graphs that the perturbation methods compose in front of (and behind) a model.
+
+Every per-pixel step over many perturbed inputs — upsampling coarse maps (ONNX Resize, linear, half-pixel
+centres), min-max normalising them, cropping, multiplying the image, weighting and summing masks by scores —
+is a node here, so it runs inside onnxruntime next to the model (on the GPU when there is one). Python only
+builds per-mask numbers (coarse grids, shifts, channel indices, weights) and small [targets, ...] results.
+
+Tensors of the composed part are named with `compose.PREFIX`; constants are Constant nodes (not initializers)
+so that `compose.with_prefix` carries them and `kernels.autodiff` sees them as constants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..compose import PREFIX, with_prefix
+
+EPS = 1e-12   # min-max denominator floor: a constant map normalises to 0 (as pytorch-grad-cam's + 1e-8 does)
+
+
+class Builder:
+    """Collects the nodes of a composed prefix/suffix; `opset` picks the operator forms (ReduceMin's axes)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        if self.opset < 11:
+            raise ValueError(f"perturbation graphs need ONNX opset >= 11 (Resize with sizes); the model has {self.opset}")
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{PREFIX}{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        out = out or self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(f"n_{op_type}"), **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32, hint: str = "c") -> str:
+        out = self.name(hint)
+        tensor = numpy_helper.from_array(np.asarray(value, dtype), out)
+        self.nodes.append(helper.make_node("Constant", [], [out], name=self.name("n_const"), value=tensor))
+        return out
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        if op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18:
+            return self.op(op_type, x, self.const(axes, np.int64), keepdims=keepdims)
+        return self.op(op_type, x, axes=axes, keepdims=keepdims)
+
+    # ------------------------------------------------------------------------------------- building blocks
+
+    def upsample(self, maps: str, height: int, width: int, batch: int | None = None) -> str:
+        """[B, 1, h, w] -> [B, 1, height, width], bilinear with half-pixel centres (no antialiasing). With a
+        static `batch` the output shape is static too (what kernels.autodiff's Resize rule needs)."""
+        if batch is not None:
+            sizes = self.const([batch, 1, height, width], np.int64)
+        else:
+            lead = self.op("Slice", self.op("Shape", maps), self.const([0], np.int64), self.const([2], np.int64))
+            sizes = self.op("Concat", lead, self.const([height, width], np.int64), axis=0)
+        return self.op("Resize", maps, "", "", sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+
+    def minmax(self, maps: str) -> str:
+        """(m - min) / max(max - min, EPS) per map over its two last axes."""
+        lo = self.reduce("ReduceMin", maps, [2, 3])
+        hi = self.reduce("ReduceMax", maps, [2, 3])
+        span = self.op("Add", self.op("Sub", hi, lo), self.const(EPS))
+        return self.op("Div", self.op("Sub", maps, lo), span)
+
+    def masked_input(self, x: str, mask: str, layout: str) -> str:
+        """x * mask with a [B, 1, H, W] mask broadcast over the channels of one NCHW or NHWC sample."""
+        if layout == "NHWC":
+            mask = self.op("Transpose", mask, perm=[0, 2, 3, 1])
+        return self.op("Mul", x, mask)
+
+
+def value_info(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def sample_info(layout: str, spatial: tuple[int, int], channels: int) -> onnx.ValueInfoProto:
+    """The input that carries the one image sample being explained, [1, C, H, W] or [1, H, W, C]."""
+    h, w = spatial
+    shape = [1, channels, h, w] if layout == "NCHW" else [1, h, w, channels]
+    return value_info(f"{PREFIX}x", shape)
+
+
+def channels_of(sample: np.ndarray, layout: str) -> int:
+    return sample.shape[0] if layout == "NCHW" else sample.shape[-1]
+
+
+def compose_front(model: onnx.ModelProto, input_name: str, builder: Builder, inputs: list, produces: str,
+                  outputs: list[str]) -> onnx.ModelProto:
+    return with_prefix(model, input_name, builder.nodes, inputs, produces, outputs)
+
+
+def batches(total: int, size: int):
+    """(start, stop) of consecutive batches of at most `size` items."""
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def softmax(u: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = np.exp(u - u.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
