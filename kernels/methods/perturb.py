@@ -50,6 +50,11 @@ class Builder:
             return self.op(op_type, x, self.const(axes, np.int64), keepdims=keepdims)
         return self.op(op_type, x, axes=axes, keepdims=keepdims)
 
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", x, self.const(axes, np.int64))
+        return self.op("Unsqueeze", x, axes=axes)
+
     # ------------------------------------------------------------------------------------- building blocks
 
     def upsample(self, maps: str, height: int, width: int, batch: int | None = None) -> str:

@@ -1,0 +1,141 @@
+"""Ablation-CAM against straightforward re-implementations: numpy + onnxruntime on the shipped default model
+(the head extracted by onnx's own Extractor, each ablated copy made in numpy), torch hooks on a ViT-like zoo
+net (token layer whose residual bypasses it), and through the real server with several targets."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from onnxplain.client import MapResult
+from onnxplain.default_model import shapes
+from onnxplain.kernels import graph
+from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
+from onnxplain.kernels.runtime import Runner
+
+from support import ROOT, SHARED, needs_shared
+
+SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
+
+
+def shapes_input(image: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
+    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+
+
+def runner_for(path) -> Runner:
+    model = graph.load_model(path)
+    return Runner(model, graph.score_tensor(model), graph.input_spec(model)[0], max_batch=32,
+                  providers=["CPUExecutionProvider"])
+
+
+def reference_ablationcam(path, x, layer, targets):
+    """w_k = (y_c - y_c^k) / y_c with each ablated copy of the layer made in numpy and run through the model's
+    head (extracted by onnx.utils.Extractor), 16 copies at a time."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    extractor = onnx.utils.Extractor(model)
+    body = ort.InferenceSession(extractor.extract_model(["input"], [layer, "logits"]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    head = ort.InferenceSession(extractor.extract_model([layer], ["logits"]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    activations, logits = body.run(None, {"input": x[None]})
+    copies = []
+    for k in range(activations.shape[1]):
+        ablated = activations.copy()
+        ablated[:, k] = 0
+        copies.append(ablated[0])
+    scores = np.concatenate([head.run(None, {layer: np.stack(copies[i:i + 16])})[0]
+                             for i in range(0, len(copies), 16)])
+    maps = []
+    for c in targets:
+        y = float(logits[0, c])
+        w = (y - scores[:, c].astype(np.float64)) / y
+        maps.append(np.maximum((w[:, None, None] * activations[0]).sum(0), 0))
+    return np.stack(maps)
+
+
+def test_ablationcam_matches_numpy_reference_for_several_targets():
+    runner = runner_for(SHAPES_MODEL)
+    layer = graph.default_layer(runner.model)
+    targets = np.array([1, 2, 7])
+    for image in shapes.generate(2, seed=9_000_121, size=96).images:
+        x = shapes_input(image)
+        job = Job(runner, x, targets, {}, layer=layer)
+        events = list(METHODS["ablationcam"].run(job))
+        assert [e.done for e in events if isinstance(e, Progress)] == [32, 64, 96]
+        final = events[-1]
+        assert isinstance(final, Maps) and final.final and final.maps.shape == (3, 12, 12)
+        # the body once, the head on 96 ablated copies, the image's own scores once
+        assert job.passes.forward_samples == 1 + 96 + 1 and job.passes.runs == 1 + 3 + 1
+        expected = reference_ablationcam(SHAPES_MODEL, x, layer.name, targets)
+        np.testing.assert_allclose(final.maps, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        assert expected.max() > 0
+
+
+def test_ablationcam_on_a_token_layer_bypassed_by_a_residual_matches_torch(zoo_model):
+    import zoo
+
+    net = zoo.build("vit")
+    runner = runner_for(zoo_model("vit", "legacy"))
+    layer = graph.default_layer(runner.model)
+    assert layer.kind == "tokens" and layer.prefix_tokens == 1
+    x = zoo.example_input("vit", 1, seed=3)
+    targets = np.array([0, 2])
+    job = Job(runner, x[0].numpy(), targets, {}, layer=layer)
+    served = list(METHODS["ablationcam"].run(job))[-1].maps
+
+    captured, ablate = {}, {"k": None}
+
+    def hook(module, inputs, output):
+        captured["a"] = output.detach().clone()
+        if ablate["k"] is not None:
+            output = output.clone()
+            output[:, 1:, ablate["k"]] = 0     # the channel on the grid tokens; CLS kept
+            return output
+        return None
+
+    handle = net.blocks[-1].norm1.register_forward_hook(hook)
+    with torch.no_grad():
+        logits = net(x)[0].double()
+        a = captured["a"][0, 1:].double()                  # [grid tokens, C]
+        ablated = []
+        for k in range(a.shape[1]):
+            ablate["k"] = k
+            ablated.append(net(x)[0].double())
+        handle.remove()
+    ablated = torch.stack(ablated)                          # [C, classes]
+    maps = a.T.reshape(-1, 4, 6)                            # [C, h, w]: 32 x 48 input, 8 x 8 patches
+    expected = []
+    for c in targets:
+        w = (logits[c] - ablated[:, c]) / logits[c]
+        expected.append(torch.relu((w[:, None, None] * maps).sum(0)).numpy())
+    expected = np.stack(expected)
+    np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0
+
+
+@pytest.mark.parametrize("model", ["shapes", pytest.param("efficientnet", marks=needs_shared)])
+def test_ablationcam_through_the_server_with_several_targets(client, model):
+    if model == "shapes":
+        image = png_bytes(shapes.generate(1, seed=9_000_122, size=96).images[0])
+        side = 96
+    else:
+        image, side = SHARED / "images" / "coffee.jpg", 224
+    events = list(client.explain(model, [image], ["ablationcam"], top_k=3))
+    maps = [e for e in events if isinstance(e, MapResult) and e.final]
+    assert len(maps) == 3 and len({m.class_id for m in maps}) == 3
+    for m in maps:
+        assert m.map.shape == (side, side) and np.isfinite(m.map).all() and m.map.min() >= 0 and m.layer
+    assert np.ptp(maps[0].map) > 0 and not np.allclose(maps[0].map, maps[1].map)
+
+
+def png_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
