@@ -109,6 +109,35 @@ class Done:
 
 Event = Union[Accepted, Progress, MapResult, Done]
 
+METRICS = ("average_drop", "average_gain", "average_increase", "insertion", "deletion", "pointing_game",
+           "energy_pointing_game")   # the Metric enum's values, lower case (Evaluate)
+
+
+@dataclass(frozen=True)
+class MetricScore:
+    """One metric of one map (see service.proto's Evaluate definitions)."""
+    image_index: int
+    method: str
+    class_id: int
+    metric: str                     # one of METRICS
+    value: float
+    curve: np.ndarray | None        # insertion/deletion curve (steps + 1 points) when asked for
+    class_score: float              # Y: softmax probability of the class on the image
+    masked_score: float | None      # O: on the image masked by the map (average drop/gain/increase)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The answer of one Evaluate call."""
+    scores: list[MetricScore]
+    maps: list[MapResult]           # the server-computed maps, when return_maps
+    images: list[ImageTargets]      # geometry and targets of each image
+    done: Done
+
+    def value(self, image_index: int, method: str, class_id: int, metric: str) -> float:
+        return next(s.value for s in self.scores if (s.image_index, s.method, s.class_id, s.metric)
+                    == (image_index, method, class_id, metric))
+
 
 def _scores(items) -> list[ClassScore]:
     return [ClassScore(s.class_id, s.label, s.logit, s.probability) for s in items]
@@ -230,6 +259,31 @@ class Client:
         """The raw streaming call (an iterator of ExplainEvent that also has .cancel())."""
         return self.stub.Explain(request, timeout=timeout if timeout is not None else self.timeout)
 
+    def evaluate(self, model: str, images: Iterable[ImageLike], methods: Iterable[MethodLike] = (), *,
+                 maps: Iterable = (), metrics: Iterable[str | int] = METRICS[:5], targets: Iterable[int | str] = (),
+                 top_k: int = 0, layer: str = "", steps: int = 0, blur_sigma: float = 0.0,
+                 return_curves: bool = False, boxes: Iterable = (), return_maps: bool = False,
+                 timeout: float | None = None) -> Evaluation:
+        """Faithfulness metrics of the maps of `methods` (computed by the server) and of `maps` (sent: Map
+        messages or (image_index, class_id, label, float32 [H, W] array) tuples). `metrics` are names from
+        METRICS (or Metric enum values); `boxes` are Box messages or (image_index, x0, y0, x1, y1[,
+        original_pixels]) tuples, in model-input pixels unless original_pixels."""
+        targets = list(targets)
+        request = service_pb2.EvaluateRequest(
+            model=model, images=[image_message(i) for i in images], methods=[method_spec(m, layer) for m in methods],
+            targets=service_pb2.Targets(class_ids=[t for t in targets if isinstance(t, int)],
+                                        class_names=[t for t in targets if isinstance(t, str)], top_k=top_k),
+            maps=[m if isinstance(m, methods_pb2.Map) else methods_pb2.Map(
+                image_index=m[0], class_id=m[1], method=m[2], map=tensors.to_proto(np.asarray(m[3], np.float32)))
+                for m in maps],
+            metrics=[m if isinstance(m, int) else methods_pb2.Metric.Value(m.upper()) for m in metrics],
+            options=service_pb2.MetricOptions(steps=steps, blur_sigma=blur_sigma, return_curves=return_curves, boxes=[
+                b if isinstance(b, service_pb2.Box) else service_pb2.Box(
+                    image_index=b[0], x0=b[1], y0=b[2], x1=b[3], y1=b[4], original_pixels=bool(b[5:] and b[5]))
+                for b in boxes]),
+            return_maps=return_maps)
+        return evaluation_from_message(self.stub.Evaluate(request, timeout=timeout if timeout is not None else self.timeout))
+
 
 def event_from_message(message: service_pb2.ExplainEvent) -> Event:
     kind = message.WhichOneof("event")
@@ -253,3 +307,13 @@ def event_from_message(message: service_pb2.ExplainEvent) -> Event:
         return Done(t.queue_ms, t.preprocess_ms, t.compute_ms, t.total_ms, t.model_ms, d.forward_samples, d.backward_samples,
                     d.model_runs, d.maps)
     raise ValueError(f"unknown event {kind!r}")
+
+
+def evaluation_from_message(r: service_pb2.EvaluateResponse) -> Evaluation:
+    return Evaluation(
+        scores=[MetricScore(s.image_index, s.method, s.class_id, methods_pb2.Metric.Name(s.metric).lower(), s.value,
+                            np.array(s.curve) if len(s.curve) else None, s.class_score,
+                            s.masked_score if s.metric in (1, 2, 3) else None) for s in r.scores],
+        maps=[event_from_message(service_pb2.ExplainEvent(map=m)) for m in r.maps],
+        images=[ImageTargets(i.image_index, i.image_name, _geometry(i.geometry), _scores(i.targets)) for i in r.images],
+        done=event_from_message(service_pb2.ExplainEvent(done=r.done)))

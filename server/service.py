@@ -121,8 +121,9 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
 
     @handles_errors
     def Evaluate(self, request, context):
-        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
-                           "Evaluate is part of the v1 contract but this server version does not serve it yet")
+        from .evaluate import evaluate   # server/evaluate.py: validation, methods, metrics
+
+        return evaluate(self, request, context)
 
     # ------------------------------------------------------------------------------------------ computing
 

@@ -338,21 +338,23 @@ class MetricOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., blur_sigma: _Optional[float] = ..., return_curves: _Optional[bool] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ...) -> None: ...
 
 class Box(_message.Message):
-    __slots__ = ("image_index", "x0", "y0", "x1", "y1")
+    __slots__ = ("image_index", "x0", "y0", "x1", "y1", "original_pixels")
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     X0_FIELD_NUMBER: _ClassVar[int]
     Y0_FIELD_NUMBER: _ClassVar[int]
     X1_FIELD_NUMBER: _ClassVar[int]
     Y1_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_PIXELS_FIELD_NUMBER: _ClassVar[int]
     image_index: int
     x0: float
     y0: float
     x1: float
     y1: float
-    def __init__(self, image_index: _Optional[int] = ..., x0: _Optional[float] = ..., y0: _Optional[float] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ...) -> None: ...
+    original_pixels: bool
+    def __init__(self, image_index: _Optional[int] = ..., x0: _Optional[float] = ..., y0: _Optional[float] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ..., original_pixels: _Optional[bool] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("model", "images", "targets", "methods", "maps", "metrics", "options")
+    __slots__ = ("model", "images", "targets", "methods", "maps", "metrics", "options", "return_maps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +362,7 @@ class EvaluateRequest(_message.Message):
     MAPS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_MAPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     targets: Targets
@@ -367,26 +370,37 @@ class EvaluateRequest(_message.Message):
     maps: _containers.RepeatedCompositeFieldContainer[_methods_pb2.Map]
     metrics: _containers.RepeatedScalarFieldContainer[_methods_pb2.Metric]
     options: MetricOptions
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., targets: _Optional[_Union[Targets, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[_methods_pb2.MethodSpec, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[_methods_pb2.Map, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[_methods_pb2.Metric, str]]] = ..., options: _Optional[_Union[MetricOptions, _Mapping]] = ...) -> None: ...
+    return_maps: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., targets: _Optional[_Union[Targets, _Mapping]] = ..., methods: _Optional[_Iterable[_Union[_methods_pb2.MethodSpec, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[_methods_pb2.Map, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[_methods_pb2.Metric, str]]] = ..., options: _Optional[_Union[MetricOptions, _Mapping]] = ..., return_maps: _Optional[bool] = ...) -> None: ...
 
 class MetricScore(_message.Message):
-    __slots__ = ("image_index", "method", "class_id", "metric", "value", "curve")
+    __slots__ = ("image_index", "method", "class_id", "metric", "value", "curve", "class_score", "masked_score")
     IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CLASS_ID_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CURVE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MASKED_SCORE_FIELD_NUMBER: _ClassVar[int]
     image_index: int
     method: str
     class_id: int
     metric: _methods_pb2.Metric
     value: float
     curve: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, image_index: _Optional[int] = ..., method: _Optional[str] = ..., class_id: _Optional[int] = ..., metric: _Optional[_Union[_methods_pb2.Metric, str]] = ..., value: _Optional[float] = ..., curve: _Optional[_Iterable[float]] = ...) -> None: ...
+    class_score: float
+    masked_score: float
+    def __init__(self, image_index: _Optional[int] = ..., method: _Optional[str] = ..., class_id: _Optional[int] = ..., metric: _Optional[_Union[_methods_pb2.Metric, str]] = ..., value: _Optional[float] = ..., curve: _Optional[_Iterable[float]] = ..., class_score: _Optional[float] = ..., masked_score: _Optional[float] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("scores",)
+    __slots__ = ("scores", "maps", "images", "done")
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[MetricScore]
-    def __init__(self, scores: _Optional[_Iterable[_Union[MetricScore, _Mapping]]] = ...) -> None: ...
+    maps: _containers.RepeatedCompositeFieldContainer[MapResult]
+    images: _containers.RepeatedCompositeFieldContainer[ImageTargets]
+    done: Done
+    def __init__(self, scores: _Optional[_Iterable[_Union[MetricScore, _Mapping]]] = ..., maps: _Optional[_Iterable[_Union[MapResult, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageTargets, _Mapping]]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
