@@ -6,6 +6,8 @@
     onnxplain predict IMAGE... [--model M] [--top-k K]
     onnxplain explain IMAGE... [--model M] --method NAME [--target C | --top-k K] [--layer L]
                       [--param key=value ...] --out DIR
+    onnxplain audit DATASET --model M --methods a,b [--metrics ad,ag,...] --out DIR [--resume]
+                    [--server HOST:PORT ...]
 
 Exit status: 0 on success, 1 when the server answers with an error (its message is printed), 2 on a usage
 error.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from .client import Accepted, Client, Done, MapResult, Progress
 from .overlay import overlay
+from .audit import add_parser as add_audit_parser
 
 
 class UsageError(Exception):
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_explain)
+    add_audit_parser(sub)   # onnxplain audit DATASET ... (client/audit.py)
     return parser
 
 
