@@ -556,7 +556,7 @@ def add_parser(sub) -> None:
     p.add_argument("--server", dest="servers", action="append", default=[],
                    help="HOST:PORT of a server replica (repeatable: round-robin over them), or a dns:/// target")
     p.add_argument("--workers", type=int, default=0, help="calls in flight (default 2 per server)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the final line and table still print)")
     p.set_defaults(run=cmd_audit)
 
 
@@ -574,9 +574,8 @@ def cmd_audit(client: Client, args) -> None:
                         args.blur_sigma, args.layer)
     result = run_audit(args.dataset, args.servers or [args.server], settings, args.out, resume=args.resume,
                        workers=args.workers, timeout=args.timeout, quiet=args.quiet)
-    if not args.quiet:
-        print(f"audit: {result['computed']} images computed, {result['skipped']} already done, "
-              f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s); written to {args.out}/",
-              file=sys.stderr)
+    print(f"audit: {result['computed']} images computed, {result['skipped']} already done, "
+          f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s); written to {args.out}/",
+          file=sys.stderr)
     print(summary_markdown(json.loads((pathlib.Path(args.out) / "summary.json").read_text())["summary"],
                            settings.metrics))
