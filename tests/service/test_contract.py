@@ -59,7 +59,7 @@ def test_every_message_field_enum_and_rpc_is_documented(tmp_path):
 PROTO_TYPES = {"int": {"int32", "int64"}, "float": {"float", "double"}, "bool": {"bool"}, "enum": {"string"},
                "tensor": {"message"}}
 # Parameter messages in the contract whose method this server version does not run yet (answered NOT_FOUND).
-NOT_YET_SERVED = {"opticam"}
+NOT_YET_SERVED: set[str] = set()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -1,0 +1,190 @@
+"""Opti-CAM (Zhang, Rauf, Bardou, Chollet & Dhariwal, "Opti-CAM: Optimizing saliency maps for
+interpretability", CVIU 2024).
+
+The map is a convex combination of the layer's (ReLU'd) activation maps, chosen by optimisation:
+
+    S(u) = n(up(sum_k softmax(u)_k A_k))      n: min-max normalisation over the map, up: bilinear, half-pixel
+    maximise  F(u) = S_c(x * S(u))            ("max"; the official code's default loss `plain`)
+    or minimise |S_c(x) - S_c(x * S(u))|      ("diff"; the official code's loss `norm`)
+
+with Adam (lr 0.1, 50 steps, u initialised to 0.5 for every channel, i.e. uniform weights), as the authors'
+code (hanwei0912/OptiCAM: generate_opticam.py's defaults, util.py's Basic_OptCAM). S is the model's score
+tensor (logits). The returned map is S(u) after the last step, at the input's resolution, in [0, 1]. The
+official code also stops early when the loss rose between two checkpoints ten steps apart; we always run the
+requested steps and stream the map and its objective as it goes (Maps.stats = [{"objective", "score"}] per
+target; "objective" is the maximised quantity: S_c(x * S) for "max", -|S_c(x) - S_c(x * S)| for "diff").
+
+Everything per pixel — the weighted sum, upsampling (Resize), normalisation, masking — is a graph composed in
+front of the model, with all targets as rows of one batch. dF/du comes one of two ways:
+
+* `gradient_graph`: that composed graph (u -> mask -> model -> score) differentiated by kernels.autodiff, so one
+  forward+backward per step for all targets;
+* `finite_differences`, for models the engine cannot differentiate: SPSA, i.e. for D random +-1 directions
+  delta_d, g = mean_d (F(u + h delta_d) - F(u - h delta_d)) / (2 h) delta_d, the 2D perturbed inputs per target
+  batched with the centre point (2D + 1 forwards per target and step).
+
+`auto` uses the gradient graph when the engine can build it, else finite differences.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ..compose import PREFIX
+from .base import Event, Job, Maps, Method, Param, ParamError, Progress
+from .layers import as_maps, one_hot
+from .perturb import Builder, batches, channels_of, compose_front, sample_info, value_info
+
+U, ACTS, MASK, SEED = f"{PREFIX}u", f"{PREFIX}acts", f"{PREFIX}mask", f"{PREFIX}seed"
+
+
+def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int, grid: tuple[int, ...],
+                   batch: int | None = None):
+    """(x, u [B, K], activation maps [1, K, h, w]) -> scores of x * S(u) [B, classes] and S(u) [B, 1, H, W]."""
+    count, h, w = grid
+    b = Builder(runner.model)
+    weights = b.unsqueeze(b.op("Softmax", U, axis=1), [2, 3])                      # [B, K, 1, 1]
+    combined = b.reduce("ReduceSum", b.op("Mul", weights, ACTS), [1])              # [B, 1, h, w]
+    mask = b.op("Identity", b.minmax(b.upsample(combined, *spatial, batch=batch)), out=MASK)
+    masked = b.masked_input(f"{PREFIX}x", mask, layout)
+    inputs = [sample_info(layout, spatial, channels), value_info(U, [batch or "B", count]),
+              value_info(ACTS, [1, count, h, w])]
+    return compose_front(runner.model, runner.input_name, b, inputs, masked, [runner.score_name, MASK])
+
+
+def gradient_session(runner, layout, spatial, channels, grid, batch):
+    """The differentiated graph's session, or the reason the engine could not build it."""
+    from .. import autodiff
+
+    def build():
+        try:
+            composed = saliency_graph(runner, layout, spatial, channels, grid, batch)
+            model = autodiff.differentiate(composed, runner.score_name, [U], seed_name=SEED)
+            return runner.graph(f"opticam/gradient/{layout}/{spatial}/{channels}/{grid}/{batch}", lambda: model), None
+        except Exception as exc:  # noqa: BLE001 - any failure to build or load it means: use finite differences
+            return None, f"{type(exc).__name__}: {exc}"
+    return runner.cached(f"opticam/gradient-or-why/{layout}/{spatial}/{channels}/{grid}/{batch}", build)
+
+
+def directions_for(rng: np.random.Generator, rows: int, count: int, size: int) -> np.ndarray:
+    """[rows, count, size] unit directions, orthonormal in blocks of `size` (random rotations of the axes), so
+    that count = size gives the full forward-difference gradient and count < size its projection on a random
+    subspace (unbiased once scaled by size / count)."""
+    blocks = -(-count // size)
+    gaussian = rng.standard_normal((rows, blocks, size, min(count, size)))
+    q = np.linalg.qr(gaussian)[0]                                      # [rows, blocks, size, min(count, size)]
+    return q.transpose(0, 1, 3, 2).reshape(rows, -1, size)[:, :count]
+
+
+class Adam:
+    """torch.optim.Adam's update (bias-corrected, no weight decay), ascending."""
+
+    def __init__(self, shape, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m, self.v, self.t = np.zeros(shape), np.zeros(shape), 0
+
+    def ascend(self, u: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        m_hat, v_hat = self.m / (1 - b1 ** self.t), self.v / (1 - b2 ** self.t)
+        return u + self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+def run(job: Job) -> Iterator[Event]:
+    p = job.params
+    runner, targets = job.runner, job.targets
+    count_t = len(targets)
+    activations = runner.forward(job.sample[None], (job.layer.name,), job.passes)[job.layer.name]
+    acts = np.maximum(as_maps(activations, job.layer), 0).astype(np.float32)       # [1, K, h, w]
+    grid = acts.shape[1:]
+    channels = channels_of(job.sample, job.layout)
+    reference = job.sample_scores()[targets].astype(np.float64)
+    feeds = {f"{PREFIX}x": job.sample[None], ACTS: acts}
+
+    session, why = (None, "not asked for")
+    if p["gradient"] in ("auto", "gradient_graph"):
+        session, why = gradient_session(runner, job.layout, job.spatial, channels, grid, count_t)
+        if session is None and p["gradient"] == "gradient_graph":
+            raise ParamError(f"opticam.gradient: the model cannot be differentiated ({why}); use "
+                             "'finite_differences' or 'auto'")
+    forward = runner.graph(f"opticam/forward/{job.layout}/{job.spatial}/{channels}/{grid}", lambda: saliency_graph(
+        runner, job.layout, job.spatial, channels, grid))
+    stage = "optimising (gradient graph)" if session is not None else "optimising (finite differences)"
+
+    def objective(scores: np.ndarray) -> np.ndarray:
+        return scores if p["loss"] == "max" else -np.abs(reference - scores)
+
+    def evaluate(u_rows: np.ndarray, rows_target: np.ndarray) -> np.ndarray:
+        """Target scores of x * S(u) for many rows of u, batched (forward only)."""
+        out = np.empty(len(u_rows))
+        for start, stop in batches(len(u_rows), runner.max_batch):
+            scores = runner.run(forward, [runner.score_name], {**feeds, U: u_rows[start:stop]}, job.passes,
+                                samples=stop - start)[0]
+            out[start:stop] = scores[np.arange(stop - start), rows_target[start:stop]]
+        return out
+
+    def at(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps at u (one forward per target)."""
+        scores, mask = runner.run(forward, [runner.score_name, MASK], {**feeds, U: u.astype(np.float32)},
+                                  job.passes, samples=count_t)
+        return scores[np.arange(count_t), targets].astype(np.float64), mask[:, 0]
+
+    u = np.full((count_t, acts.shape[1]), 0.5)
+    adam = Adam(u.shape, p["learning_rate"])
+    rng = np.random.default_rng(p["seed"])
+    directions, step = p["directions"], p["step"]
+    for it in range(1, p["iterations"] + 1):
+        mask = None
+        if session is not None:
+            scores, mask, grad = runner.run(session, [runner.score_name, MASK, f"{U}__grad"], {
+                **feeds, U: u.astype(np.float32), SEED: one_hot(targets, runner.num_classes)}, job.passes,
+                samples=count_t, backward=True)
+            score = scores[np.arange(count_t), targets].astype(np.float64)
+            grad = grad.astype(np.float64)
+            if p["loss"] == "diff":      # d(-|r - s|)/du = sign(r - s) ds/du
+                grad = np.sign(reference - score)[:, None] * grad
+            mask = mask[:, 0]
+        else:
+            delta = directions_for(rng, count_t, directions, u.shape[1])           # [T, D, K]
+            rows = np.concatenate([u, (u[:, None] + step * delta).reshape(-1, u.shape[1])]).astype(np.float32)
+            values = evaluate(rows, np.concatenate([targets, np.repeat(targets, directions)]))
+            score = values[:count_t]
+            moved = objective(values[count_t:].reshape(count_t, directions)) - objective(score)[:, None]
+            grad = np.einsum("td,tdk->tk", moved / step, delta) * (u.shape[1] / directions)
+        stats = [{"objective": float(v), "score": float(s)} for v, s in zip(objective(score), score)]
+        yield Progress(it, p["iterations"], stage)
+        if job.partial_every and it % job.partial_every == 0:
+            if mask is None:
+                mask = at(u)[1]
+            yield Maps(mask.astype(np.float32), final=False, stats=stats, step=it)
+        u = adam.ascend(u, grad)
+    score, mask = at(u)
+    stats = [{"objective": float(v), "score": float(s)} for v, s in zip(objective(score), score)]
+    yield Maps(mask.astype(np.float32), final=True, stats=stats, step=p["iterations"])
+
+
+METHOD = Method(
+    name="opticam",
+    family="cam",
+    description="The convex combination of the layer's maps, upsampled and min-max normalised, that maximises "
+                "the target's score on the image multiplied by it (optimised by Adam); in [0, 1].",
+    reference="Zhang et al., Opti-CAM: Optimizing saliency maps for interpretability, CVIU 2024",
+    params=(
+        Param("iterations", "int", 50, "Adam steps", 1, 1000),
+        Param("learning_rate", "float", 0.1, "Adam's learning rate", 0.0001, 10),
+        Param("loss", "enum", "max", "'max': maximise S_c(x * S); 'diff': minimise |S_c(x) - S_c(x * S)|",
+              choices=("max", "diff")),
+        Param("gradient", "enum", "auto", "how dS/du is obtained: 'auto' (gradient graph when the model can be "
+              "differentiated), 'gradient_graph' or 'finite_differences'",
+              choices=("auto", "gradient_graph", "finite_differences")),
+        Param("directions", "int", 16, "finite_differences: random +-1 directions per step (batched)", 1, 512),
+        Param("step", "float", 0.01, "finite_differences: step along each direction, in units of u", 1e-5, 1),
+        Param("seed", "int", 0, "seed of the finite-difference directions (numpy's default_rng)", 0, 2**31 - 1),
+    ),
+    run=run,
+    uses_layer=True,
+)

@@ -1,0 +1,230 @@
+"""Opti-CAM against a straightforward re-implementation (torch upsampling, numpy Adam, the model run by
+onnxruntime; dF/du by coordinate-wise central differences for the gradient-graph path, by the same random
+directions for the finite-difference path), its objective over the iterations, the finite-difference path's
+gain against the gradient path's, the fallback for a model the engine cannot differentiate, the real server
+with several targets, held-out shapes, and its average drop on the real ImageNet model against Grad-CAM's and
+Score-CAM's."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from onnxplain.client import MapResult
+from onnxplain.default_model import shapes
+from onnxplain.kernels import graph
+from onnxplain.kernels.images import upsample_bilinear
+from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
+from onnxplain.kernels.methods.opticam import directions_for
+from onnxplain.kernels.runtime import Runner
+
+from support import EFFICIENTNET, ROOT, SHARED_IMAGES, needs_shared
+
+SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
+
+
+def shapes_input(image: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
+    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+
+
+def runner_for(model) -> Runner:
+    model = graph.load_model(model)
+    return Runner(model, graph.score_tensor(model), "input", max_batch=32, providers=["CPUExecutionProvider"])
+
+
+def run_opticam(runner, x, targets, partial_every=0, **params):
+    job = Job(runner, x, np.asarray(targets), METHODS["opticam"].resolve(params, x.shape[1:]),
+              layer=graph.default_layer(runner.model), partial_every=partial_every)
+    return job, list(METHODS["opticam"].run(job))
+
+
+class Reference:
+    """Opti-CAM written out for one target: S(u) in numpy/torch, the model by onnxruntime."""
+
+    def __init__(self, path, x, layer, target):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        model.graph.output.append(next(v for v in model.graph.value_info if v.name == layer))
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.x, self.target = x, target
+        self.acts = np.maximum(self.session.run(None, {"input": x[None]})[1][0], 0).astype(np.float64)
+
+    def saliency(self, u):
+        w = np.exp(u - u.max()) / np.exp(u - u.max()).sum()
+        s = np.einsum("k,khw->hw", w, self.acts)[None, None]
+        up = F.interpolate(torch.from_numpy(s), size=self.x.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+        up = up.numpy()
+        return (up - up.min()) / (up.max() - up.min())
+
+    def scores(self, us):
+        masked = np.stack([(self.x * self.saliency(u)[None]).astype(np.float32) for u in us])
+        return np.concatenate([self.session.run(None, {"input": masked[i:i + 32]})[0][:, self.target]
+                               for i in range(0, len(masked), 32)]).astype(np.float64)
+
+    def optimise(self, gradient, iterations, lr=0.1):
+        u = np.full(self.acts.shape[0], 0.5)
+        m, v = np.zeros_like(u), np.zeros_like(u)
+        for t in range(1, iterations + 1):
+            g = gradient(self, u, t)
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            u = u + lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        return u
+
+
+def central_differences(ref, u, t, h=1e-2):
+    eye = np.eye(len(u))
+    values = ref.scores([*(u + h * eye), *(u - h * eye)])
+    return (values[:len(u)] - values[len(u):]) / (2 * h)
+
+
+@pytest.fixture(scope="module")
+def shapes_runner():
+    return runner_for(SHAPES_MODEL)
+
+
+@pytest.fixture(scope="module")
+def sample(shapes_runner):
+    x = shapes_input(shapes.generate(1, seed=9_000_141, size=96).images[0])
+    scores = shapes_runner.scores(x[None], Job(shapes_runner, x, np.array([0]), {}).passes)[0]
+    return x, np.argsort(-scores)[:2]
+
+
+def test_gradient_graph_path_matches_reference_with_central_differences(shapes_runner, sample):
+    x, targets = sample
+    job, events = run_opticam(shapes_runner, x, targets, iterations=3, gradient="gradient_graph")
+    assert all(e.stage == "optimising (gradient graph)" for e in events if isinstance(e, Progress))
+    # one forward for the activations, one for the image's scores (given by the server otherwise), one
+    # forward+backward per step for both targets, one forward at the end
+    assert job.passes.backward_samples == 3 * 2 and job.passes.runs == 1 + 1 + 3 + 1
+    final = events[-1]
+    layer = graph.default_layer(shapes_runner.model).name
+    for t, c in enumerate(targets):
+        ref = Reference(SHAPES_MODEL, x, layer, c)
+        u = ref.optimise(central_differences, 3)
+        np.testing.assert_allclose(final.maps[t], ref.saliency(u), atol=2e-3)
+        assert final.stats[t]["objective"] == pytest.approx(ref.scores([u])[0], rel=1e-3, abs=1e-3)
+
+
+def test_finite_difference_path_matches_reference_with_the_same_directions(shapes_runner, sample):
+    x, targets = sample
+    _, events = run_opticam(shapes_runner, x, targets[:1], iterations=10, gradient="finite_differences",
+                            directions=8, step=0.05, seed=5)
+    layer = graph.default_layer(shapes_runner.model).name
+    ref = Reference(SHAPES_MODEL, x, layer, targets[0])
+    rng = np.random.default_rng(5)
+
+    def same_directions(ref, u, t):
+        delta = directions_for(rng, 1, 8, len(u))[0]
+        values = ref.scores([u, *(u + 0.05 * delta)])
+        return (values[1:] - values[0]) / 0.05 @ delta * (len(u) / 8)
+
+    u = ref.optimise(same_directions, 10)
+    # forward differences of float32 scores: Adam's normalised steps amplify the rounding of tiny components
+    np.testing.assert_allclose(events[-1].maps[0], ref.saliency(u), atol=1e-2)
+    assert np.abs(ref.saliency(u) - ref.saliency(np.full_like(u, 0.5))).max() > 0.05   # it did move
+
+
+def test_objective_increases_and_finite_differences_reach_the_gradient_gain(shapes_runner, sample):
+    x, targets = sample
+    gains = {}
+    for how, extra in [("gradient_graph", {}), ("finite_differences", dict(directions=96))]:
+        _, events = run_opticam(shapes_runner, x, targets, partial_every=1, iterations=20, gradient=how, **extra)
+        maps = [e for e in events if isinstance(e, Maps)]
+        assert [m.step for m in maps] == [*range(1, 21), 20] and maps[-1].final
+        objective = np.array([[s["objective"] for s in m.stats] for m in maps])      # [steps, targets]
+        steps_up = (np.diff(objective, axis=0) > 0).mean()
+        assert steps_up >= 0.8, f"{how}: the objective rose on {steps_up:.0%} of the steps"
+        assert (objective[-1] > objective[0] + 0.5).all()
+        gains[how] = objective[-1] - objective[0]
+        for m in maps:
+            assert m.maps.shape == (2, 96, 96) and m.maps.min() >= 0 and m.maps.max() == pytest.approx(1)
+    assert (gains["finite_differences"] >= 0.9 * gains["gradient_graph"]).all(), gains
+
+
+def test_auto_falls_back_to_finite_differences_when_the_engine_cannot_differentiate(sample, tmp_path):
+    x, targets = sample
+    model = onnx.load(str(SHAPES_MODEL))
+    producer = next(n for n in model.graph.node if "logits" in n.output)
+    producer.output[list(producer.output).index("logits")] = "before_shrink"
+    # Shrink(lambd=0) is the identity here, and kernels.autodiff has no rule for it
+    model.graph.node.append(onnx.helper.make_node("Shrink", ["before_shrink"], ["logits"], lambd=0.0))
+    runner = runner_for(model)
+    _, events = run_opticam(runner, x, targets[:1], iterations=2, directions=4)
+    assert {e.stage for e in events if isinstance(e, Progress)} == {"optimising (finite differences)"}
+    with pytest.raises(Exception, match="opticam.gradient"):
+        run_opticam(runner, x, targets[:1], iterations=2, gradient="gradient_graph")
+
+
+def test_opticam_through_the_server_with_several_targets(client):
+    image = png_bytes(shapes.generate(1, seed=9_000_142, size=96).images[0])
+    events = list(client.explain("shapes", [image], [("opticam", dict(iterations=8))], top_k=3, partial_maps=True))
+    maps = [e for e in events if isinstance(e, MapResult)]
+    final = [m for m in maps if m.final]
+    assert len(final) == 3 and len({m.class_id for m in final}) == 3
+    assert {m.step for m in maps if not m.final} == {4, 8}
+    for m in final:
+        assert m.map.shape == (96, 96) and 0 <= m.map.min() and m.map.max() <= 1 + 1e-6 and m.layer
+        assert set(m.stats) == {"objective", "score"}
+    assert not np.allclose(final[0].map, final[1].map)
+
+
+def test_opticam_points_at_the_object_on_held_out_shapes(client):
+    held_out = shapes.generate(40, seed=9_000_013, size=128)
+    events = list(client.explain("shapes", [png_bytes(i) for i in held_out.images], ["opticam"]))
+    maps = {e.image_index: e.map for e in events if isinstance(e, MapResult) and e.final}
+    assert len(maps) == 40
+    inside = 0
+    for i, saliency in maps.items():
+        mask = np.asarray(Image.fromarray(held_out.masks[i]).resize((96, 96), Image.Resampling.NEAREST))
+        y, x = np.unravel_index(np.argmax(saliency), saliency.shape)
+        inside += bool(mask[y, x])
+    assert inside / 40 >= 0.9, f"Opti-CAM maximum inside the object on {inside}/40 held-out images"
+
+
+def efficientnet_input(path):
+    """The model's declared preprocessing (centre crop, 224, (v - 127.5) / 128), written out."""
+    img = Image.open(path).convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    img = img.resize((224, 224), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    return ((np.asarray(img, np.float32) - 127.5) / 128.0).transpose(2, 0, 1).copy()
+
+
+@needs_shared
+def test_opticam_average_drop_is_lower_than_gradcam_and_scorecam_on_efficientnet():
+    runner = runner_for(EFFICIENTNET)
+    layer = graph.default_layer(runner.model)
+    drops = {"opticam": [], "gradcam": [], "scorecam": []}
+    for path in SHARED_IMAGES:
+        x = efficientnet_input(path)
+        job = Job(runner, x, np.array([0]), {})
+        logits = job.sample_scores()
+        c = int(np.argmax(logits))
+        y = softmax(logits)[c]
+        for name in drops:
+            method = METHODS[name]
+            job = Job(runner, x, np.array([c]), method.resolve({}, (224, 224)), layer=layer, scores=logits)
+            saliency = upsample_bilinear([e for e in method.run(job) if isinstance(e, Maps)][-1].maps, 224, 224)[0]
+            saliency = (saliency - saliency.min()) / (saliency.max() - saliency.min())
+            o = softmax(runner.scores((x * saliency)[None], job.passes)[0])[c]
+            drops[name].append(max(0.0, y - o) / y)
+    average = {name: float(np.mean(d)) for name, d in drops.items()}
+    assert average["opticam"] < average["gradcam"] and average["opticam"] < average["scorecam"], average
+
+
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def png_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
