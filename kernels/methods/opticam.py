@@ -19,9 +19,13 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
 
 * `gradient_graph`: that composed graph (u -> mask -> model -> score) differentiated by kernels.autodiff, so one
   forward+backward per step for all targets;
-* `finite_differences`, for models the engine cannot differentiate: SPSA, i.e. for D random +-1 directions
-  delta_d, g = mean_d (F(u + h delta_d) - F(u - h delta_d)) / (2 h) delta_d, the 2D perturbed inputs per target
-  batched with the centre point (2D + 1 forwards per target and step).
+* `finite_differences`, for models the engine cannot differentiate: a zeroth-order estimate on D random unit
+  directions delta_d, orthonormal in blocks of K (random rotations of the axes),
+  g = (K / D) sum_d (F(u + h delta_d) - F(u)) / h delta_d, the D perturbed inputs per target batched with the
+  centre point (D + 1 forwards per target and step). Forward differences share the centre, so a budget buys
+  twice the directions of SPSA's central ones; orthonormal directions make D = K the full forward-difference
+  gradient (on the shipped shapes model: about 100% of the gradient path's objective gain, against about 60%
+  with D = 16 and 70-95% with D = 48).
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 """
@@ -181,7 +185,7 @@ METHOD = Method(
         Param("gradient", "enum", "auto", "how dS/du is obtained: 'auto' (gradient graph when the model can be "
               "differentiated), 'gradient_graph' or 'finite_differences'",
               choices=("auto", "gradient_graph", "finite_differences")),
-        Param("directions", "int", 16, "finite_differences: random +-1 directions per step (batched)", 1, 512),
+        Param("directions", "int", 16, "finite_differences: random directions per step (batched)", 1, 512),
         Param("step", "float", 0.01, "finite_differences: step along each direction, in units of u", 1e-5, 1),
         Param("seed", "int", 0, "seed of the finite-difference directions (numpy's default_rng)", 0, 2**31 - 1),
     ),
