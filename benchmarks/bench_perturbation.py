@@ -1,0 +1,189 @@
+"""Perturbation methods: each one's time over the time of its model passes alone, at the same batch size.
+
+    python benchmarks/bench_perturbation.py [--repeats 1] [--rise-masks 4000] [--models shapes,efficientnet]
+
+For each model (the shipped default model; EfficientNet-Lite0 from ../shared when present), one image, its top
+class, the default layer, max_batch 32:
+  * scorecam    : the method (composed masking graph) / the plain model on the K masked images prepared
+                  beforehand in numpy (the model passes alone); also the same Score-CAM with numpy doing the
+                  upsampling, normalisation and masking (instead of a torch implementation: Captum has no
+                  Score-CAM, and a torch rebuild of the ONNX model would time another network)
+  * ablationcam : the method / the head on the K ablated copies prepared beforehand, plus one body run
+  * rise        : the method / the plain model on masked images of one batch, run N / 32 times
+  * opticam     : both dF/du paths: seconds per image, passes (samples through the model) per second, and
+                  the method / the same passes alone (autodiff-augmented model's forward+backward for the
+                  gradient graph, plain forwards of D + 1 samples for finite differences)
+Medians over repeats after one warm-up. Target: method / passes alone <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def median_time(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def drain(method, job):
+    for _ in method.run(job):
+        pass
+    return job
+
+
+def bench_model(name, path, repeats, rise_masks):
+    from onnxplain.kernels import graph
+    from onnxplain.kernels.images import upsample_bilinear
+    from onnxplain.kernels.methods import METHODS, Job
+    from onnxplain.kernels.methods.ablationcam import sessions
+    from onnxplain.kernels.methods.layers import as_maps, one_hot
+    from onnxplain.kernels.runtime import Passes, Runner
+
+    model = graph.load_model(path)
+    input_name, shape, layout = graph.input_spec(model)
+    runner = Runner(model, graph.score_tensor(model), input_name, max_batch=32)
+    layer = graph.default_layer(model)
+    side = shape[2]
+    sample = np.random.default_rng(0).standard_normal((3, side, side)).astype(np.float32) * 0.5
+    scores = runner.scores(sample[None], Passes())[0]
+    target = np.array([int(np.argmax(scores))])
+    batch = runner.max_batch
+    plain = runner.session
+
+    def forwards(inputs):
+        for i in range(0, len(inputs), batch):
+            plain.run([runner.score_name], {input_name: inputs[i:i + batch]})
+
+    def job(method, **params):
+        return Job(runner, sample, target, METHODS[method].resolve(params, (side, side)), layout, layer,
+                   scores=scores)
+
+    rows = []
+    print(f"\n== {name}: input {side}x{side}, layer {layer.name} {layer.shape}, batch {batch}, "
+          f"{runner.provider}", flush=True)
+
+    # Score-CAM ------------------------------------------------------------------------------------------------
+    acts = as_maps(runner.forward(sample[None], (layer.name,), Passes())[layer.name], layer)[0]
+    up = upsample_bilinear(acts, side, side)
+    lo, hi = up.min(axis=(1, 2), keepdims=True), up.max(axis=(1, 2), keepdims=True)
+    masks = np.where(hi > lo, (up - lo) / np.where(hi > lo, hi - lo, 1), 0).astype(np.float32)
+    masked = (sample[None] * masks[:, None]).astype(np.float32)
+
+    def numpy_masking():
+        a = as_maps(runner.forward(sample[None], (layer.name,), Passes())[layer.name], layer)[0]
+        u = upsample_bilinear(a, side, side)
+        lo_, hi_ = u.min(axis=(1, 2), keepdims=True), u.max(axis=(1, 2), keepdims=True)
+        n = np.where(hi_ > lo_, (u - lo_) / np.where(hi_ > lo_, hi_ - lo_, 1), 0).astype(np.float32)
+        for i in range(0, len(n), batch):
+            plain.run([runner.score_name], {input_name: sample[None] * n[i:i + batch, None]})
+
+    t_method = median_time(lambda: drain(METHODS["scorecam"], job("scorecam")), repeats)
+    t_alone = median_time(lambda: forwards(masked), repeats)
+    t_numpy = median_time(numpy_masking, repeats)
+    rows.append(("scorecam", t_method, t_alone, f"{len(acts)} masked images; numpy-masking variant "
+                 f"{t_numpy:.3f} s ({t_numpy / t_method:.2f}x the method)"))
+    del masked, up, masks
+
+    # Ablation-CAM ---------------------------------------------------------------------------------------------
+    body, head, extras = sessions(runner, layer)
+    out = body.run([layer.name, *extras], {input_name: sample[None]})
+    copies = np.repeat(out[0], len(acts), axis=0)
+    channel_axis = {"spatial": 1, "spatial_nhwc": 3, "tokens": 2}[layer.kind]
+    index = [slice(None)] * copies.ndim
+    for k in range(len(acts)):
+        index[0], index[channel_axis] = k, k
+        copies[tuple(index)] = 0
+    plain_head = graph.cut(model, layer.name)[1]
+    head_session = runner.graph(f"bench/head/{layer.name}", lambda: plain_head)
+
+    def head_alone():
+        body.run([layer.name, *extras], {input_name: sample[None]})
+        for i in range(0, len(copies), batch):
+            feeds = {layer.name: copies[i:i + batch]}
+            feeds.update({n: np.repeat(v, len(feeds[layer.name]), 0) for n, v in zip(extras, out[1:])})
+            head_session.run([runner.score_name], feeds)
+
+    t_method = median_time(lambda: drain(METHODS["ablationcam"], job("ablationcam")), repeats)
+    t_alone = median_time(head_alone, repeats)
+    rows.append(("ablationcam", t_method, t_alone, f"{len(acts)} ablated copies through the head"))
+
+    # RISE -----------------------------------------------------------------------------------------------------
+    rng = np.random.default_rng(1)
+    one_batch = (sample[None] * (rng.random((batch, 1, side, side)) < 0.5)).astype(np.float32)
+    runs = -(-rise_masks // batch)
+
+    def rise_alone():
+        for _ in range(runs):
+            plain.run([runner.score_name], {input_name: one_batch})
+
+    rise_job = {}
+    t_method = median_time(lambda: rise_job.update(j=drain(METHODS["rise"], job("rise", masks=rise_masks))),
+                           repeats)
+    t_alone = median_time(rise_alone, repeats)
+    samples = rise_job["j"].passes.forward_samples
+    rows.append(("rise", t_method, t_alone, f"N={rise_masks}: {t_method:.2f} s/image, "
+                 f"{samples / t_method:.0f} passes/s"))
+
+    # Opti-CAM -------------------------------------------------------------------------------------------------
+    iterations = 50
+    for how, directions in (("gradient_graph", 16), ("finite_differences", 16)):
+        done = {}
+        t_method = median_time(lambda: done.update(j=drain(METHODS["opticam"], job(
+            "opticam", gradient=how, directions=directions, iterations=iterations))), repeats)
+        passes = done["j"].passes
+        if how == "gradient_graph":
+            seed = one_hot(target, runner.num_classes)
+
+            def alone():
+                for _ in range(iterations):
+                    runner.gradients(sample[None], seed, Passes())
+        else:
+            centre_and_moved = np.repeat(sample[None], directions + 1, axis=0)
+
+            def alone():
+                for _ in range(iterations):
+                    forwards(centre_and_moved)
+        t_alone = median_time(alone, repeats)
+        rows.append((f"opticam/{how}", t_method, t_alone,
+                     f"{iterations} steps: {t_method:.2f} s/image, "
+                     f"{(passes.forward_samples + passes.backward_samples) / t_method:.0f} passes/s "
+                     f"({passes.backward_samples} fwd+bwd, {passes.forward_samples} fwd)"))
+
+    print(f"{'method':28s} {'method s':>9s} {'passes s':>9s} {'ratio':>6s}  notes")
+    for method, t_method, t_alone, note in rows:
+        print(f"{method:28s} {t_method:9.3f} {t_alone:9.3f} {t_method / t_alone:6.2f}  {note}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rise-masks", type=int, default=4000)
+    parser.add_argument("--models", default="shapes,efficientnet")
+    args = parser.parse_args(argv)
+    models = {"shapes": ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx",
+              "efficientnet": SHARED / "models" / "efficientnet_lite0_imagenet.onnx"}
+    for name in args.models.split(","):
+        if not models[name].exists():
+            print(f"{name}: {models[name]} is absent, skipped", file=sys.stderr)
+            continue
+        bench_model(name, models[name], args.repeats, args.rise_masks)
+
+
+if __name__ == "__main__":
+    main()
