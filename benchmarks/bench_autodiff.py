@@ -147,15 +147,19 @@ class OnnxInTorch(nn.Module):
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
+def median_times(fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median wall time of each function; the functions take turns within each repeat, so load from other
+    processes on a shared machine falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, repeats) -> list[tuple]:
@@ -171,8 +175,6 @@ def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, r
         seed = np.zeros((b, classes), np.float32)
         seed[np.arange(b), rng.integers(0, classes, b)] = 1.0
         reps = repeats if b == 1 else max(3, repeats // 2)
-        t_fwd = median_time(lambda: fwd_s.run(None, {"input": x}), reps)
-        t_aug = median_time(lambda: aug_s.run(None, {"input": x, "seed": seed}), reps)
         xt, st = torch.from_numpy(x), torch.from_numpy(seed)
 
         def autograd():
@@ -180,7 +182,9 @@ def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, r
             logits = torch_model(xg)
             torch.autograd.grad((logits * st).sum(), [xg, torch_model.features])
 
-        t_torch = median_time(autograd, reps)
+        t_fwd, t_aug, t_torch = median_times(
+            [lambda: fwd_s.run(None, {"input": x}), lambda: aug_s.run(None, {"input": x, "seed": seed}), autograd],
+            reps)
         rows.append((label, b, t_fwd, t_aug, t_torch))
         print(f"  {label:16s} batch {b:3d}: fwd {t_fwd * 1e3:8.1f} ms  aug {t_aug * 1e3:8.1f} ms  "
               f"torch {t_torch * 1e3:8.1f} ms", file=sys.stderr, flush=True)
@@ -209,7 +213,8 @@ def main(argv=None):
 
     print(f"\nonnxruntime {ort.__version__} CPU (default threads), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {os.cpu_count()} cores; medians of {args.repeats} "
-          f"(batch 1) / {max(3, args.repeats // 2)} (larger) after 2 warm-ups")
+          f"(batch 1) / {max(3, args.repeats // 2)} (larger) after 2 warm-ups, interleaved; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"{'model':16s} {'batch':>5s} {'fwd ms':>9s} {'aug ms':>9s} {'torch ms':>9s} {'aug/fwd':>8s} {'aug/torch':>9s}")
     for label, b, f, a, t in rows:
         ok1 = "" if a / f <= 2.5 else " !"
