@@ -11,8 +11,8 @@ from PIL import Image
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "onnxplain" / "default_model"
 
-# Held-out seeds: training uses 1_000_000.. and 1_500_000.. (epochs), 999_999 and 1_000_000 (validation);
-# see onnxplain/default_model/train.py.
+# Held-out seeds, disjoint from those train.py uses (999_980 .. 1_500_019 and 4242 .. 4245):
+# see its docstring.
 HELD_OUT_SEED = 31_337
 OCCLUSION_SEED = 27_182
 SALIENCY_SEED = 16_180
