@@ -173,11 +173,11 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
                     targets=[class_score(entry, s, c) for c in t])
                     for i, (p, s, t) in enumerate(zip(prepared, scores, targets))]))
             sent = 0
-            for i, (p, t) in enumerate(zip(prepared, targets)):
+            for i, (p, s, t) in enumerate(zip(prepared, scores, targets)):
                 for plan in plans:
                     job = Job(entry.runner, p.sample, t.astype(np.int64), plan.params, entry.preprocessing.layout,
                               plan.layer, record.passes, partial_every=4 if output.partial_maps else 0,
-                              preprocessing=entry.preprocessing)
+                              preprocessing=entry.preprocessing, scores=s)
                     for event in plan.method.run(job):
                         if not context.is_active():
                             record.status = "cancelled"

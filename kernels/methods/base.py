@@ -65,6 +65,13 @@ class Job:
     passes: Passes = field(default_factory=Passes)
     partial_every: int = 0          # yield a partial map every this many batches (0: none)
     preprocessing: Any = None       # kernels.images.Preprocessing of the model (e.g. for a black baseline)
+    scores: np.ndarray | None = None  # the model's scores for the sample when the caller has them already
+
+    def sample_scores(self) -> np.ndarray:
+        """The model's scores for the sample [classes] (one forward, unless the caller passed them)."""
+        if self.scores is None:
+            self.scores = self.runner.scores(self.sample[None], self.passes)[0]
+        return self.scores
 
     @property
     def spatial(self) -> tuple[int, int]:

@@ -37,7 +37,7 @@ def run(job: Job) -> Iterator[Event]:
     height, width = job.spatial
     runner = job.runner
     x = job.sample[None]
-    reference = runner.scores(x, job.passes)[0, job.targets].astype(np.float64)
+    reference = job.sample_scores()[job.targets].astype(np.float64)
     session = runner.graph(f"occlusion/{job.layout}", lambda: masked_model(
         runner.model, runner.input_name, runner.score_name, job.layout))
     corners = window_corners(height, width, window, stride)

@@ -17,7 +17,7 @@ from PIL import Image
 from onnxplain.client import Client, MapResult
 from onnxplain.server.config import ModelConfig
 
-from ..conftest import SHARED, needs_shared, start_server
+from support import SHARED, needs_shared, start_server
 
 GRADIENT_METHODS = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop",
                     "deconvnet"]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from onnxplain.client import MapResult
 
-from ..conftest import EFFICIENTNET, SHARED, needs_shared
+from support import EFFICIENTNET, SHARED, needs_shared
 
 
 def reference_occlusion(session, x, target, window, stride, baseline):

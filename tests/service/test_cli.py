@@ -11,7 +11,7 @@ import pytest
 
 from onnxplain.client import MapResult
 
-from ..conftest import SHARED, needs_shared
+from support import SHARED, needs_shared
 
 SAMPLES = files("onnxplain.default_model") / "samples"
 
@@ -40,19 +40,19 @@ def test_predict(server):
 
 
 def test_explain_writes_raw_maps_and_overlays(server, client, tmp_path):
-    image = SAMPLES / "circle.png"
+    image = SAMPLES / "ring.png"
     out = cli(server, "explain", image, "--model", "shapes", "--method", "occlusion", "--top-k", "2",
               "--param", "window=24", "--param", "occlusion.stride=12", "--out", tmp_path, "--quiet").stdout
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert len(written) == 4 and all(name.startswith("circle.occlusion.") for name in written)
+    assert len(written) == 4 and all(name.startswith("ring.occlusion.") for name in written)
     assert sorted(out.split()) == sorted(str(tmp_path / n) for n in written)
     events = list(client.explain("shapes", [image], [("occlusion", {"window": 24, "stride": 12})], top_k=2))
     for event in (e for e in events if isinstance(e, MapResult)):
-        saved = np.load(tmp_path / f"circle.occlusion.{event.class_id}.npy")
+        saved = np.load(tmp_path / f"ring.occlusion.{event.class_id}.npy")
         assert saved.dtype == np.float32 and saved.shape == (96, 96)
         np.testing.assert_array_equal(saved, event.map)      # raw values, not rescaled
         from PIL import Image
-        with Image.open(tmp_path / f"circle.occlusion.{event.class_id}.png") as overlay, Image.open(image) as original:
+        with Image.open(tmp_path / f"ring.occlusion.{event.class_id}.png") as overlay, Image.open(image) as original:
             assert overlay.size == original.size
 
 

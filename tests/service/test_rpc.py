@@ -18,7 +18,7 @@ from onnxplain import tensors
 from onnxplain.client import Accepted, Client, Done, MapResult, Progress
 from onnxplain.v1 import methods_pb2, service_pb2, tensor_pb2
 
-from ..conftest import SHARED, default_model_config, needs_shared, start_server
+from support import SHARED, default_model_config, needs_shared, start_server
 
 
 def sample_png(name: str = "star") -> bytes:
@@ -111,7 +111,7 @@ def test_predict_probabilities_sum_to_one_over_all_classes(client):
 
 
 def test_explain_streams_accepted_progress_maps_done(client):
-    events = list(client.explain("shapes", [sample_png(), sample_png("circle")],
+    events = list(client.explain("shapes", [sample_png(), sample_png("ring")],
                                  [("occlusion", {"window": 24, "stride": 24})], top_k=2, request_id="r-1"))
     assert isinstance(events[0], Accepted) and isinstance(events[-1], Done)
     accepted, done = events[0], events[-1]
@@ -230,10 +230,11 @@ def test_predict_errors(client):
     assert_still_serving(client)
 
 
-def test_evaluate_is_declared_but_not_served_yet(client):
+def test_evaluate_without_images_is_refused(client):
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Evaluate(service_pb2.EvaluateRequest(model="shapes"))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image" in err.value.details()
     assert_still_serving(client)
 
 
