@@ -35,3 +35,42 @@ def start_server(models, **limits):
     from onnxplain.server.main import Server
 
     return Server(ServerConfig(host="127.0.0.1", port=0, limits=Limits(**limits), models=tuple(models))).start()
+
+
+def png_bytes(array) -> bytes:
+    """An RGB uint8 array as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pointing_game(client, held_out, method: str, params: dict | None = None) -> tuple[int, int]:
+    """The pointing game on held-out images of the shipped default model (`shapes.generate(...)`), with the map
+    of each image's top-1 class made by `method` through the server: (hits, hits on the exact mask).
+
+    A hit is the map's maximum falling inside the object's bounding box, the pointing game's convention where
+    an object is known by its box (the map's pixel centre, mapped to the image's pixels, inside [x0, x1) x
+    [y0, y1)). The exact-mask count is the stricter reading; thin shapes (ring, crescent, star, cross) leave
+    much of their box to the background, and a coarse map's peak often falls in a ring's hole."""
+    import numpy as np
+    from PIL import Image
+
+    from onnxplain.client import MapResult
+
+    events = list(client.explain("shapes", [png_bytes(i) for i in held_out.images], [(method, params or {})]))
+    maps = {e.image_index: e.map for e in events if isinstance(e, MapResult) and e.final}
+    assert sorted(maps) == list(range(len(held_out)))
+    hits = on_mask = 0
+    size = held_out.images.shape[1]
+    for i, saliency in maps.items():
+        y, x = np.unravel_index(np.argmax(saliency), saliency.shape)
+        ix, iy = (x + 0.5) * size / saliency.shape[1], (y + 0.5) * size / saliency.shape[0]
+        x0, y0, x1, y1 = held_out.boxes[i]
+        hits += bool(x0 <= ix < x1 and y0 <= iy < y1)
+        mask = np.asarray(Image.fromarray(held_out.masks[i]).resize(saliency.shape[::-1], Image.Resampling.NEAREST))
+        on_mask += bool(mask[y, x])
+    return hits, on_mask

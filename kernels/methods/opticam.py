@@ -28,6 +28,10 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
   with D = 16 and 70-95% with D = 48).
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
+
+Localisation: the "max" objective rewards revealing more of the image, so with many steps the map spreads over
+the background. On held-out images of the shipped shapes model the map's maximum falls in the object's box on
+36/40 after 10 steps but 23/40 after the default 50 (tests/methods/test_opticam.py).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from PIL import Image
 from support import ROOT, SHARED_IMAGES, default_model_config, needs_shared, start_server
 
 from onnxplain.client import cli
-from onnxplain.client.client import METRICS, Client
+from onnxplain.client.client import METRICS
 from onnxplain.default_model import shapes
 
 SHAPES_METHODS = ["--methods", "occlusion,gradcam,integrated_gradients", "--param", "occlusion.window=32",

@@ -6,7 +6,6 @@ import tomllib
 
 import numpy as np
 import onnx
-import pytest
 from PIL import Image
 
 from conftest import HELD_OUT_SEED, MODEL_DIR, OCCLUSION_SEED, SALIENCY_SEED

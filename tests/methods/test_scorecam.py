@@ -3,7 +3,6 @@ torch), through the real server with several targets, and on held-out images of 
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import onnx
@@ -19,7 +18,7 @@ from onnxplain.kernels import graph
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.runtime import Runner
 
-from support import ROOT
+from support import ROOT, png_bytes, pointing_game
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
 
@@ -101,23 +100,5 @@ def test_scorecam_through_the_server_with_several_targets(client):
 
 def test_scorecam_points_at_the_object_on_held_out_shapes(client):
     held_out = shapes.generate(60, seed=9_000_011, size=128)
-    assert fraction_inside(client, held_out, "scorecam", {}) >= 0.9
-
-
-def fraction_inside(client, held_out, method, params) -> float:
-    """Share of images whose (top-1 class) map has its maximum inside the object."""
-    events = list(client.explain("shapes", [png_bytes(i) for i in held_out.images], [(method, params)]))
-    maps = {e.image_index: e.map for e in events if isinstance(e, MapResult) and e.final}
-    assert len(maps) == len(held_out)
-    inside = 0
-    for i, saliency in maps.items():
-        mask = np.asarray(Image.fromarray(held_out.masks[i]).resize((96, 96), Image.Resampling.NEAREST))
-        y, x = np.unravel_index(np.argmax(saliency), saliency.shape)
-        inside += bool(mask[y, x])
-    return inside / len(held_out)
-
-
-def png_bytes(array) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+    hits, on_mask = pointing_game(client, held_out, "scorecam")
+    assert hits / 60 >= 0.9, f"Score-CAM maximum in the object's box on {hits}/60 ({on_mask}/60 on its pixels)"
