@@ -204,8 +204,10 @@ function explain(client, definition, args) {
                          backward_samples: d.backward_samples, model_runs: d.model_runs };
       }
     });
-    call.on('error', reject);
+    let failed = false;
+    call.on('error', (err) => { failed = true; reject(err); });
     call.on('end', () => {
+      if (failed) return;   // grpc-js may end the stream after an error status: no summary then
       fs.writeFileSync(path.join(args.out, 'summary.json'), JSON.stringify(summary, null, 1) + '\n');
       resolve();
     });

@@ -81,3 +81,23 @@ def test_errors_name_the_status_and_field(address, tmp_path):
     out_of_range = node("--server", address, "explain", sample, "--model", "shapes", "--method", "occlusion",
                         "--param", "window=0", "--out", str(tmp_path))
     assert out_of_range.returncode == 1 and "INVALID_ARGUMENT" in out_of_range.stderr and "window" in out_of_range.stderr
+
+
+def test_readme_grpcurl_explain_request_is_valid_json_of_the_contract(address):
+    """README's grpcurl Explain body (JSON, base64 image) parses into an ExplainRequest the server answers."""
+    import base64
+    import re
+
+    import grpc
+    from google.protobuf import json_format
+
+    from onnxplain.v1 import service_pb2, service_pb2_grpc
+
+    body = re.search(r"Explainer/Explain <<EOF\n(.*?)\nEOF\n", (ROOT / "README.md").read_text(), re.S).group(1)
+    image = base64.b64encode((SAMPLES / "star.png").read_bytes()).decode()
+    body = body.replace("$(base64 -w0 onnxplain/default_model/samples/star.png)", image)
+    request = json_format.Parse(body, service_pb2.ExplainRequest())
+    with grpc.insecure_channel(address) as channel:
+        events = list(service_pb2_grpc.ExplainerStub(channel).Explain(request, timeout=60))
+    maps = [e.map for e in events if e.WhichOneof("event") == "map" and e.map.final]
+    assert len(maps) == 4 and {m.method for m in maps} == {"occlusion", "gradcam"}
