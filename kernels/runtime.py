@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -35,6 +35,8 @@ class Passes:
     backward_samples: int = 0
     runs: int = 0
     seconds: float = 0.0    # inside onnxruntime's run: the model passes alone
+    # Told of every run as it ends, (samples, backward, seconds): lets a server count passes live (metrics).
+    observer: Callable[[int, bool, float], None] | None = field(default=None, repr=False, compare=False)
 
 
 class Runner:
@@ -125,11 +127,14 @@ class Runner:
         """One onnxruntime run, counted in `passes` (samples defaults to the first feed's batch size)."""
         start = time.perf_counter()
         out = session.run(outputs, feeds)
-        passes.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        passes.seconds += seconds
         size = len(next(iter(feeds.values()))) if samples is None else samples
         passes.runs += 1
         if backward:
             passes.backward_samples += size
         else:
             passes.forward_samples += size
+        if passes.observer is not None:
+            passes.observer(size, backward, seconds)
         return out

@@ -51,6 +51,13 @@ class Limits:
     max_queued_jobs: int = 8               # jobs waiting for a slot; more are refused with RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 * 1024 * 1024
     max_model_bytes: int = 2 * 1024 ** 3
+    # Caps on the work one method may ask for (its parameters' own bounds are wider):
+    max_masks: int = 10_000                # rise.masks
+    max_steps: int = 256                   # integrated_gradients.steps, smoothgrad.samples
+    max_iterations: int = 200              # opticam.iterations
+    # Estimated memory of one job (validation.job_bytes: images, one batch of inputs per pass kind, the maps
+    # held); a request over it is refused with RESOURCE_EXHAUSTED before any work.
+    max_job_bytes: int = 2 * 1024 ** 3
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class ServerConfig:
     models: tuple[ModelConfig, ...] = ()
     provider: str = "auto"                 # auto (CUDA when available) | cpu
     threads: int = 0                       # onnxruntime intra-op threads; 0 = onnxruntime's default
+    metrics_port: int = 0                  # Prometheus /metrics on this port (host: `host`); 0 = off
 
 
 def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> ModelConfig:
@@ -137,7 +145,7 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"model names must be unique; repeated: {duplicates}")
-    unknown_server = set(server) - {"host", "port", "provider", "threads"}
+    unknown_server = set(server) - {"host", "port", "provider", "threads", "metrics_port"}
     if unknown_server:
         raise ConfigError(f"unknown server keys {sorted(unknown_server)}")
     return ServerConfig(limits=Limits(**limits_table), models=tuple(models), **server)

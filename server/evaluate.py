@@ -160,7 +160,7 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
 
     pre = entry.preprocessing
     response = service_pb2.EvaluateResponse()
-    with explainer.admission.slot(context.is_active) as waited:
+    with explainer.admission_for(entry).slot(context.is_active) as waited:
         compute_start = time.perf_counter()
         scores = entry.runner.scores(validation.stack(prepared), record.passes)
         targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]

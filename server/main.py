@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from onnxplain.v1 import service_pb2, service_pb2_grpc
 
 from . import config as config_module
+from . import logs
 from .config import ConfigError, ServerConfig
 from .registry import load_registry
 from .service import Explainer
@@ -47,12 +48,19 @@ class Server:
         self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise ConfigError(f"cannot listen on {config.host}:{config.port}")
+        self.metrics_port = 0   # the port of /metrics once started (config.metrics_port; 0 = off)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> "Server":
+        if self.config.metrics_port:
+            try:
+                self.metrics_port = self.explainer.metrics.serve(self.config.host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {exc}")
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -63,6 +71,7 @@ class Server:
         """Report NOT_SERVING, refuse new calls, let running calls finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
+        self.explainer.metrics.stop()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,16 +88,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-image-pixels", type=int)
     parser.add_argument("--max-message-bytes", type=int)
     parser.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 or absent: off)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines, or one JSON object per line with the call's request id")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level, args.log_format)
     try:
         config = config_module.load(args.config, args.model_dir, host=args.host, port=args.port,
-                                    provider=args.provider, max_concurrent_jobs=args.max_concurrent_jobs,
+                                    provider=args.provider, metrics_port=args.metrics_port,
+                                    max_concurrent_jobs=args.max_concurrent_jobs,
                                     max_queued_jobs=args.max_queued_jobs, max_batch=args.max_batch,
                                     max_image_pixels=args.max_image_pixels, max_message_bytes=args.max_message_bytes)
         server = Server(config).start()

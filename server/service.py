@@ -11,6 +11,7 @@ import collections
 import functools
 import inspect
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import onnx
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from onnxplain import tensors
 from onnxplain.kernels.images import upsample_bilinear
@@ -25,9 +27,10 @@ from onnxplain.kernels.methods import METHODS, Job, Maps, Method, ParamError, Pr
 from onnxplain.kernels.runtime import Passes
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
-from . import validation
+from . import logs, validation
 from .admission import Admission, Exhausted
 from .config import Limits
+from .metrics import Metrics
 from .registry import ModelEntry, Registry
 from .validation import RequestError
 
@@ -57,50 +60,121 @@ class JobRecord:
         self.samples_at_end = self.samples()
 
 
+ORT_ERRORS = tuple(getattr(ort_errors, name) for name in (
+    "Fail", "InvalidArgument", "RuntimeException", "EPFail", "EngineError", "NotImplemented", "InvalidGraph"))
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status of a failed call. A fault inside the server (an onnxruntime error included) fails this
+    call only: RESOURCE_EXHAUSTED when memory ran out, INTERNAL otherwise."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.message
+    if isinstance(exc, ParamError):   # a parameter that only the method itself could judge
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, Exhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.CANCELLED, str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or (isinstance(exc, ORT_ERRORS) and "alloc" in str(exc).lower()):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the model run ran out of memory: {text}"
+    if isinstance(exc, ORT_ERRORS):
+        return grpc.StatusCode.INTERNAL, f"the model run failed (onnxruntime): {text}"
+    return grpc.StatusCode.INTERNAL, text
+
+
+class Call:
+    """One RPC as operators see it: request id, model label, status, bytes sent; counted and logged at the end."""
+
+    def __init__(self, explainer: "Explainer", rpc: str, request, context):
+        self.explainer, self.rpc, self.context = explainer, rpc, context
+        self.start = time.perf_counter()
+        name = getattr(request, "model", "") or getattr(request, "name", "")
+        self.model = name if name and explainer.registry.get(name) is not None else ""
+        metadata = dict((k, v) for k, v in (context.invocation_metadata() or ()) if k == "x-request-id")
+        given = metadata.get("x-request-id") or getattr(request, "request_id", "")
+        self.request_id = logs.clean_request_id(given) if isinstance(given, str) else ""
+        self._token = logs.REQUEST_ID.set(self.request_id)
+        if self.request_id:
+            context.set_trailing_metadata((("x-request-id", self.request_id),))
+        self.code = grpc.StatusCode.OK
+        self.sent = 0
+
+    def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        self.code, message = status_of(exc)
+        if self.code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s", self.rpc, message, exc_info=exc)
+        return self.code, message
+
+    def sending(self, message):
+        self.sent += message.ByteSize()
+        return message
+
+    def ended(self) -> None:
+        if self.code == grpc.StatusCode.OK and not self.context.is_active():
+            remaining = self.context.time_remaining()
+            self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                         else grpc.StatusCode.CANCELLED)
+        seconds = time.perf_counter() - self.start
+        metrics = self.explainer.metrics
+        metrics.call_ended(self.rpc, self.model, self.code.name, seconds)
+        metrics.streamed.labels(self.rpc, self.model).inc(self.sent)
+        log.info("%s model=%s code=%s %.1f ms", self.rpc, self.model or "-", self.code.name, seconds * 1e3,
+                 extra={"rpc": self.rpc, "model": self.model, "code": self.code.name,
+                        "duration_ms": round(seconds * 1e3, 3), "bytes_sent": self.sent})
+        logs.REQUEST_ID.reset(self._token)
+
+
 def handles_errors(rpc):
-    """Turn RequestError / capacity / unexpected faults into gRPC statuses; the server keeps serving."""
+    """Turn RequestError / capacity / unexpected faults into gRPC statuses (the server keeps serving), and count
+    and log every call (metrics.py, logs.py)."""
 
     @functools.wraps(rpc)
     def unary(self, request, context):
+        call = Call(self, rpc.__name__, request, context)
         try:
-            return rpc(self, request, context)
-        except RequestError as exc:
-            context.abort(exc.code, exc.message)
-        except ParamError as exc:   # a parameter that only the method itself could judge
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exhausted as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except TimeoutError as exc:
-            context.abort(grpc.StatusCode.CANCELLED, str(exc))
-        except Exception as exc:  # a fault inside the server must fail this call only
-            log.exception("%s failed", rpc.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return call.sending(rpc(self, request, context))
+        except Exception as exc:
+            context.abort(*call.failed(exc))
+        finally:
+            call.ended()
 
     @functools.wraps(rpc)
     def streaming(self, request, context):
+        call = Call(self, rpc.__name__, request, context)
         try:
-            yield from rpc(self, request, context)
-        except RequestError as exc:
-            context.abort(exc.code, exc.message)
-        except ParamError as exc:   # a parameter that only the method itself could judge
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exhausted as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except TimeoutError as exc:
-            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            for message in rpc(self, request, context):
+                yield call.sending(message)
+        except GeneratorExit:   # the stream was closed under us (the caller went away)
+            call.code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
-            log.exception("%s failed", rpc.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(*call.failed(exc))
+        finally:
+            call.ended()
 
     return streaming if inspect.isgeneratorfunction(rpc) else unary
 
 
 class Explainer(service_pb2_grpc.ExplainerServicer):
-    def __init__(self, registry: Registry, limits: Limits):
+    def __init__(self, registry: Registry, limits: Limits, metrics: Metrics | None = None):
         self.registry = registry
         self.limits = limits
-        self.admission = Admission(limits.max_concurrent_jobs, limits.max_queued_jobs)
+        # One bounded queue per device (execution provider and device id): jobs on different devices do not
+        # wait for each other, and each device refuses past its own capacity.
+        self.admissions: dict[str, Admission] = {}
+        self._admissions_lock = threading.Lock()
+        self.metrics = metrics or Metrics(lambda: dict(self.admissions))
         self.jobs: collections.deque[JobRecord] = collections.deque(maxlen=256)
+
+    def admission_for(self, entry: ModelEntry) -> Admission:
+        device = device_of(entry)
+        with self._admissions_lock:
+            admission = self.admissions.get(device)
+            if admission is None:
+                admission = self.admissions[device] = Admission(self.limits.max_concurrent_jobs,
+                                                                 self.limits.max_queued_jobs)
+            return admission
 
     # ------------------------------------------------------------------------------------------ describing
 
@@ -117,7 +191,8 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
 
     @handles_errors
     def ListMethods(self, request, context):
-        return service_pb2.ListMethodsResponse(methods=[method_info(m) for m in METHODS.values()])
+        return service_pb2.ListMethodsResponse(methods=[method_info(m, self.limits) for m in METHODS.values()],
+                                               limits=limits_info(self.limits, self.limits.max_batch))
 
     @handles_errors
     def Evaluate(self, request, context):
@@ -133,7 +208,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         k = validation.top_k(entry, request.top_k)
         prepared = validation.prepared_images(entry, request.images, self.limits)
         record = self._record("Predict", entry)
-        with self.admission.slot(context.is_active):
+        with self.admission_for(entry).slot(context.is_active):
             scores = entry.runner.scores(validation.stack(prepared), record.passes)
         record.status = "ok"
         return service_pb2.PredictResponse(predictions=[
@@ -148,8 +223,12 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         plans = validation.method_plans(entry, request.methods, self.limits)
         explicit, k = validation.class_ids(entry, request.targets, self.limits)
         prepared = validation.prepared_images(entry, request.images, self.limits)
+        validation.memory_budget(entry, plans, len(prepared), len(explicit) or k, request.output.return_attribution,
+                                 self.limits)
         preprocess_ms = (time.perf_counter() - started) * 1e3
         record = self._record("Explain", entry)
+        if not logs.REQUEST_ID.get():
+            logs.REQUEST_ID.set(record.job_id)
         context.add_callback(record.rpc_ended)
         try:
             yield from self._explain(request, context, entry, plans, explicit, k, prepared, record, started,
@@ -160,13 +239,13 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
 
     def _explain(self, request, context, entry, plans, explicit, k, prepared, record, started, preprocess_ms):
         output = request.output
-        with self.admission.slot(context.is_active) as waited:
+        with self.admission_for(entry).slot(context.is_active) as waited:
             compute_start = time.perf_counter()
             scores = entry.runner.scores(validation.stack(prepared), record.passes)
             targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]
             total = sum(len(t) for t in targets) * len(plans)
             yield service_pb2.ExplainEvent(accepted=service_pb2.Accepted(
-                job_id=record.job_id, request_id=request.request_id, model=entry.name,
+                job_id=record.job_id, request_id=logs.REQUEST_ID.get(), model=entry.name,
                 execution_provider=entry.runner.provider, total_maps=total,
                 images=[service_pb2.ImageTargets(
                     image_index=i, image_name=p.name, geometry=geometry(p.geometry),
@@ -189,6 +268,8 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
                         elif isinstance(event, Maps) and (event.final or output.partial_maps):
                             for result in map_results(entry, i, p.name, plan, t, event, output):
                                 sent += result.final
+                                if result.final:
+                                    self.metrics.maps.labels(entry.name, plan.method.name).inc()
                                 yield service_pb2.ExplainEvent(map=result)
             record.status = "ok"
             finished = time.perf_counter()
@@ -202,6 +283,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
 
     def _record(self, rpc: str, entry: ModelEntry) -> JobRecord:
         record = JobRecord(uuid.uuid4().hex[:16], rpc, entry.name)
+        record.passes.observer = self.metrics.observer(entry.name)
         self.jobs.append(record)
         return record
 
@@ -283,15 +365,26 @@ def model_info(entry: ModelEntry, limits: Limits) -> service_pb2.ModelInfo:
             grid_height=layer.grid[0], grid_width=layer.grid[1], prefix_tokens=layer.prefix_tokens,
             is_default=entry.default_layer is not None and layer.name == entry.default_layer.name,
             op_type=layer.op_type) for layer in entry.layers],
-        execution_provider=entry.runner.provider,
-        limits=service_pb2.Limits(
-            max_image_pixels=limits.max_image_pixels, max_images=limits.max_images, max_methods=limits.max_methods,
-            max_targets=limits.max_targets, max_batch=entry.runner.max_batch,
-            max_concurrent_jobs=limits.max_concurrent_jobs, max_queued_jobs=limits.max_queued_jobs,
-            max_message_bytes=limits.max_message_bytes))
+        execution_provider=entry.runner.provider, limits=limits_info(limits, entry.runner.max_batch, device_of(entry)))
 
 
-def method_info(method: Method) -> methods_pb2.MethodInfo:
+def device_of(entry: ModelEntry) -> str:
+    """The device a model's jobs queue for: its execution provider and device id."""
+    provider = entry.runner.provider
+    device_id = entry.runner.session.get_provider_options().get(provider, {}).get("device_id", "0")
+    return f"{provider.removesuffix('ExecutionProvider').lower()}:{device_id}"
+
+
+def limits_info(limits: Limits, max_batch: int, device: str = "") -> service_pb2.Limits:
+    return service_pb2.Limits(
+        max_image_pixels=limits.max_image_pixels, max_images=limits.max_images, max_methods=limits.max_methods,
+        max_targets=limits.max_targets, max_batch=max_batch,
+        max_concurrent_jobs=limits.max_concurrent_jobs, max_queued_jobs=limits.max_queued_jobs,
+        max_message_bytes=limits.max_message_bytes, max_masks=limits.max_masks, max_steps=limits.max_steps,
+        max_iterations=limits.max_iterations, max_job_bytes=limits.max_job_bytes, device=device)
+
+
+def method_info(method: Method, limits: Limits) -> methods_pb2.MethodInfo:
     params = []
     for p in method.params:
         info = methods_pb2.ParamInfo(name=p.name, type=PARAM_TYPES[p.type], description=p.description,
@@ -304,8 +397,9 @@ def method_info(method: Method) -> methods_pb2.MethodInfo:
             info.default_number = float(p.default)
         if p.minimum is not None:
             info.minimum = p.minimum
-        if p.maximum is not None:
-            info.maximum = p.maximum
+        maximum = validation.param_maximum(p, limits)
+        if maximum is not None:
+            info.maximum = maximum
         params.append(info)
     return methods_pb2.MethodInfo(name=method.name, family=method.family, description=method.description,
                                   reference=method.reference, uses_layer=method.uses_layer,

@@ -33,6 +33,10 @@ def not_found(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.NOT_FOUND, message)
 
 
+# Parameters that set how much work a method does, and the server limit that caps each.
+WORK_CAPS = {"masks": "max_masks", "steps": "max_steps", "samples": "max_steps", "iterations": "max_iterations"}
+
+
 @dataclass
 class MethodPlan:
     method: Method
@@ -133,6 +137,11 @@ def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:
             params = method.resolve(given, spatial)
         except ParamError as exc:
             raise invalid(f"methods[{i}].{exc}") from None
+        for param, limit in WORK_CAPS.items():
+            cap = getattr(limits, limit)
+            if param in params and isinstance(params[param], int) and params[param] > cap:
+                raise invalid(f"methods[{i}].{name}.{param} is {params[param]}; this server allows at most {cap} "
+                              f"(limits.{limit})")
         layer = None
         if method.uses_layer:
             layer = entry.layer(spec.layer)
@@ -155,6 +164,36 @@ def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:
             raise invalid(f"methods[{i}].layer is set but {name} uses no layer; leave it empty")
         plans.append(MethodPlan(method, params, layer))
     return plans
+
+
+def param_maximum(param, limits: Limits) -> float | None:
+    """A parameter's effective maximum on this server: its declared bound, lowered by the server's work cap."""
+    limit = WORK_CAPS.get(param.name)
+    if limit is None or param.type != "int":
+        return param.maximum
+    cap = getattr(limits, limit)
+    return cap if param.maximum is None else min(param.maximum, cap)
+
+
+def job_bytes(entry: ModelEntry, plans: list[MethodPlan], images: int, targets: int, attributions: bool) -> int:
+    """Estimated peak memory of one job: the preprocessed images, one batch of perturbed inputs per pass kind
+    (forward; forward+backward when a method uses gradients, whose graph also holds the input gradient), and
+    the maps it holds (input-sized attributions when asked). Activations inside the model are not counted."""
+    sample = 4 * int(np.prod(entry.preprocessing.sample_shape))
+    pixels = entry.preprocessing.height * entry.preprocessing.width
+    kinds = 1 + 2 * any(plan.method.uses_gradients for plan in plans)
+    maps = images * len(plans) * targets * 4 * (pixels + (sample // 4 if attributions else 0))
+    return images * sample + entry.runner.max_batch * sample * kinds + maps
+
+
+def memory_budget(entry: ModelEntry, plans: list[MethodPlan], images: int, targets: int, attributions: bool,
+                  limits: Limits) -> None:
+    estimate = job_bytes(entry, plans, images, targets, attributions)
+    if estimate > limits.max_job_bytes:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this job needs about {estimate} bytes ({images} images x {len(plans)} methods x "
+                           f"{targets} targets, batch {entry.runner.max_batch}); limits.max_job_bytes is "
+                           f"{limits.max_job_bytes}: send fewer images, methods or targets")
 
 
 def top_k(entry: ModelEntry, value: int) -> int:

@@ -89,7 +89,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., prefix_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., op_type: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_pixels", "max_images", "max_methods", "max_targets", "max_batch", "max_concurrent_jobs", "max_queued_jobs", "max_message_bytes")
+    __slots__ = ("max_image_pixels", "max_images", "max_methods", "max_targets", "max_batch", "max_concurrent_jobs", "max_queued_jobs", "max_message_bytes", "max_masks", "max_steps", "max_iterations", "max_job_bytes", "device")
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,11 @@ class Limits(_message.Message):
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MASKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     max_image_pixels: int
     max_images: int
     max_methods: int
@@ -106,7 +111,12 @@ class Limits(_message.Message):
     max_concurrent_jobs: int
     max_queued_jobs: int
     max_message_bytes: int
-    def __init__(self, max_image_pixels: _Optional[int] = ..., max_images: _Optional[int] = ..., max_methods: _Optional[int] = ..., max_targets: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_masks: int
+    max_steps: int
+    max_iterations: int
+    max_job_bytes: int
+    device: str
+    def __init__(self, max_image_pixels: _Optional[int] = ..., max_images: _Optional[int] = ..., max_methods: _Optional[int] = ..., max_targets: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_masks: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_job_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "description", "inputs", "outputs", "score_tensor", "preprocessing", "num_classes", "labels", "layers", "execution_provider", "limits")
@@ -139,10 +149,12 @@ class ListMethodsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListMethodsResponse(_message.Message):
-    __slots__ = ("methods",)
+    __slots__ = ("methods", "limits")
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[_methods_pb2.MethodInfo]
-    def __init__(self, methods: _Optional[_Iterable[_Union[_methods_pb2.MethodInfo, _Mapping]]] = ...) -> None: ...
+    limits: Limits
+    def __init__(self, methods: _Optional[_Iterable[_Union[_methods_pb2.MethodInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("model", "images", "top_k")
