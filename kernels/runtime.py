@@ -58,6 +58,7 @@ class Runner:
         self.session = self._session(model)
         self.provider = self.session.get_providers()[0]
         self._num_classes: int | None = None
+        self.supplied: list = []        # kernels.supplied.GradientGraph: user-supplied gradient graphs
 
     @property
     def num_classes(self) -> int:
@@ -108,13 +109,18 @@ class Runner:
                   rule: str = "standard", wrt_input: bool = True) -> dict[str, np.ndarray]:
         """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`) and
         the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of max_batch. The gradient
-        graph is built by kernels.autodiff once per (layers, rule, wrt_input) and reused."""
+        graph is built by kernels.autodiff once per (layers, rule, wrt_input) and reused, unless a user-supplied
+        one (kernels.supplied) covers the request."""
         from . import autodiff
 
         layers = tuple(layers)
-        key = f"gradients/{rule}/{int(wrt_input)}/" + "|".join(layers)
-        session = self.graph(key, lambda: autodiff.augment(self.model, layers, wrt_input=wrt_input, rule=rule,
-                                                             scores=self.score_name))
+        supplied = next((g for g in self.supplied if g.covers(layers, rule, wrt_input)), None)
+        if supplied is not None:
+            session = supplied.session
+        else:
+            key = f"gradients/{rule}/{int(wrt_input)}/" + "|".join(layers)
+            session = self.graph(key, lambda: autodiff.augment(self.model, layers, wrt_input=wrt_input,
+                                                                 rule=rule, scores=self.score_name))
         names = [self.score_name, *layers, *(f"{name}__grad" for name in layers)]
         if wrt_input:
             names.append(f"{self.input_name}__grad")

@@ -1,0 +1,134 @@
+"""A user-supplied gradient graph (kernels/supplied.py): checked at load, used by Runner.gradients for what it
+covers. The story: a model with an operator the engine has no rule for (ELU), whose owner exports the same
+network with ELU written out (where(x > 0, x, exp(x) - 1)) and lets the engine differentiate that instead."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from onnxplain.kernels import autodiff
+from onnxplain.kernels.runtime import Passes, Runner
+from onnxplain.kernels.supplied import GradientGraphError, load
+
+
+class Net(torch.nn.Module):
+    def __init__(self, written_out: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 5)
+        self.written_out = written_out
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = torch.where(h > 0, h, torch.exp(h) - 1) if self.written_out else torch.nn.functional.elu(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def export(written_out: bool) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(Net(written_out).eval(), torch.zeros(1, 3, 16, 16), buffer, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
+                      opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    model, written = export(False), export(True)
+    assert any(n.op_type == "Elu" for n in model.graph.node)
+    path = tmp_path_factory.mktemp("supplied") / "grad.onnx"
+    onnx.save(autodiff.augment(written, scores="logits"), path)
+    return model, written, path
+
+
+def torch_gradient(x, target):
+    t = torch.tensor(x, requires_grad=True)
+    Net(False).eval()(t)[:, target].sum().backward()
+    return t.grad.numpy()
+
+
+def test_the_engine_refuses_elu_and_the_supplied_graph_gives_autograds_gradient(models):
+    model, _, path = models
+    runner = Runner(model, "logits", "input", providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    seed = np.zeros((2, 5), np.float32)
+    seed[0, 1] = seed[1, 3] = 1
+    with pytest.raises(Exception, match="Elu"):
+        runner.gradients(x, seed, Passes())
+    runner.supplied.append(load(path, runner, (3, 16, 16)))
+    passes = Passes()
+    got = runner.gradients(x, seed, passes)["input__grad"]
+    assert passes.backward_samples == 2
+    for i, target in enumerate((1, 3)):
+        expected = torch_gradient(x[i:i + 1], target)[0]
+        np.testing.assert_allclose(got[i], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_requests_it_does_not_cover_still_go_to_the_engine(models):
+    _, written, path = models
+    runner = Runner(written, "logits", "input", providers=["CPUExecutionProvider"])
+    graph = load(path, runner, (3, 16, 16))
+    assert graph.covers((), "standard", True) and not graph.covers((), "guided", True)
+    layer = next(n.output[0] for n in written.graph.node if n.op_type == "Conv")
+    assert not graph.covers((layer,), "standard", True)
+    runner.supplied.append(graph)
+    x = np.ones((1, 3, 16, 16), np.float32)
+    out = runner.gradients(x, np.eye(5, dtype=np.float32)[:1], Passes(), layers=(layer,))
+    assert out[layer + "__grad"].shape == out[layer].shape == (1, 8, 16, 16)
+
+
+def _edited(path, tmp_path, edit) -> str:
+    m = onnx.load(str(path))
+    edit(m)
+    out = tmp_path / "edited.onnx"
+    onnx.save(m, out)
+    return out
+
+
+def _negate_input_grad(m):
+    out = next(o for o in m.graph.output if o.name == "input__grad")
+    for node in m.graph.node:
+        node.output[:] = ["input__grad_raw" if o == "input__grad" else o for o in node.output]
+    m.graph.node.append(helper.make_node("Neg", ["input__grad_raw"], ["input__grad"]))
+    assert out.name == "input__grad"
+
+
+def _scale_scores(m):
+    for node in m.graph.node:
+        node.output[:] = ["logits_raw" if o == "logits" else o for o in node.output]
+        node.input[:] = ["logits_raw" if i == "logits" else i for i in node.input]
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2, np.float32), "two"))
+    m.graph.node.append(helper.make_node("Mul", ["logits_raw", "two"], ["logits"]))
+
+
+def _rename_seed(m):
+    m.graph.input[[i.name for i in m.graph.input].index("seed")].name = "cotangent"
+    for node in m.graph.node:
+        node.input[:] = ["cotangent" if i == "seed" else i for i in node.input]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_negate_input_grad, "disagrees with a finite difference"),
+    (_scale_scores, "scores differ from the model's"),
+    (_rename_seed, "inputs must be"),
+])
+def test_a_graph_that_does_not_fit_is_refused_at_load(models, tmp_path, edit, message):
+    model, _, path = models
+    runner = Runner(model, "logits", "input", providers=["CPUExecutionProvider"])
+    with pytest.raises(GradientGraphError, match=message):
+        load(_edited(path, tmp_path, edit), runner, (3, 16, 16))
+
+
+def test_a_file_that_is_not_onnx_is_refused(tmp_path, models):
+    model = models[0]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(GradientGraphError, match="not a valid ONNX model"):
+        load(bad, Runner(model, "logits", "input", providers=["CPUExecutionProvider"]), (3, 16, 16))
