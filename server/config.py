@@ -17,6 +17,20 @@ A model's TOML (a `[[models]]` table of the server config, or a `<name>.toml` fi
 
 A directory serves every `*.toml` model file in it, and every `*.onnx` that no TOML names, with default
 preprocessing (ImageNet's mean/std, centre crop) and the labels in `<stem>.txt` when that file exists.
+
+Model files are confined to the model directories (`ServerConfig.model_dirs`: `model_dirs` and `--model-dir`,
+plus the server TOML's own directory when it lists `[[models]]`, plus the shipped default model's directory
+when that is served): a model path, after `..` and symlinks are resolved, must lie inside one of them
+(server/registry.py checks it, and confines ONNX external data to the model's own directory).
+
+The server TOML's `[security]` section (see server/security.py):
+
+    [security]
+    tls_cert = "server.crt"               # PEM; with tls_key, the port speaks TLS
+    tls_key = "server.key"
+    tls_client_ca = "clients-ca.crt"      # optional: clients must present a certificate signed by it (mTLS)
+    tokens_file = "tokens.txt"            # optional: `token role[,role]` lines; auth is off without tokens
+    allowed_domains = ["com.microsoft"]   # custom operator domains a model may use (default: none)
 """
 
 from __future__ import annotations
@@ -70,6 +84,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Security:
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    tls_client_ca: pathlib.Path | None = None   # set: mutual TLS, clients need a certificate signed by this CA
+    tokens_file: pathlib.Path | None = None     # and/or ONNXPLAIN_TOKENS; no token at all: auth off
+    allowed_domains: tuple[str, ...] = ()       # custom operator domains allowed beyond ai.onnx and ai.onnx.ml
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -77,6 +100,9 @@ class ServerConfig:
     models: tuple[ModelConfig, ...] = ()
     provider: str = "auto"                 # auto (CUDA when available) | cpu
     threads: int = 0                       # onnxruntime intra-op threads; 0 = onnxruntime's default
+    security: Security = Security()
+    model_dirs: tuple[pathlib.Path, ...] = ()   # confinement roots; empty: each model's own directory
+    fail_fast: bool = False                # a model that cannot be loaded at start-up stops the server
     metrics_port: int = 0                  # Prometheus /metrics on this port (host: `host`); 0 = off
 
 
@@ -86,8 +112,9 @@ def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> 
         raise ConfigError(f"{origin}: unknown model keys {sorted(unknown)}")
     if "path" not in table:
         raise ConfigError(f"{origin}: a model needs a path")
-    path = (base / table["path"]).resolve()
-    labels = (base / table["labels"]).resolve() if table.get("labels") else None
+    # Not resolved here: the registry resolves (symlinks, `..`) and checks the result against the model directories.
+    path = base / table["path"]
+    labels = base / table["labels"] if table.get("labels") else None
     return ModelConfig(name=str(table.get("name") or path.stem), path=path, labels=labels,
                        description=str(table.get("description", "")),
                        preprocessing=dict(table.get("preprocessing", {})))
@@ -101,11 +128,11 @@ def models_in_directory(directory: pathlib.Path) -> list[ModelConfig]:
         with open(toml_path, "rb") as f:
             model = model_from_table(tomllib.load(f), directory, str(toml_path))
         models.append(model)
-        named.add(model.path)
+        named.add(model.path.resolve())
     for onnx_path in sorted(directory.glob("*.onnx")):
         if onnx_path.resolve() not in named:
             labels = onnx_path.with_suffix(".txt")
-            models.append(ModelConfig(onnx_path.stem, onnx_path.resolve(), labels if labels.exists() else None))
+            models.append(ModelConfig(onnx_path.stem, onnx_path, labels if labels.exists() else None))
     return models
 
 
@@ -119,33 +146,58 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
         with open(config_path, "rb") as f:
             table = tomllib.load(f)
         base = config_path.resolve().parent
-    unknown = set(table) - {"server", "limits", "models", "model_dirs"}
+    unknown = set(table) - {"server", "limits", "models", "model_dirs", "security"}
     if unknown:
         raise ConfigError(f"{config_path}: unknown sections {sorted(unknown)}")
     server = dict(table.get("server", {}))
     limits_table = dict(table.get("limits", {}))
+    security_table = dict(table.get("security", {}))
     limit_names = {f.name for f in dataclasses.fields(Limits)}
+    security_names = {f.name for f in dataclasses.fields(Security)}
     for key, value in overrides.items():
-        if value is None:
+        if value is None or value == () or value == []:
             continue
-        (limits_table if key in limit_names else server)[key] = value
+        if key in security_names and key != "allowed_domains":
+            value = pathlib.Path(value).resolve()   # a command-line path is relative to the working directory
+        (limits_table if key in limit_names else security_table if key in security_names else server)[key] = value
     bad = set(limits_table) - limit_names
     if bad:
         raise ConfigError(f"unknown limits {sorted(bad)}; known: {sorted(limit_names)}")
     for key, value in limits_table.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"limits.{key} must be a positive integer, got {value!r}")
+    security = security_from_table(security_table, base, str(config_path or "options"))
     models = [model_from_table(t, base, f"{config_path}: models[{i}]") for i, t in enumerate(table.get("models", []))]
+    roots = [base] if models else []
     for directory in [*(base / d for d in table.get("model_dirs", [])), *model_dirs]:
-        models.extend(models_in_directory(pathlib.Path(directory).resolve()))
+        roots.append(pathlib.Path(directory).resolve())
+        models.extend(models_in_directory(roots[-1]))
     if not models:
         with open(DEFAULT_MODEL_TOML, "rb") as f:
             models.append(model_from_table(tomllib.load(f), DEFAULT_MODEL_TOML.parent, str(DEFAULT_MODEL_TOML)))
+        roots.append(DEFAULT_MODEL_TOML.parent.resolve())
     names = [m.name for m in models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"model names must be unique; repeated: {duplicates}")
-    unknown_server = set(server) - {"host", "port", "provider", "threads", "metrics_port"}
+    unknown_server = set(server) - {"host", "port", "provider", "threads", "fail_fast", "metrics_port"}
     if unknown_server:
         raise ConfigError(f"unknown server keys {sorted(unknown_server)}")
-    return ServerConfig(limits=Limits(**limits_table), models=tuple(models), **server)
+    return ServerConfig(limits=Limits(**limits_table), models=tuple(models), security=security,
+                        model_dirs=tuple(dict.fromkeys(roots)), **server)
+
+
+def security_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> Security:
+    names = {f.name for f in dataclasses.fields(Security)}
+    unknown = set(table) - names
+    if unknown:
+        raise ConfigError(f"{origin}: unknown security keys {sorted(unknown)}; known: {sorted(names)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "allowed_domains":
+            if isinstance(value, str) or not all(isinstance(d, str) and d for d in value):
+                raise ConfigError(f"{origin}: security.allowed_domains must be a list of domain names")
+            values[key] = tuple(value)
+        else:
+            values[key] = (base / value).resolve()
+    return Security(**values)

@@ -14,16 +14,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from onnxplain.v1 import service_pb2, service_pb2_grpc
+from onnxplain.v1 import admin_pb2, admin_pb2_grpc, service_pb2, service_pb2_grpc
 
 from . import config as config_module
 from . import logs
 from .config import ConfigError, ServerConfig
+from .admin import Admin
 from .registry import load_registry
+from .security import TokenAuth, load_tokens, server_credentials
 from .service import Explainer
 
 log = logging.getLogger("onnxplain.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
+ADMIN_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+LOOPBACK = {"127.0.0.1", "::1", "localhost", "[::1]"}
 
 
 class Server:
@@ -32,7 +36,18 @@ class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         limits = config.limits
-        self.registry = load_registry(config.models, limits, config.provider, config.threads)
+        security = config.security
+        self.registry = load_registry(config.models, limits, config.provider, config.threads,
+                                      roots=config.model_dirs, allowed_domains=security.allowed_domains,
+                                      fail_fast=config.fail_fast)
+        credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
+        tokens = load_tokens(security.tokens_file)
+        interceptors = [TokenAuth(tokens)] if tokens else []
+        if tokens:
+            log.info("bearer-token auth on: %d tokens", len(tokens))
+        elif config.host not in LOOPBACK:
+            log.warning("no tokens configured: anyone who reaches %s may call every service, Admin included",
+                        config.host)
         self.explainer = Explainer(self.registry, limits)
         options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                    ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -40,12 +55,17 @@ class Server:
         # Waiting jobs hold a thread, so the pool has room for every running and queued job plus the cheap calls.
         workers = limits.max_concurrent_jobs + limits.max_queued_jobs + 8
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxplain"),
-                                options=options)
+                                options=options, interceptors=interceptors)
+        admin_pb2_grpc.add_AdminServicer_to_server(Admin(self.registry), self.grpc)
         service_pb2_grpc.add_ExplainerServicer_to_server(self.explainer, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.grpc)
+        address = f"{config.host}:{config.port}"
+        self.tls = credentials is not None
+        self.port = (self.grpc.add_secure_port(address, credentials) if credentials is not None
+                     else self.grpc.add_insecure_port(address))
         if self.port == 0:
             raise ConfigError(f"cannot listen on {config.host}:{config.port}")
         self.metrics_port = 0   # the port of /metrics once started (config.metrics_port; 0 = off)
@@ -87,6 +107,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--max-image-pixels", type=int)
     parser.add_argument("--max-message-bytes", type=int)
+    parser.add_argument("--fail-fast", action="store_true", default=None,
+                        help="exit when any configured model cannot be loaded (default: report it, serve the others)")
+    parser.add_argument("--allow-domain", action="append", default=[], dest="allowed_domains",
+                        help="custom operator domain models may use (repeatable; default: none)")
+    parser.add_argument("--tls-cert", type=pathlib.Path, help="server certificate (PEM); with --tls-key: TLS")
+    parser.add_argument("--tls-key", type=pathlib.Path, help="server private key (PEM)")
+    parser.add_argument("--tls-client-ca", type=pathlib.Path,
+                        help="CA (PEM) that client certificates must chain to: mutual TLS")
+    parser.add_argument("--tokens-file", type=pathlib.Path,
+                        help="`token role[,role]` lines (roles: explain, admin); also ONNXPLAIN_TOKENS; none: auth off")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds running calls get at shutdown")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 or absent: off)")
     parser.add_argument("--log-level", default="INFO")
@@ -103,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                                     provider=args.provider, metrics_port=args.metrics_port,
                                     max_concurrent_jobs=args.max_concurrent_jobs,
                                     max_queued_jobs=args.max_queued_jobs, max_batch=args.max_batch,
-                                    max_image_pixels=args.max_image_pixels, max_message_bytes=args.max_message_bytes)
+                                    max_image_pixels=args.max_image_pixels, max_message_bytes=args.max_message_bytes,
+                                    fail_fast=args.fail_fast, allowed_domains=tuple(args.allowed_domains),
+                                    tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                                    tokens_file=args.tokens_file)
         server = Server(config).start()
     except (ConfigError, OSError) as exc:
         print(f"onnxplain-server: {exc}", file=sys.stderr)

@@ -1,0 +1,60 @@
+"""The Admin servicer: load, unload and reload models (the `admin` role, see security.py).
+
+A reload builds the new entry completely (read, check, warm up) before it replaces the old one in the registry;
+calls already running keep the entry they took at their start, so none of them fails or changes model mid-way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from onnxplain.v1 import admin_pb2, admin_pb2_grpc, service_pb2
+
+from .config import ConfigError
+from .registry import ModelEntry, ModelExists, Registry, RegistryBusy
+
+log = logging.getLogger("onnxplain.server")
+
+
+def summary(entry: ModelEntry) -> service_pb2.ModelSummary:
+    return service_pb2.ModelSummary(name=entry.name, num_classes=entry.num_classes, description=entry.description,
+                                    execution_provider=entry.runner.provider)
+
+
+class Admin(admin_pb2_grpc.AdminServicer):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def _run(self, context, action, what: str):
+        try:
+            return action()
+        except ModelExists as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except RegistryBusy as exc:
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except KeyError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"model {exc.args[0]!r} is not served; models: {self.registry.names}")
+        except ConfigError as exc:
+            log.warning("%s refused: %s", what, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a fault while loading must fail this call only
+            log.exception("%s failed", what)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def LoadModel(self, request, context):
+        def load():
+            config = self.registry.model_config(request.path, request.name)
+            return self.registry.load(config, replace=request.replace)
+
+        return admin_pb2.LoadModelResponse(model=summary(self._run(context, load, "LoadModel")))
+
+    def UnloadModel(self, request, context):
+        entry = self._run(context, lambda: self.registry.unload(request.name), "UnloadModel")
+        return admin_pb2.UnloadModelResponse(model=summary(entry))
+
+    def ReloadModel(self, request, context):
+        entry = self._run(context, lambda: self.registry.reload(request.name), "ReloadModel")
+        return admin_pb2.ReloadModelResponse(model=summary(entry))
