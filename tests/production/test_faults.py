@@ -1,0 +1,172 @@
+"""Faults: an onnxruntime error inside a job fails that call only (maps already streamed are kept), a job over the
+memory budget is refused before any work, and SIGTERM drains the server (health NOT_SERVING, no new calls,
+running calls finish) before it exits 0."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from importlib.resources import files
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from onnxplain import tensors
+from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+
+from production import faulty_model, metric, scrape, start
+from support import default_model_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def sample_png(name: str = "star") -> bytes:
+    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
+
+
+def occlusion(**params) -> methods_pb2.MethodSpec:
+    return methods_pb2.MethodSpec(occlusion=methods_pb2.OcclusionParams(**params))
+
+
+@pytest.fixture(scope="module")
+def faulty_server(tmp_path_factory):
+    from onnxplain.server.config import ModelConfig
+
+    path = faulty_model(tmp_path_factory.mktemp("faulty") / "faulty.onnx")
+    srv = start([default_model_config(), ModelConfig("faulty", path, preprocessing={"fit": "stretch"})],
+                max_batch=8)
+    yield srv
+    srv.stop(0)
+
+
+def test_an_onnxruntime_error_fails_the_call_keeps_the_maps_and_the_server(faulty_server):
+    stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(faulty_server.address))
+    sample = np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32)
+    request = service_pb2.ExplainRequest(
+        model="faulty", images=[tensor_pb2.Image(tensor=tensors.to_proto(sample))],
+        methods=[occlusion(window=16, stride=16), occlusion(window=16, stride=16, baseline=1000.0)])
+    events = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for event in stub.Explain(request, timeout=60):
+            events.append(event)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "onnxruntime" in caught.value.details() and "Reshape" in caught.value.details()
+    finals = [e.map for e in events if e.WhichOneof("event") == "map" and e.map.final]
+    assert [m.method for m in finals] == ["occlusion"], "the first method's map was streamed before the fault"
+    assert tensors.from_proto(finals[0].map).shape == (32, 32)
+    # the server is still healthy and serves both models
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(faulty_server.address))
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    done = list(stub.Explain(service_pb2.ExplainRequest(
+        model="faulty", images=[tensor_pb2.Image(tensor=tensors.to_proto(sample))],
+        methods=[occlusion(window=16, stride=16)]), timeout=60))[-1]
+    assert done.WhichOneof("event") == "done"
+    prediction = stub.Predict(service_pb2.PredictRequest(model="shapes", images=[tensor_pb2.Image(
+        encoded=sample_png())], top_k=1), timeout=60)
+    assert prediction.predictions[0].top[0].label == "star"
+    assert metric(scrape(faulty_server), "onnxplain_calls_total", rpc="Explain", model="faulty", code="INTERNAL") == 1
+
+
+def test_a_job_over_the_memory_budget_is_refused_before_any_work():
+    srv = start([default_model_config()], max_job_bytes=5_000_000)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        assert stub.GetModel(service_pb2.GetModelRequest(name="shapes")).limits.max_job_bytes == 5_000_000
+        before = metric(scrape(srv), "onnxplain_model_samples_total")
+        request = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())] * 4,
+                                             methods=[methods_pb2.MethodSpec(method="gradient")])
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Explain(request, timeout=60))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_job_bytes" in caught.value.details()
+        assert metric(scrape(srv), "onnxplain_model_samples_total") == before
+        small = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+                                           methods=[occlusion(window=32, stride=32)])
+        assert list(stub.Explain(small, timeout=60))[-1].WhichOneof("event") == "done"
+    finally:
+        srv.stop(0)
+
+
+def test_work_caps_are_enforced_and_listed():
+    srv = start([default_model_config()], metrics=False, max_masks=500, max_steps=20, max_iterations=5)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        methods = {m.name: {p.name: p for p in m.params} for m in
+                   stub.ListMethods(service_pb2.ListMethodsRequest()).methods}
+        assert methods["rise"]["masks"].maximum == 500
+        assert methods["integrated_gradients"]["steps"].maximum == 20
+        assert methods["smoothgrad"]["samples"].maximum == 20
+        assert methods["opticam"]["iterations"].maximum == 5
+        for spec, field in [(methods_pb2.MethodSpec(rise=methods_pb2.RiseParams(masks=501)), "rise.masks"),
+                            (methods_pb2.MethodSpec(integrated_gradients=methods_pb2.IntegratedGradientsParams(
+                                steps=21)), "integrated_gradients.steps"),
+                            (methods_pb2.MethodSpec(opticam=methods_pb2.OptiCamParams(iterations=6)),
+                             "opticam.iterations")]:
+            request = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+                                                 methods=[spec])
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Explain(request, timeout=60))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in caught.value.details() and "limits.max_" in caught.value.details()
+    finally:
+        srv.stop(0)
+
+
+def test_sigterm_drains_then_exits_0(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "onnxplain.server.main", "--port", "0", "--grace", "60",
+                             "--max-batch", "16", "--log-format", "json"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        address = re.search(r"on (\S+:\d+)", line).group(1)
+        channel = grpc.insecure_channel(address)
+        stub = service_pb2_grpc.ExplainerStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        # a long call, admitted before the signal
+        request = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+                                             methods=[methods_pb2.MethodSpec(rise=methods_pb2.RiseParams(masks=800))])
+        events, errors, accepted = [], [], threading.Event()
+
+        def run():
+            try:
+                for event in stub.Explain(request, timeout=120):
+                    events.append(event)
+                    accepted.set()
+            except grpc.RpcError as exc:
+                errors.append(exc)
+                accepted.set()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert accepted.wait(60) and not errors
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(service_pb2.PredictRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())]),
+                         timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        worker.join(120)
+        assert not errors, errors
+        assert events[-1].WhichOneof("event") == "done", "the running call finished during the grace period"
+        assert proc.wait(60) == 0
+        assert time.monotonic() - signalled < 60
+        log_lines = proc.stderr.read()
+        assert '"rpc": "Explain"' in log_lines and '"code": "OK"' in log_lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
