@@ -1,0 +1,137 @@
+"""Observability: a cancelled or expired call stops the model passes within one batch (read from the metrics'
+pass counter over loopback HTTP), and JSON logs carry the request id and no credentials."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from importlib.resources import files
+
+import grpc
+import pytest
+
+from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+
+from production import metric, scrape, start
+from support import default_model_config
+
+BATCH = 8
+
+
+def sample_png(name: str = "star") -> bytes:
+    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = start([default_model_config()], max_batch=BATCH)
+    yield srv
+    srv.stop(0)
+
+
+def long_request() -> service_pb2.ExplainRequest:
+    # RISE with 4000 masks: 500 batches of 8, far longer than the test waits
+    return service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+                                      methods=[methods_pb2.MethodSpec(rise=methods_pb2.RiseParams(masks=4000))])
+
+
+def forward_samples(server) -> float:
+    return metric(scrape(server), "onnxplain_model_samples_total", model="shapes")
+
+
+def settle(server) -> float:
+    """The pass counter once it stopped moving (no job of this test running)."""
+    last = forward_samples(server)
+    while True:
+        time.sleep(0.5)
+        now = forward_samples(server)
+        if now == last:
+            return now
+        last = now
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_cancelled_or_expired_call_stops_within_one_batch(server, how):
+    stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
+    before = settle(server)
+    call = stub.Explain(long_request(), timeout=2.0 if how == "deadline" else 120)
+    progressed = 0
+    with pytest.raises(grpc.RpcError) as caught:
+        for event in call:
+            if event.WhichOneof("event") == "progress":
+                progressed = event.progress.done
+                if how == "cancel" and progressed >= 5 * BATCH:
+                    call.cancel()
+    assert caught.value.code() == (grpc.StatusCode.CANCELLED if how == "cancel" else grpc.StatusCode.DEADLINE_EXCEEDED)
+    ended = forward_samples(server)
+    after = settle(server)
+    # samples counted when the client saw the end, and once the server's job stopped: at most one more batch
+    assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
+    assert after - before < 4000 / 2, "the job did not run to completion"
+    code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
+    deadline = time.monotonic() + 10
+    while metric(scrape(server), "onnxplain_calls_total", rpc="Explain", code=code) < 1:
+        assert time.monotonic() < deadline, f"no Explain call counted as {code}"
+        time.sleep(0.1)
+
+
+def test_metrics_count_calls_maps_bytes_and_show_the_queue(server):
+    stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
+    before = scrape(server)
+    events = list(stub.Explain(service_pb2.ExplainRequest(
+        model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+        methods=[methods_pb2.MethodSpec(method="gradcam")]), timeout=60))
+    with pytest.raises(grpc.RpcError):
+        stub.GetModel(service_pb2.GetModelRequest(name="no such model " * 10))
+    after = scrape(server)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("onnxplain_calls_total", rpc="Explain", model="shapes", code="OK") == 1
+    assert delta("onnxplain_calls_total", rpc="GetModel", model="", code="NOT_FOUND") == 1, "unknown names: model=''"
+    assert delta("onnxplain_maps_total", model="shapes", method="gradcam") == 1
+    assert delta("onnxplain_streamed_bytes_total", rpc="Explain") == sum(e.ByteSize() for e in events)
+    assert delta("onnxplain_call_seconds_count", rpc="Explain", model="shapes") == 1
+    assert delta("onnxplain_model_samples_total", model="shapes", **{"pass": "backward"}) == 1
+    assert metric(after, "onnxplain_job_slots", device="cpu:0", state="queued") == 8
+    assert "onnxplain_jobs_queued{device=\"cpu:0\"}" in after and "onnxplain_jobs_running{device=\"cpu:0\"}" in after
+
+
+def test_json_logs_carry_the_request_id_and_no_secrets(server):
+    from onnxplain.server import logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.RequestIdFilter())
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("onnxplain.server")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
+        request = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+                                             methods=[methods_pb2.MethodSpec(method="gradcam")],
+                                             request_id="from-field")
+        secret = [("authorization", "Bearer s3cr3t-token"), ("x-request-id", "from-metadata {evil}")]
+        call = stub.Explain(request, metadata=secret, timeout=60)
+        accepted = next(iter(call)).accepted
+        list(call)
+        assert accepted.request_id == "from-metadata__evil_", "metadata wins, cleaned"
+        assert dict(call.trailing_metadata())["x-request-id"] == "from-metadata__evil_"
+        events = list(stub.Explain(request, timeout=60))
+        assert events[0].accepted.request_id == "from-field", "the field when no metadata"
+        request.request_id = ""
+        events = list(stub.Explain(request, timeout=60))
+        assert events[0].accepted.request_id == events[0].accepted.job_id, "else the job id"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    calls = [line for line in lines if line.get("rpc") == "Explain"]
+    assert [c["request_id"] for c in calls] == ["from-metadata__evil_", "from-field", events[0].accepted.job_id]
+    assert all(c["code"] == "OK" and c["model"] == "shapes" and c["duration_ms"] > 0 for c in calls)
+    assert "s3cr3t" not in stream.getvalue()
