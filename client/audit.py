@@ -17,7 +17,8 @@ summary.json (methods x metrics: mean and 95% percentile-bootstrap interval; AD/
 
 `--server` may be repeated (or be one `dns:///name:port` target): the calls go over one channel balanced
 round-robin over the replicas, `--workers` at a time; every item is one independent call, so the results do
-not depend on which replica answered it.
+not depend on which replica answered it. An item whose replica dies (UNAVAILABLE) is sent again and lands on
+another replica; its json's "timings" record the attempts it took.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import concurrent.futures
 import csv
 import html
 import io
-import ipaddress
 import json
 import os
 import pathlib
@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import client as client_module
 from .client import METRICS, Client, Evaluation
 from .overlay import overlay
 
@@ -54,6 +55,7 @@ HIGHER_IS_BETTER = {"average_drop": False, "average_gain": True, "average_increa
                     "deletion": False, "pointing_game": True, "energy_pointing_game": True}
 SHORT = {"average_drop": "AD", "average_gain": "AG", "average_increase": "AI", "insertion": "Ins",
          "deletion": "Del", "pointing_game": "PG", "energy_pointing_game": "EPG"}
+# A replica that died or went away answers UNAVAILABLE (its calls in flight too); a full one RESOURCE_EXHAUSTED.
 RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
 BOOTSTRAP = 10_000
 
@@ -141,33 +143,11 @@ def parse_metrics(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- channel
 
 def channel_target(servers: list[str]) -> str:
-    """One gRPC target for one or several replicas: several HOST:PORT become `ipv4:a:p1,b:p2` (or ipv6:)."""
-    if len(servers) == 1:
-        return servers[0]
-    hosts, family = [], set()
-    for s in servers:
-        host, sep, port = s.rpartition(":")
-        if not sep or not port.isdigit():
-            raise AuditError(f"--server {s!r} must be HOST:PORT when --server is repeated")
-        host = "127.0.0.1" if host == "localhost" else host
-        try:
-            address = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise AuditError(f"--server {s!r}: repeated servers must be IP addresses (or give one "
-                             "dns:///NAME:PORT target that resolves to every replica)") from None
-        family.add(address.version)
-        hosts.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
-    if len(family) > 1:
-        raise AuditError("--server: mix of IPv4 and IPv6 addresses; use one family")
-    return f"ipv{family.pop()}:" + ",".join(hosts)
-
-
-def balanced_channel(servers: list[str], max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
-    config = {"loadBalancingConfig": [{"round_robin": {}}]}
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.service_config", json.dumps(config))]
-    return grpc.insecure_channel(channel_target(servers), options=options)
+    """One gRPC target for the replicas (client.channel_target), or an AuditError naming --server."""
+    try:
+        return client_module.channel_target(servers)
+    except ValueError as exc:
+        raise AuditError(f"--server: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -194,7 +174,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def save_item(out: pathlib.Path, item: Item, evaluation: Evaluation, target_source: str) -> dict:
+def save_item(out: pathlib.Path, item: Item, evaluation: Evaluation, target_source: str, attempts: int = 1) -> dict:
     """Write the item's maps, overlays and (last) its json marker; returns the json's content."""
     image_info = evaluation.images[0]
     maps = {}
@@ -224,7 +204,8 @@ def save_item(out: pathlib.Path, item: Item, evaluation: Evaluation, target_sour
         "maps": maps, "scores": list(scores.values()),
         "timings": {"total_ms": evaluation.done.total_ms, "model_ms": evaluation.done.model_ms,
                     "forward_samples": evaluation.done.forward_samples,
-                    "backward_samples": evaluation.done.backward_samples},
+                    "backward_samples": evaluation.done.backward_samples,
+                    "attempts": attempts},   # calls it took (retries after a replica died): not a result
     }
     write_atomic(out / "items" / f"{item.key}.json", json.dumps(record, indent=1).encode())
     return record
@@ -247,7 +228,11 @@ class Settings:
 
 
 def evaluate_item(client: Client, settings: Settings, item: Item, target: int | None, timeout: float | None,
-                  retries: int = 8) -> Evaluation:
+                  retries: int = 8) -> tuple[Evaluation, int]:
+    """The item's Evaluate call and the number of attempts it took. A RETRYABLE failure sends the call again
+    (after a short backoff): over several replicas the channel's round_robin picks the next ready one, and a dead
+    replica has left the rotation once its connection broke, so its items move to the living replicas; with one
+    server the retries wait, with backoff, for it to come back. Other errors (bad requests) are not retried."""
     metrics = [m for m in settings.metrics if item.box is not None or m not in POINTING]
     boxes = [(0, *item.box, True)] if item.box is not None else []
     for attempt in range(retries + 1):
@@ -255,7 +240,7 @@ def evaluate_item(client: Client, settings: Settings, item: Item, target: int | 
             return client.evaluate(settings.model, [item.path], settings.methods, metrics=metrics,
                                    targets=[target] if target is not None else [], top_k=0 if target is not None else 1,
                                    layer=settings.layer, steps=settings.steps, blur_sigma=settings.blur_sigma,
-                                   return_curves=True, boxes=boxes, return_maps=True, timeout=timeout)
+                                   return_curves=True, boxes=boxes, return_maps=True, timeout=timeout), attempt + 1
         except grpc.RpcError as exc:
             if exc.code() not in RETRYABLE or attempt == retries:
                 raise
@@ -291,7 +276,8 @@ def run_audit(dataset: str, servers: list[str], settings: Settings, out: str | o
     done = {p.stem for p in (out / "items").glob("*.json")}
     todo = [item for item in items if item.key not in done]
     started = time.perf_counter()
-    with Client(channel=balanced_channel(servers), timeout=timeout) as client:
+    channel_target(servers)   # a usage error before any work
+    with Client(servers, timeout=timeout) as client:
         info = client.model(settings.model)
         targets = {item.key: resolve_target(item.label, list(info.labels), info.num_classes) for item in items}
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", disable=quiet, desc="audit",
@@ -317,8 +303,8 @@ def run_audit(dataset: str, servers: list[str], settings: Settings, out: str | o
 
 
 def _one(client, settings, out, item, target, timeout):
-    evaluation = evaluate_item(client, settings, item, target, timeout)
-    save_item(out, item, evaluation, "label" if target is not None else "top1")
+    evaluation, attempts = evaluate_item(client, settings, item, target, timeout)
+    save_item(out, item, evaluation, "label" if target is not None else "top1", attempts)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -572,8 +558,9 @@ def cmd_audit(client: Client, args) -> None:
         raise AuditError("--model is required")
     settings = Settings(model, [(m, params[m]) for m in names], parse_metrics(args.metrics), args.steps,
                         args.blur_sigma, args.layer)
-    result = run_audit(args.dataset, args.servers or [args.server], settings, args.out, resume=args.resume,
-                       workers=args.workers, timeout=args.timeout, quiet=args.quiet)
+    servers = args.servers or args.server or ["127.0.0.1:50051"]   # audit's own --server, else the CLI's
+    result = run_audit(args.dataset, servers, settings, args.out, resume=args.resume, workers=args.workers,
+                       timeout=args.timeout, quiet=args.quiet)
     print(f"audit: {result['computed']} images computed, {result['skipped']} already done, "
           f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s); written to {args.out}/",
           file=sys.stderr)

@@ -8,6 +8,10 @@
                       [--param key=value ...] --out DIR
     onnxplain audit DATASET --model M --methods a,b [--metrics ad,ag,...] --out DIR [--resume]
                     [--server HOST:PORT ...]
+    onnxplain health [--service NAME]          (grpc.health.v1: exit 0 when every --server is SERVING)
+
+`--server` may be repeated (HOST:PORT of each replica) or be one `dns:///NAME:PORT` / `ipv4:a:p,b:p` target:
+calls are balanced round-robin over the replicas (client.Client).
 
 Exit status: 0 on success, 1 when the server answers with an error (its message is printed), 2 on a usage
 error.
@@ -29,7 +33,14 @@ from .overlay import overlay
 from .audit import add_parser as add_audit_parser
 
 
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
 class UsageError(Exception):
+    pass
+
+
+class HealthError(Exception):
     pass
 
 
@@ -151,10 +162,51 @@ def save_map(out: pathlib.Path, image_path: str, stem: str, result: MapResult, c
     return [npy, png]
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def health_status(target: str, service: str = "", timeout: float = 5.0) -> str:
+    """grpc.health.v1 Check of one server. The two messages are one string field and one enum field, encoded
+    here by hand so that the thin client needs no grpcio-health-checking."""
+    name = service.encode()
+    request = (b"\x0a" + _varint(len(name)) + name) if name else b""
+    with grpc.insecure_channel(target) as channel:
+        response = channel.unary_unary(HEALTH_CHECK)(request, timeout=timeout)
+    status = response[1] if len(response) >= 2 and response[0] == 0x08 else 0   # field 1, varint; absent = 0
+    return HEALTH_STATUS.get(status, str(status))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def cmd_health(client: Client, args) -> None:
+    """Every --server (each replica on its own) must answer SERVING; for containers' HEALTHCHECK."""
+    failing = []
+    for target in args.server or [DEFAULT_SERVER]:
+        try:
+            status = health_status(target, args.service, args.timeout or 5.0)
+        except grpc.RpcError as exc:
+            status = f"{exc.code().name}: {exc.details()}"
+        print(f"{target}: {status}")
+        if status != "SERVING":
+            failing.append(target)
+    if failing:
+        raise HealthError(f"not serving: {', '.join(failing)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxplain", description="Explain ONNX image classifiers with an "
                                      "onnxplain server.")
-    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the server (default %(default)s)")
+    parser.add_argument("--server", action="append", default=[],
+                        help=f"HOST:PORT of the server (default {DEFAULT_SERVER}); repeat it for replicas (round-robin), "
+                        "or give one dns:///NAME:PORT target")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
@@ -181,16 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_explain)
     add_audit_parser(sub)   # onnxplain audit DATASET ... (client/audit.py)
+    p = sub.add_parser("health", help="grpc.health.v1 check of every --server (exit 0 when all are SERVING)")
+    p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    p.set_defaults(run=cmd_health)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.server, timeout=args.timeout if args.command != "explain" else None) as client:
+        timeout = args.timeout if args.command != "explain" else None
+        with Client(args.server or [DEFAULT_SERVER], timeout=timeout) as client:
             args.run(client, args)
     except grpc.RpcError as exc:
         print(f"onnxplain: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except HealthError as exc:
+        print(f"onnxplain: {exc}", file=sys.stderr)
         return 1
     except (UsageError, ValueError, OSError) as exc:
         print(f"onnxplain: error: {exc}", file=sys.stderr)

@@ -6,14 +6,20 @@ with numpy maps.
         for event in c.explain("shapes", ["star.png"], methods=["occlusion"], top_k=2):
             if isinstance(event, MapResult) and event.final:
                 print(event.label, event.map.shape)
+
+Several replicas: `Client(["10.0.0.1:50051", "10.0.0.2:50051"])` or `Client("dns:///onnxplain.ns.svc:50051")`
+balances calls over them with gRPC's round_robin policy (each call goes to the next ready replica; a replica
+that goes away leaves the rotation, and one that comes back rejoins it).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import grpc
 import numpy as np
@@ -198,12 +204,59 @@ def _convert(fd, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: cannot use {value!r}: {exc}") from None
 
 
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")   # targets that may name several replicas
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def channel_target(targets: str | Sequence[str]) -> str:
+    """One gRPC target for one or several replicas. A single target passes through (`HOST:PORT`,
+    `dns:///NAME:PORT`, `ipv4:a:p1,b:p2`, ...); several `HOST:PORT` become `ipv4:a:p1,b:p2` (or `ipv6:`), the
+    target syntax of a fixed list of addresses (gRPC resolves no names inside it: hosts must be IP addresses,
+    `localhost` is taken as 127.0.0.1)."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("no server given")
+    if len(targets) == 1:
+        return targets[0]
+    hosts, family = [], set()
+    for s in targets:
+        host, sep, port = s.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"server {s!r} must be HOST:PORT when several servers are given")
+        host = "127.0.0.1" if host == "localhost" else host
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"server {s!r}: several servers must be IP addresses (or give one dns:///NAME:PORT "
+                             "target that resolves to every replica)") from None
+        family.add(address.version)
+        hosts.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    if len(family) > 1:
+        raise ValueError("servers mix IPv4 and IPv6 addresses; use one family")
+    return f"ipv{family.pop()}:" + ",".join(hosts)
+
+
+def balanced(target: str) -> bool:
+    """Whether a target may name several replicas (then calls go round-robin over them)."""
+    return target.startswith(BALANCED_SCHEMES)
+
+
+def make_channel(targets: str | Sequence[str], max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
+    """An insecure channel to one server, or balanced round-robin over the replicas `targets` names."""
+    target = channel_target(targets)
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if balanced(target):
+        # pick_first (the default) would send every call to one replica; round_robin keeps a connection to
+        # each address the resolver returns and rotates over the ready ones.
+        options.append(("grpc.service_config", ROUND_ROBIN))
+    return grpc.insecure_channel(target, options=options)
+
+
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None,
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = channel or grpc.insecure_channel(target, options=options)
+        self.channel = channel or make_channel(target, max_message_bytes)
         self.stub = service_pb2_grpc.ExplainerStub(self.channel)
         self.timeout = timeout
 
