@@ -22,7 +22,7 @@ from .config import ConfigError, ServerConfig
 from .admin import Admin
 from .registry import load_registry
 from .security import TokenAuth, load_tokens, server_credentials
-from .service import Explainer
+from .service import Explainer, MalformedRequests
 
 log = logging.getLogger("onnxplain.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
@@ -43,6 +43,7 @@ class Server:
         credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
         tokens = load_tokens(security.tokens_file)
         interceptors = [TokenAuth(tokens)] if tokens else []
+        interceptors.append(MalformedRequests())   # unparsable request bytes: INVALID_ARGUMENT, not INTERNAL
         if tokens:
             log.info("bearer-token auth on: %d tokens", len(tokens))
         elif config.host not in LOOPBACK:

@@ -125,6 +125,43 @@ class Call:
         logs.REQUEST_ID.reset(self._token)
 
 
+class Malformed:
+    """A request whose bytes are not the RPC's message (stands in for it; answered with INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """Bytes that do not parse as the RPC's request message get INVALID_ARGUMENT (gRPC's own answer would be
+    INTERNAL, which the contract keeps for faults inside the server)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+
+        def deserializer(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:   # protobuf's DecodeError, or any other failure to parse
+                return Malformed(f"the request is not a valid message for {method}: {exc}")
+
+        def guarded(behaviour):
+            def run(request, context):
+                if isinstance(request, Malformed):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return behaviour(request, context)
+            return run
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(guarded(handler.unary_stream), deserializer,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(guarded(handler.unary_unary), deserializer,
+                                                   handler.response_serializer)
+
+
 def handles_errors(rpc):
     """Turn RequestError / capacity / unexpected faults into gRPC statuses (the server keeps serving), and count
     and log every call (metrics.py, logs.py)."""
