@@ -305,8 +305,8 @@ class Registry:
                 raise ConfigError(f"{path}: {exc}") from None
             config = model_from_table(table, resolved.parent, path)
         else:
-            labels = resolved.with_suffix(".txt")
-            config = ModelConfig(resolved.stem, candidate, labels if labels.exists() else None)
+            labels = candidate.with_suffix(".txt")
+            config = ModelConfig(candidate.stem, candidate, labels if labels.exists() else None)
         return dataclasses.replace(config, name=name) if name else config
 
     def load(self, config: ModelConfig, replace: bool = False) -> ModelEntry:
