@@ -9,6 +9,10 @@
     onnxplain audit DATASET --model M --methods a,b [--metrics ad,ag,...] --out DIR [--resume]
                     [--server HOST:PORT ...]
     onnxplain health [--service NAME]          (grpc.health.v1: exit 0 when every --server is SERVING)
+    onnxplain admin load PATH [--name N] [--replace] | unload NAME | reload NAME   (the `admin` role)
+
+Credentials (see the README's Security section): --token (default $ONNXPLAIN_TOKEN) sends a bearer token;
+--tls / --tls-ca CA.pem speak TLS; --tls-cert and --tls-key add this client's certificate (mutual TLS).
 
 `--server` may be repeated (HOST:PORT of each replica) or be one `dns:///NAME:PORT` / `ipv4:a:p,b:p` target:
 calls are balanced round-robin over the replicas (client.Client).
@@ -201,6 +205,14 @@ def cmd_health(client: Client, args) -> None:
         raise HealthError(f"not serving: {', '.join(failing)}")
 
 
+def cmd_admin(client: Client, args) -> None:
+    if args.action == "load":
+        model = client.load_model(args.path, args.name, args.replace)
+    else:
+        model = (client.unload_model if args.action == "unload" else client.reload_model)(args.name)
+    print(f"{args.action}ed {model.name}\t{model.num_classes} classes\t{model.execution_provider}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxplain", description="Explain ONNX image classifiers with an "
                                      "onnxplain server.")
@@ -208,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"HOST:PORT of the server (default {DEFAULT_SERVER}); repeat it for replicas (round-robin), "
                         "or give one dns:///NAME:PORT target")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
+    parser.add_argument("--token", default=None, help="bearer token (default: $ONNXPLAIN_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    parser.add_argument("--tls-ca", help="TLS: the CA certificate (PEM) that signed the server's")
+    parser.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
+    parser.add_argument("--tls-key", help="mutual TLS: this client's private key (PEM)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
     p = sub.add_parser("model", help="describe a model: input, preprocessing, layers")
@@ -233,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_explain)
     add_audit_parser(sub)   # onnxplain audit DATASET ... (client/audit.py)
+    p = sub.add_parser("admin", help="model management: load, unload, reload (needs the admin role)")
+    admin = p.add_subparsers(dest="action", required=True)
+    a = admin.add_parser("load", help="serve a .onnx or model .toml from the server's model directories")
+    a.add_argument("path", help="relative to a model directory of the server, or absolute inside one")
+    a.add_argument("--name", default="", help="name to serve it under (default: the TOML's name or the file stem)")
+    a.add_argument("--replace", action="store_true", help="swap a model already served under that name")
+    a.set_defaults(run=cmd_admin)
+    for action, text in (("unload", "stop serving a model (running calls finish)"),
+                         ("reload", "load a model again from its file, atomically (running calls finish)")):
+        a = admin.add_parser(action, help=text)
+        a.add_argument("name")
+        a.set_defaults(run=cmd_admin)
     p = sub.add_parser("health", help="grpc.health.v1 check of every --server (exit 0 when all are SERVING)")
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
     p.set_defaults(run=cmd_health)
@@ -243,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         timeout = args.timeout if args.command != "explain" else None
-        with Client(args.server or [DEFAULT_SERVER], timeout=timeout) as client:
+        with Client(args.server or [DEFAULT_SERVER], timeout=timeout, token=args.token, tls=args.tls,
+                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             args.run(client, args)
     except grpc.RpcError as exc:
         print(f"onnxplain: error: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -25,7 +25,9 @@ import grpc
 import numpy as np
 
 from onnxplain import tensors
-from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+from onnxplain.v1 import admin_pb2, admin_pb2_grpc, methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
+
+from . import auth
 
 ImageLike = Union[str, os.PathLike, bytes, np.ndarray, tensor_pb2.Image]
 MethodLike = Union[str, tuple, methods_pb2.MethodSpec]
@@ -241,8 +243,10 @@ def balanced(target: str) -> bool:
     return target.startswith(BALANCED_SCHEMES)
 
 
-def make_channel(targets: str | Sequence[str], max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
-    """An insecure channel to one server, or balanced round-robin over the replicas `targets` names."""
+def make_channel(targets: str | Sequence[str], max_message_bytes: int = 64 * 1024 * 1024,
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to one server, or balanced round-robin over the replicas `targets` names; TLS when
+    `credentials` (auth.channel_credentials) are given, plaintext otherwise."""
     target = channel_target(targets)
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
@@ -250,14 +254,23 @@ def make_channel(targets: str | Sequence[str], max_message_bytes: int = 64 * 102
         # pick_first (the default) would send every call to one replica; round_robin keeps a connection to
         # each address the resolver returns and rotates over the ready ones.
         options.append(("grpc.service_config", ROUND_ROBIN))
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=options)
     return grpc.insecure_channel(target, options=options)
 
 
 class Client:
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, timeout: float | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None):
-        self.channel = channel or make_channel(target, max_message_bytes)
+                 max_message_bytes: int = 64 * 1024 * 1024, channel: grpc.Channel | None = None,
+                 token: str | None = None, tls: bool = False, tls_ca=None, tls_cert=None, tls_key=None):
+        """`token`: bearer token sent on every call (default $ONNXPLAIN_TOKEN); TLS when `tls` or any `tls_*`
+        path is given (`tls_ca`: CA that signed the server, default the system's roots; `tls_cert` + `tls_key`:
+        this client's certificate for mutual TLS). See client/auth.py."""
+        credentials = (auth.channel_credentials(tls_ca, tls_cert, tls_key)
+                       if tls or tls_ca or tls_cert or tls_key else None)
+        self.channel = auth.with_token(channel or make_channel(target, max_message_bytes, credentials), token)
         self.stub = service_pb2_grpc.ExplainerStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self.timeout = timeout
 
     def __enter__(self) -> "Client":
@@ -271,6 +284,20 @@ class Client:
 
     def models(self) -> list[service_pb2.ModelSummary]:
         return list(self.stub.ListModels(service_pb2.ListModelsRequest(), timeout=self.timeout).models)
+
+    # Model management (the Admin service; the `admin` role when the server has tokens).
+    def load_model(self, path: str, name: str = "", replace: bool = False) -> service_pb2.ModelSummary:
+        """Serve the .onnx or model .toml at `path` (inside one of the server's model directories)."""
+        request = admin_pb2.LoadModelRequest(path=str(path), name=name, replace=replace)
+        return self.admin.LoadModel(request, timeout=self.timeout).model
+
+    def unload_model(self, name: str) -> service_pb2.ModelSummary:
+        """Stop serving `name`; calls already running on it finish."""
+        return self.admin.UnloadModel(admin_pb2.UnloadModelRequest(name=name), timeout=self.timeout).model
+
+    def reload_model(self, name: str) -> service_pb2.ModelSummary:
+        """Load `name` again from its file and swap it in; calls already running finish on the old one."""
+        return self.admin.ReloadModel(admin_pb2.ReloadModelRequest(name=name), timeout=self.timeout).model
 
     def model(self, name: str) -> service_pb2.ModelInfo:
         return self.stub.GetModel(service_pb2.GetModelRequest(name=name), timeout=self.timeout)
