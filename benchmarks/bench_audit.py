@@ -1,7 +1,8 @@
-"""Audit throughput (images/s) with one and with two server replicas (separate onnxplain-server processes on
-loopback, the audit balancing round-robin over them), and a check that both runs write the same results.
+"""Audit throughput (images/s) with 1, 2, ... N server replicas (separate onnxplain-server processes on
+loopback, the audit balancing round-robin over them), and a check that every run writes the same results.
 
-    python benchmarks/bench_audit.py                    # shapes model, 24 generated images
+    python benchmarks/bench_audit.py                    # shapes model, 24 generated images, 1-3 replicas
+    python benchmarks/bench_audit.py --replicas 2
     python benchmarks/bench_audit.py --images 48 --methods occlusion,gradcam --steps 50
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import pathlib
 import subprocess
 import sys
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--methods", default="occlusion,gradcam,integrated_gradients")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--replicas", type=int, default=3, help="measure 1..REPLICAS replicas (default 3)")
     args = parser.parse_args()
     methods = [(m, {"window": "32", "stride": "32"} if m == "occlusion" else
                 {"steps": "8"} if m == "integrated_gradients" else {}) for m in args.methods.split(",")]
@@ -48,10 +51,11 @@ def main() -> None:
             for i in range(len(sample)):
                 Image.fromarray(sample.images[i]).save(tmp / f"{i:03d}.png")
                 csv.writer(f).writerow([f"{i:03d}.png", int(sample.labels[i])])
-        servers = [start_server(None) for _ in range(2)]
+        servers = [start_server(None) for _ in range(args.replicas)]
+        print(f"{os.cpu_count()} CPUs; every replica's onnxruntime uses its default thread count", flush=True)
         try:
             results = {}
-            for replicas in (1, 2):
+            for replicas in range(1, args.replicas + 1):
                 addresses = [address for _, address in servers[:replicas]]
                 run_audit(tmp / "data.csv", addresses, Settings("shapes", methods[:1], ["deletion"], 2, 5.0, ""),
                           tmp / f"warm{replicas}", quiet=True)   # sessions built and warm on every replica
@@ -61,8 +65,10 @@ def main() -> None:
                 results[replicas] = seconds
                 print(f"{replicas} replica(s): {args.images} images in {seconds:.1f} s = "
                       f"{args.images / seconds:.2f} images/s", flush=True)
-            same = (tmp / "out1" / "metrics.csv").read_bytes() == (tmp / "out2" / "metrics.csv").read_bytes()
-            print(f"metrics.csv identical with 1 and 2 replicas: {same}; speed-up {results[1] / results[2]:.2f}x")
+            reference = (tmp / "out1" / "metrics.csv").read_bytes()
+            same = all((tmp / f"out{r}" / "metrics.csv").read_bytes() == reference for r in results)
+            print(f"metrics.csv identical with 1..{args.replicas} replicas: {same}; speed-up over 1 replica: "
+                  + ", ".join(f"{r}: {results[1] / s:.2f}x" for r, s in results.items()))
         finally:
             for process, _ in servers:
                 process.terminate()
