@@ -43,14 +43,15 @@ class GradientGraph:
         return rule == self.rule and set(layers) <= self.layers and (self.input_grad or not wrt_input)
 
 
-def load(path: pathlib.Path, runner, sample_shape: tuple[int, ...], rule: str = "standard",
+def load(source: pathlib.Path | onnx.ModelProto, runner, sample_shape: tuple[int, ...], rule: str = "standard",
          seed: int = 0) -> GradientGraph:
-    """Read and check a supplied gradient graph for the model of `runner` (GradientGraphError when it does not
-    fit). `sample_shape`: one preprocessed sample, without the batch axis."""
+    """Check a supplied gradient graph (a file, or a model already read) for the model of `runner`
+    (GradientGraphError when it does not fit). `sample_shape`: one preprocessed sample, without the batch axis."""
     if rule not in ("standard", "guided", "deconvnet"):
         raise GradientGraphError(f"gradient_rule must be standard, guided or deconvnet, got {rule!r}")
+    path = source.graph.name if isinstance(source, onnx.ModelProto) else source
     try:
-        model = onnx.load(str(path))
+        model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
         onnx.checker.check_model(model)
     except Exception as exc:
         raise GradientGraphError(f"gradient graph {path}: not a valid ONNX model: {exc}") from None
@@ -112,16 +113,20 @@ def _check_values(session, runner, layers, input_grad, sample_shape, rule, seed,
         raise GradientGraphError(f"gradient graph {path}: {runner.input_name}{GRAD} has shape "
                                  f"{list(got[runner.input_name + GRAD].shape)}, the input has {list(x.shape)}")
     if rule == "standard" and input_grad:
-        # directional derivative of the target's score along a random unit direction, in float64 arithmetic
-        # of float32 runs: central difference with a step that keeps rounding well below the tolerance
-        v = rng.standard_normal(x.shape)
-        v /= np.linalg.norm(v)
+        # directional derivatives of the target's score along a random direction and along the supplied gradient
+        # itself, against central differences of the model (float32 runs, a step well above rounding)
+        g = got[runner.input_name + GRAD].astype(np.float64)
         h = 1e-2 * max(1.0, float(np.abs(x).max()))
-        plus, minus = (runner.session.run([runner.score_name], {runner.input_name: (x + s * h * v).astype(np.float32)})
-                       [0][0, target].astype(np.float64) for s in (1, -1))
-        numeric = (plus - minus) / (2 * h)
-        analytic = float((got[runner.input_name + GRAD].astype(np.float64) * v).sum())
-        if abs(numeric - analytic) > 0.05 * max(abs(numeric), abs(analytic), 1e-3 * scale):
-            raise GradientGraphError(f"gradient graph {path}: its input gradient disagrees with a finite "
-                                     f"difference of the model (directional derivative {analytic:.6g} vs "
-                                     f"{numeric:.6g})")
+        for v in (rng.standard_normal(x.shape), g):
+            norm = np.linalg.norm(v)
+            if norm == 0:
+                continue
+            v = v / norm
+            plus, minus = (runner.session.run([runner.score_name], {
+                runner.input_name: (x + s * h * v).astype(np.float32)})[0][0, target].astype(np.float64)
+                for s in (1, -1))
+            numeric, analytic = (plus - minus) / (2 * h), float((g * v).sum())
+            if abs(numeric - analytic) > 0.05 * max(abs(numeric), abs(analytic), 1e-3 * scale):
+                raise GradientGraphError(f"gradient graph {path}: its input gradient disagrees with a finite "
+                                         f"difference of the model (directional derivative {analytic:.6g} vs "
+                                         f"{numeric:.6g})")

@@ -6,6 +6,8 @@ A model's TOML (a `[[models]]` table of the server config, or a `<name>.toml` fi
     path = "efficientnet_lite0.onnx"      # relative to the TOML file
     labels = "imagenet_labels.txt"        # optional; one class name per line
     description = "..."                   # optional
+    gradient_graph = "model.grad.onnx"    # optional: a gradient graph to use instead of building one
+    gradient_rule = "standard"            #   (standard | guided | deconvnet; see kernels/supplied.py)
     [preprocessing]                       # all optional; see kernels.images.Preprocessing
     fit = "center_crop"                   # stretch | center_crop | shorter_side
     resize_shorter = 256                  # shorter_side only
@@ -81,6 +83,8 @@ class ModelConfig:
     labels: pathlib.Path | None = None
     description: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    gradient_graph: pathlib.Path | None = None   # user-supplied gradient graph (kernels/supplied.py)
+    gradient_rule: str = "standard"              # the backward rule that graph implements
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ class ServerConfig:
 
 
 def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> ModelConfig:
-    unknown = set(table) - {"name", "path", "labels", "description", "preprocessing"}
+    unknown = set(table) - {"name", "path", "labels", "description", "preprocessing", "gradient_graph",
+                            "gradient_rule"}
     if unknown:
         raise ConfigError(f"{origin}: unknown model keys {sorted(unknown)}")
     if "path" not in table:
@@ -115,9 +120,11 @@ def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> 
     # Not resolved here: the registry resolves (symlinks, `..`) and checks the result against the model directories.
     path = base / table["path"]
     labels = base / table["labels"] if table.get("labels") else None
+    gradient_graph = base / table["gradient_graph"] if table.get("gradient_graph") else None
     return ModelConfig(name=str(table.get("name") or path.stem), path=path, labels=labels,
                        description=str(table.get("description", "")),
-                       preprocessing=dict(table.get("preprocessing", {})))
+                       preprocessing=dict(table.get("preprocessing", {})), gradient_graph=gradient_graph,
+                       gradient_rule=str(table.get("gradient_rule", "standard")))
 
 
 def models_in_directory(directory: pathlib.Path) -> list[ModelConfig]:

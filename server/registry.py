@@ -222,6 +222,8 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
         if len(labels) != num_classes:
             raise ConfigError(f"model {config.name}: labels file {config.labels} has {len(labels)} names for "
                               f"{num_classes} classes")
+    if config.gradient_graph is not None:
+        runner.supplied.append(_gradient_graph(config, limits, roots, allowed_domains, runner, pre))
     layers = graph.candidate_layers(model)
     try:
         default = graph.default_layer(model)
@@ -231,6 +233,20 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
     log.info("model %s loaded from %s on %s: %d classes, %d candidate layers", config.name, config.path,
              runner.provider, num_classes, len(layers))
     return entry
+
+
+def _gradient_graph(config: ModelConfig, limits: Limits, roots, allowed_domains, runner, pre):
+    """The model's user-supplied gradient graph, read with the model's own checks (confinement, size, external
+    data, domains) and checked against the model (kernels.supplied)."""
+    from onnxplain.kernels import supplied
+
+    what = dataclasses.replace(config, name=f"{config.name} (gradient_graph)", path=config.gradient_graph)
+    model = read_model(what, limits, roots, allowed_domains)
+    model.graph.name = str(config.gradient_graph)
+    try:
+        return supplied.load(model, runner, pre.sample_shape, config.gradient_rule)
+    except supplied.GradientGraphError as exc:
+        raise ConfigError(f"model {config.name}: {exc}") from None
 
 
 class Registry:

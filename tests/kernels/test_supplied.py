@@ -132,3 +132,35 @@ def test_a_file_that_is_not_onnx_is_refused(tmp_path, models):
     bad.write_bytes(b"not a model")
     with pytest.raises(GradientGraphError, match="not a valid ONNX model"):
         load(bad, Runner(model, "logits", "input", providers=["CPUExecutionProvider"]), (3, 16, 16))
+
+
+def test_served_with_its_gradient_graph_and_refused_without_or_with_a_wrong_one(models, tmp_path):
+    import grpc
+
+    from onnxplain.client import Client, MapResult
+    from onnxplain.server.config import ModelConfig
+    from support import start_server
+
+    model, written, grad = models
+    onnx.save(model, tmp_path / "elu.onnx")
+    onnx.save(onnx.load(str(grad)), tmp_path / "elu.grad.onnx")
+    onnx.save(onnx.load(_edited(grad, tmp_path, _negate_input_grad)), tmp_path / "wrong.grad.onnx")
+    pre = {"fit": "stretch", "mean": [0, 0, 0], "std": [1, 1, 1], "scale": 1.0}
+    configs = [ModelConfig("elu", tmp_path / "elu.onnx", preprocessing=pre,
+                           gradient_graph=tmp_path / "elu.grad.onnx"),
+               ModelConfig("plain", tmp_path / "elu.onnx", preprocessing=pre),
+               ModelConfig("wrong", tmp_path / "elu.onnx", preprocessing=pre,
+                           gradient_graph=tmp_path / "wrong.grad.onnx")]
+    server = start_server(configs)
+    try:
+        with Client(server.address, timeout=60) as client:
+            assert sorted(m.name for m in client.models()) == ["elu", "plain"]   # "wrong" is refused at load
+            x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+            events = list(client.explain("elu", [x], [("gradient", {})], targets=[2], return_attribution=True))
+            served = next(e for e in events if isinstance(e, MapResult) and e.final)
+            np.testing.assert_allclose(served.attribution, torch_gradient(x, 2)[0], rtol=1e-4, atol=1e-6)
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.explain("plain", [x], [("gradient", {})], targets=[2]))
+            assert "Elu" in err.value.details()
+    finally:
+        server.stop(0)
