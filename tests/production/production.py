@@ -11,13 +11,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def start(models, metrics: bool = True, **limits):
+def start(models, metrics: bool = True, threads: int = 0, **limits):
     """A real server on free loopback ports (gRPC and, with `metrics`, /metrics); the caller stops it."""
     from onnxplain.server.config import Limits, ServerConfig
     from onnxplain.server.main import Server
 
     config = ServerConfig(host="127.0.0.1", port=0, limits=Limits(**limits), models=tuple(models),
-                          metrics_port=_free_port() if metrics else 0)
+                          metrics_port=_free_port() if metrics else 0, threads=threads)
     return Server(config).start()
 
 
