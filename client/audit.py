@@ -267,8 +267,10 @@ def prepare_out(out: pathlib.Path, config: dict, resume: bool) -> None:
 
 
 def run_audit(dataset: str, servers: list[str], settings: Settings, out: str | os.PathLike, *, resume: bool = False,
-              workers: int = 0, timeout: float | None = None, quiet: bool = False) -> dict:
-    """Audit a dataset; returns {"items", "computed", "skipped", "seconds", "images_per_s"}."""
+              workers: int = 0, timeout: float | None = None, quiet: bool = False,
+              credentials: dict | None = None) -> dict:
+    """Audit a dataset; returns {"items", "computed", "skipped", "seconds", "images_per_s"}. `credentials`:
+    Client keyword arguments (token, tls, tls_ca, tls_cert, tls_key)."""
     out = pathlib.Path(out)
     items = load_dataset(dataset)
     config = settings.as_json(str(pathlib.Path(dataset).resolve()))
@@ -277,7 +279,7 @@ def run_audit(dataset: str, servers: list[str], settings: Settings, out: str | o
     todo = [item for item in items if item.key not in done]
     started = time.perf_counter()
     channel_target(servers)   # a usage error before any work
-    with Client(servers, timeout=timeout) as client:
+    with Client(servers, timeout=timeout, **(credentials or {})) as client:
         info = client.model(settings.model)
         targets = {item.key: resolve_target(item.label, list(info.labels), info.num_classes) for item in items}
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", disable=quiet, desc="audit",
@@ -547,7 +549,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_audit(client: Client, args) -> None:
-    from .cli import parse_params, pick_model   # cli imports this module
+    from .cli import credentials, parse_params, pick_model   # cli imports this module
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
@@ -560,7 +562,7 @@ def cmd_audit(client: Client, args) -> None:
                         args.blur_sigma, args.layer)
     servers = args.servers or args.server or ["127.0.0.1:50051"]   # audit's own --server, else the CLI's
     result = run_audit(args.dataset, servers, settings, args.out, resume=args.resume, workers=args.workers,
-                       timeout=args.timeout, quiet=args.quiet)
+                       timeout=args.timeout, quiet=args.quiet, credentials=credentials(args))
     print(f"audit: {result['computed']} images computed, {result['skipped']} already done, "
           f"{result['seconds']:.1f} s ({result['images_per_s']:.2f} images/s); written to {args.out}/",
           file=sys.stderr)

@@ -48,6 +48,12 @@ class HealthError(Exception):
     pass
 
 
+def credentials(args) -> dict:
+    """The Client keyword arguments of the credential options."""
+    return {"token": args.token, "tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key}
+
+
 def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
     """`key=value` applies to every requested method that has no explicit `method.key=value`;
     `method.key=value` to that method only."""
@@ -170,13 +176,12 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
 
-def health_status(target: str, service: str = "", timeout: float = 5.0) -> str:
-    """grpc.health.v1 Check of one server. The two messages are one string field and one enum field, encoded
-    here by hand so that the thin client needs no grpcio-health-checking."""
+def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
+    """grpc.health.v1 Check of the server behind `channel`. The two messages are one string field and one enum
+    field, encoded here by hand so that the thin client needs no grpcio-health-checking."""
     name = service.encode()
     request = (b"\x0a" + _varint(len(name)) + name) if name else b""
-    with grpc.insecure_channel(target) as channel:
-        response = channel.unary_unary(HEALTH_CHECK)(request, timeout=timeout)
+    response = channel.unary_unary(HEALTH_CHECK)(request, timeout=timeout)
     status = response[1] if len(response) >= 2 and response[0] == 0x08 else 0   # field 1, varint; absent = 0
     return HEALTH_STATUS.get(status, str(status))
 
@@ -195,7 +200,8 @@ def cmd_health(client: Client, args) -> None:
     failing = []
     for target in args.server or [DEFAULT_SERVER]:
         try:
-            status = health_status(target, args.service, args.timeout or 5.0)
+            with Client(target, **credentials(args)) as one:    # TLS as for every other call
+                status = health_status(one.channel, args.service, args.timeout or 5.0)
         except grpc.RpcError as exc:
             status = f"{exc.code().name}: {exc.details()}"
         print(f"{target}: {status}")
@@ -272,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         timeout = args.timeout if args.command != "explain" else None
-        with Client(args.server or [DEFAULT_SERVER], timeout=timeout, token=args.token, tls=args.tls,
-                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
+        with Client(args.server or [DEFAULT_SERVER], timeout=timeout, **credentials(args)) as client:
             args.run(client, args)
     except grpc.RpcError as exc:
         print(f"onnxplain: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
