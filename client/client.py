@@ -255,6 +255,12 @@ def make_channel(targets: str | Sequence[str], max_message_bytes: int = 64 * 102
         # each address the resolver returns and rotates over the ready ones.
         options.append(("grpc.service_config", ROUND_ROBIN))
     if credentials is not None:
+        if target.startswith(("ipv4:", "ipv6:")):
+            # An address list has no name for TLS to check (gRPC would check "localhost"): every replica's
+            # certificate is checked against the first address, so they must all name it (e.g. 127.0.0.1 for
+            # replicas on one machine); replicas with their own names want a dns:/// target instead.
+            first = target.split(":", 1)[1].split(",")[0]
+            options.append(("grpc.ssl_target_name_override", first.rsplit(":", 1)[0].strip("[]")))
         return grpc.secure_channel(target, credentials, options=options)
     return grpc.insecure_channel(target, options=options)
 
