@@ -43,13 +43,14 @@ class Server:
         credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
         tokens = load_tokens(security.tokens_file)
         interceptors = [TokenAuth(tokens)] if tokens else []
-        interceptors.append(MalformedRequests())   # unparsable request bytes: INVALID_ARGUMENT, not INTERNAL
         if tokens:
             log.info("bearer-token auth on: %d tokens", len(tokens))
         elif config.host not in LOOPBACK:
             log.warning("no tokens configured: anyone who reaches %s may call every service, Admin included",
                         config.host)
         self.explainer = Explainer(self.registry, limits)
+        # unparsable request bytes: INVALID_ARGUMENT, not INTERNAL; counted in the metrics like any other call
+        interceptors.append(MalformedRequests(self.explainer.metrics))
         options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                    ("grpc.max_send_message_length", limits.max_message_bytes),
                    ("grpc.so_reuseport", 0)]

@@ -130,11 +130,25 @@ class Malformed:
 
     def __init__(self, message: str):
         self.message = message
+        self.started = time.perf_counter()
 
 
 class MalformedRequests(grpc.ServerInterceptor):
     """Bytes that do not parse as the RPC's request message get INVALID_ARGUMENT (gRPC's own answer would be
-    INTERNAL, which the contract keeps for faults inside the server)."""
+    INTERNAL, which the contract keeps for faults inside the server). Such a call never reaches a servicer, so
+    it is counted and logged here (rpc = the method's name, model = "")."""
+
+    def __init__(self, metrics: Metrics | None = None):
+        self.metrics = metrics
+
+    def refused(self, method: str, started: float) -> None:
+        rpc = method.rsplit("/", 1)[-1]
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.call_ended(rpc, "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
+        log.info("%s model=- code=INVALID_ARGUMENT %.1f ms (request does not parse)", rpc, seconds * 1e3,
+                 extra={"rpc": rpc, "model": "", "code": "INVALID_ARGUMENT",
+                        "duration_ms": round(seconds * 1e3, 3), "bytes_sent": 0})
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -151,6 +165,7 @@ class MalformedRequests(grpc.ServerInterceptor):
         def guarded(behaviour):
             def run(request, context):
                 if isinstance(request, Malformed):
+                    self.refused(method, request.started)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 return behaviour(request, context)
             return run

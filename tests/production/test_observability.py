@@ -135,3 +135,23 @@ def test_json_logs_carry_the_request_id_and_no_secrets(server):
     assert [c["request_id"] for c in calls] == ["from-metadata__evil_", "from-field", events[0].accepted.job_id]
     assert all(c["code"] == "OK" and c["model"] == "shapes" and c["duration_ms"] > 0 for c in calls)
     assert "s3cr3t" not in stream.getvalue()
+
+
+def test_unparsable_requests_are_counted(server):
+    channel = grpc.insecure_channel(server.address)
+    before = scrape(server)
+    garbage = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"   # a varint longer than protobuf allows
+    for rpc, streaming in [("Explain", True), ("GetModel", False), ("Evaluate", False)]:
+        path = f"/onnxplain.v1.Explainer/{rpc}"
+        with pytest.raises(grpc.RpcError) as caught:
+            if streaming:
+                list(channel.unary_stream(path)(garbage, timeout=10))
+            else:
+                channel.unary_unary(path)(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(server)
+    for rpc in ("Explain", "GetModel", "Evaluate"):
+        labels = dict(rpc=rpc, model="", code="INVALID_ARGUMENT")
+        assert metric(after, "onnxplain_calls_total", **labels) - metric(before, "onnxplain_calls_total", **labels) == 1
+        assert (metric(after, "onnxplain_call_seconds_count", rpc=rpc, model="")
+                - metric(before, "onnxplain_call_seconds_count", rpc=rpc, model="")) == 1
