@@ -136,6 +136,33 @@ def client_maps(entry, request, prepared, limits) -> list[ScoredMap]:
     return result
 
 
+def job_bytes(entry, plans, images: int, targets: int, sent: list[ScoredMap], opts: Options) -> int:
+    """Estimated peak memory of one Evaluate job: what an Explain job of its methods holds (validation.job_bytes:
+    images, one batch per pass kind, the server's maps), plus the client's maps, one batch of masked or
+    revealed inputs with its end points (black, blurred), and per image the pixel ranks (int64) and the curves
+    of the maps scored together."""
+    pre = entry.preprocessing
+    sample = 4 * int(np.prod(pre.sample_shape))
+    pixels = pre.height * pre.width
+    per_image = len(plans) * targets + max([sum(m.image_index == i for m in sent) for i in range(images)] or [0])
+    curves = sum(m in km.CURVES for m in opts.metrics)
+    metric_batch = (entry.runner.max_batch + 2) * sample
+    ranks = per_image * pixels * 8 if curves else 0
+    curve_values = per_image * (opts.steps + 1) * 8 * curves
+    return (validation.job_bytes(entry, plans, images, targets, False) + len(sent) * 4 * pixels + metric_batch
+            + ranks + curve_values)
+
+
+def memory_budget(entry, plans, images: int, targets: int, sent: list[ScoredMap], opts: Options, limits) -> None:
+    estimate = job_bytes(entry, plans, images, targets, sent, opts)
+    if estimate > limits.max_job_bytes:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this job needs about {estimate} bytes ({images} images x {len(plans)} methods x "
+                           f"{targets} targets, {len(sent)} maps sent, batch {entry.runner.max_batch}); "
+                           f"limits.max_job_bytes is {limits.max_job_bytes}: send fewer images, methods, targets "
+                           "or maps")
+
+
 def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     started = time.perf_counter()
     limits = explainer.limits
@@ -147,6 +174,7 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     sent = client_maps(entry, request, prepared, limits)
     if not plans and not sent:
         raise invalid("an Evaluate call needs maps to score: set methods (maps the server computes) or maps")
+    memory_budget(entry, plans, len(prepared), len(explicit) or k, sent, opts, limits)
     preprocess_ms = (time.perf_counter() - started) * 1e3
     record = explainer._record("Evaluate", entry)
     context.add_callback(record.rpc_ended)

@@ -95,6 +95,39 @@ def test_a_job_over_the_memory_budget_is_refused_before_any_work():
         srv.stop(0)
 
 
+def test_an_evaluate_job_over_the_memory_budget_is_refused_before_any_work():
+    # batch 8, 96x96 RGB: an Evaluate holds what an Explain of its methods holds, plus the client's maps, one batch
+    # of metric inputs and, for the curves, each map's ranks (server/evaluate.py job_bytes)
+    srv = start([default_model_config()], max_batch=8, max_job_bytes=5_000_000)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        image = tensor_pb2.Image(encoded=sample_png())
+        blank = tensors.to_proto(np.random.default_rng(0).random((96, 96), dtype=np.float32))
+        deletion = methods_pb2.DELETION
+        too_many_maps = service_pb2.EvaluateRequest(model="shapes", images=[image], metrics=[deletion], maps=[
+            methods_pb2.Map(image_index=0, class_id=c % 8, map=blank) for c in range(32)])
+        too_many_targets = service_pb2.EvaluateRequest(
+            model="shapes", images=[image] * 4, methods=[methods_pb2.MethodSpec(method="gradcam")],
+            targets=service_pb2.Targets(class_ids=[0, 1, 2, 3]), metrics=[deletion])
+        before = metric(scrape(srv), "onnxplain_model_samples_total")
+        for request in (too_many_maps, too_many_targets):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Evaluate(request, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_job_bytes" in caught.value.details()
+        assert metric(scrape(srv), "onnxplain_model_samples_total") == before, "refused before any model pass"
+        assert metric(scrape(srv), "onnxplain_calls_total", rpc="Evaluate", code="RESOURCE_EXHAUSTED") == 2
+        # the same calls, smaller, are served
+        del too_many_maps.maps[2:]
+        assert len(stub.Evaluate(too_many_maps, timeout=60).scores) == 2
+        small = service_pb2.EvaluateRequest(model="shapes", images=[image], metrics=[deletion],
+                                            methods=[methods_pb2.MethodSpec(method="gradcam")],
+                                            targets=service_pb2.Targets(class_ids=[0]))
+        assert stub.Evaluate(small, timeout=60).done.maps == 1
+    finally:
+        srv.stop(0)
+
+
 def test_work_caps_are_enforced_and_listed():
     srv = start([default_model_config()], metrics=False, max_masks=500, max_steps=20, max_iterations=5)
     try:
