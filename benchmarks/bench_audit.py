@@ -23,8 +23,10 @@ from onnxplain.client.audit import Settings, run_audit
 from onnxplain.default_model import shapes
 
 
-def start_server(threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(config: pathlib.Path | None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "onnxplain.server.main", "--port", "0", "--log-level", "WARNING"]
+    if config is not None:
+        command += ["--config", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()   # "onnxplain-server: serving shapes on 127.0.0.1:PORT"
     if " on " not in line:
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--methods", default="occlusion,gradcam,integrated_gradients")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--replicas", type=int, default=3, help="measure 1..REPLICAS replicas (default 3)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime intra-op threads per replica (default 0: onnxruntime's, one per core)")
     args = parser.parse_args()
     methods = [(m, {"window": "32", "stride": "32"} if m == "occlusion" else
                 {"steps": "8"} if m == "integrated_gradients" else {}) for m in args.methods.split(",")]
@@ -51,8 +55,13 @@ def main() -> None:
             for i in range(len(sample)):
                 Image.fromarray(sample.images[i]).save(tmp / f"{i:03d}.png")
                 csv.writer(f).writerow([f"{i:03d}.png", int(sample.labels[i])])
-        servers = [start_server(None) for _ in range(args.replicas)]
-        print(f"{os.cpu_count()} CPUs; every replica's onnxruntime uses its default thread count", flush=True)
+        config = None
+        if args.threads:
+            config = tmp / "server.toml"
+            config.write_text(f"[server]\nthreads = {args.threads}\n")
+        servers = [start_server(config) for _ in range(args.replicas)]
+        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; onnxruntime threads per replica: "
+              f"{args.threads or 'default'}", flush=True)
         try:
             results = {}
             for replicas in range(1, args.replicas + 1):
@@ -64,7 +73,7 @@ def main() -> None:
                 seconds = time.perf_counter() - started
                 results[replicas] = seconds
                 print(f"{replicas} replica(s): {args.images} images in {seconds:.1f} s = "
-                      f"{args.images / seconds:.2f} images/s", flush=True)
+                      f"{args.images / seconds:.2f} images/s (load average {os.getloadavg()[0]:.1f})", flush=True)
             reference = (tmp / "out1" / "metrics.csv").read_bytes()
             same = all((tmp / f"out{r}" / "metrics.csv").read_bytes() == reference for r in results)
             print(f"metrics.csv identical with 1..{args.replicas} replicas: {same}; speed-up over 1 replica: "
