@@ -21,6 +21,14 @@ class Admission:
         self.queued = 0
         self._cond = threading.Condition()
 
+    def refuse_if_full(self) -> None:
+        """Raise Exhausted at once when every slot runs and the queue is full: a call past capacity is refused
+        before its images are decoded and checked, so that a storm of refused calls costs the server little.
+        (A read without the lock: slot() decides for real; this only sheds load early.)"""
+        if self.running >= self.max_running and self.queued >= self.max_queued:
+            raise Exhausted(f"server at capacity: {self.running} jobs running, {self.queued} queued "
+                            f"(limits {self.max_running} and {self.max_queued})")
+
     @contextlib.contextmanager
     def slot(self, still_wanted: Callable[[], bool]) -> Iterator[float]:
         """Hold a compute slot for the body; yields the seconds spent waiting. Raises Exhausted when the queue

@@ -167,6 +167,7 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     started = time.perf_counter()
     limits = explainer.limits
     entry = validation.model(explainer.registry, request.model)
+    explainer.admission_for(entry).refuse_if_full()
     plans = validation.method_plans(entry, request.methods, limits) if request.methods else []
     explicit, k = validation.class_ids(entry, request.targets, limits)
     prepared = validation.prepared_images(entry, request.images, limits)

@@ -257,6 +257,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
     @handles_errors
     def Predict(self, request, context):
         entry = validation.model(self.registry, request.model)
+        self.admission_for(entry).refuse_if_full()
         k = validation.top_k(entry, request.top_k)
         prepared = validation.prepared_images(entry, request.images, self.limits)
         record = self._record("Predict", entry)
@@ -272,6 +273,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
     def Explain(self, request, context):
         started = time.perf_counter()
         entry = validation.model(self.registry, request.model)
+        self.admission_for(entry).refuse_if_full()
         plans = validation.method_plans(entry, request.methods, self.limits)
         explicit, k = validation.class_ids(entry, request.targets, self.limits)
         prepared = validation.prepared_images(entry, request.images, self.limits)
