@@ -214,6 +214,7 @@ class _Graph:
         for t in g.initializer:
             self.types.setdefault(t.name, onnx.TypeProto.Tensor(elem_type=t.data_type, shape=_shape_proto(t.dims)))
         self.taken = {n for node in g.node for n in itertools.chain(node.input, node.output)}
+        self.producer = {out: node for node in g.node for out in node.output}
         self.taken |= {v.name for v in itertools.chain(g.input, g.output, g.initializer)}
         self.counter = itertools.count()
         self.const_cache, self.shape_cache = {}, {}
@@ -408,6 +409,20 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str
     m.graph.input.append(seed_vi)
     del m.graph.output[:]
     m.graph.output.extend(out_vis)
+    return _with_shapes(m)
+
+
+def _with_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every tensor's inferred shape recorded (value_info), data propagation included.
+    Backward tensors are often shaped at run time (Expand/Reshape to Shape(x)); onnxruntime's own inference does
+    not propagate those values, and without static shapes its CPU layout pass (NCHWc) cannot keep same-shape
+    elementwise ops of the backward in the blocked layout, so it reorders tensors around each of them."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is an optimisation here; onnxruntime infers at load anyway
+        return m
+    del m.graph.value_info[:]
+    m.graph.value_info.extend(inferred.graph.value_info)
     return m
 
 
