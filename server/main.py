@@ -8,6 +8,7 @@ import pathlib
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -27,6 +28,7 @@ from .service import Explainer, MalformedRequests
 log = logging.getLogger("onnxplain.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
 ADMIN_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+DRAIN_SETTLE = 0.25   # seconds between NOT_SERVING and closing the port at shutdown (within the grace period)
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "[::1]"}
 
 
@@ -91,7 +93,12 @@ class Server:
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let running calls finish within `grace` seconds."""
+        self.explainer.draining.set()
         self.health.enter_graceful_shutdown()
+        if grace:
+            # Calls that reached the port but no handler yet when gRPC stops are cancelled by gRPC itself; for a
+            # moment, the servicer answers every new call UNAVAILABLE while clients see NOT_SERVING and go away.
+            time.sleep(min(grace, DRAIN_SETTLE))
         self.grpc.stop(grace).wait()
         self.explainer.metrics.stop()
 

@@ -185,6 +185,7 @@ def handles_errors(rpc):
     def unary(self, request, context):
         call = Call(self, rpc.__name__, request, context)
         try:
+            self.refuse_if_draining()
             return call.sending(rpc(self, request, context))
         except Exception as exc:
             context.abort(*call.failed(exc))
@@ -195,6 +196,7 @@ def handles_errors(rpc):
     def streaming(self, request, context):
         call = Call(self, rpc.__name__, request, context)
         try:
+            self.refuse_if_draining()
             for message in rpc(self, request, context):
                 yield call.sending(message)
         except GeneratorExit:   # the stream was closed under us (the caller went away)
@@ -218,6 +220,13 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         self._admissions_lock = threading.Lock()
         self.metrics = metrics or Metrics(lambda: dict(self.admissions))
         self.jobs: collections.deque[JobRecord] = collections.deque(maxlen=256)
+        # Set at shutdown before health reports NOT_SERVING: from then on a call that reaches the servicer is
+        # refused with UNAVAILABLE (gRPC refuses new calls itself only once Server.stop has closed the port).
+        self.draining = threading.Event()
+
+    def refuse_if_draining(self) -> None:
+        if self.draining.is_set():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
 
     def admission_for(self, entry: ModelEntry) -> Admission:
         device = device_of(entry)
