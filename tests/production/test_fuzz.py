@@ -1,6 +1,8 @@
 """Fuzz: ≥ 10,000 generated requests (hypothesis, derandomized) sent as raw bytes to a real loopback server
 through generic stubs: random bytes, mutated valid messages, and structured requests with corrupt and truncated
-images, extreme and negative shapes, NaN/Inf tensors, wrong dtypes and huge parameter values. Every answer must
+images, extreme and negative shapes, NaN/Inf tensors, wrong dtypes and huge parameter values, and valid requests
+with one field perturbed (parameters at and beyond their bounds, NaN/Inf, targets, layers, output options, images)
+so that a good share of the requests run methods. Every answer must
 be OK or one of the codes the contract documents for that RPC (service.proto), the server must not crash, and
 a valid request must still succeed afterwards."""
 
@@ -165,8 +167,91 @@ def mutated(draw):
     return rpc, bytes(data)
 
 
+# Valid requests with one field perturbed: these reach the methods, so that the fuzz exercises running jobs too.
+# Cheap valid parameters first (the fuzz server's caps keep any perturbation small: masks, steps, iterations).
+CHEAP = {"occlusion": {"window": 32, "stride": 32}, "smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 4},
+         "rise": {"masks": 16}, "opticam": {"iterations": 2, "directions": 4}}
+LAYERS = ["", "no/such/layer"]   # plus the model's own layers, filled in by the test from GetModel
+INT_EDGES = [0, 1, 2, -1, 3, 7, 8, 31, 32, 33, 63, 64, 65, 96, 97, 1000, 1001, 4096, 4097, 100000, 100001,
+             2**31 - 1, -2**31, 2**63 - 1, -2**63]
+FLOAT_EDGES = [0.0, -0.0, 1e-5, 1e-4, 0.01, 0.5, 0.99, 1.0, 1.0001, 10.0, 10.5, 1000.0, 1e6, 1.0000001e6, -1.0,
+               -1e6, 3.4e38, -3.4e38, 1e-45, float("nan"), float("inf"), -float("inf")]
+
+
+def _param_value(field, draw):
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    if field.type in (F.TYPE_INT32, F.TYPE_SINT32, F.TYPE_SFIXED32):
+        return draw(st.sampled_from([v for v in INT_EDGES if -2**31 <= v < 2**31]) | st.integers(-2**31, 2**31 - 1))
+    if field.type in (F.TYPE_INT64, F.TYPE_SINT64, F.TYPE_SFIXED64):
+        return draw(st.sampled_from(INT_EDGES) | st.integers(-2**63, 2**63 - 1))
+    if field.type in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
+        return draw(st.sampled_from(FLOAT_EDGES) | st.floats(width=32))
+    if field.type == F.TYPE_BOOL:
+        return draw(st.booleans())
+    if field.type == F.TYPE_STRING:
+        return draw(st.sampled_from(["plain", "squared", "variance", "black", "zero", "blurred", "custom", "max",
+                                     "diff", "auto", "gradient_graph", "finite_differences", "riemann_left",
+                                     "gausslegendre", "", "PLAIN", "nope"]) | st.text(max_size=6))
+    return None
+
+
+@st.composite
+def valid_perturbed(draw):
+    """A valid Explain (sometimes Evaluate) request, then one field perturbed: a method parameter at or beyond its
+    bounds (NaN, Inf, huge, negative), the targets, the layer, the output options or the images."""
+    from onnxplain.kernels.methods import METHODS
+
+    name = draw(st.sampled_from(sorted(METHODS)))
+    spec = methods_pb2.MethodSpec()
+    params = getattr(spec, name)
+    for key, value in CHEAP.get(name, {}).items():
+        setattr(params, key, value)
+    params.SetInParent()
+    if draw(st.booleans()):   # the plain-name form, half of the time, when the method needs no parameters
+        if name not in CHEAP:
+            spec = methods_pb2.MethodSpec(method=name)
+    request = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=PNG)], methods=[spec],
+                                         targets=service_pb2.Targets(class_ids=[draw(st.integers(0, 7))]))
+    what = draw(st.sampled_from(["none", "param", "param", "param", "targets", "layer", "output", "images"]))
+    if what == "param":
+        fields = [f for f in params.DESCRIPTOR.fields if f.message_type is None]
+        if fields:
+            field = draw(st.sampled_from(fields))
+            spec.ClearField("method")
+            spec_params = getattr(spec, name)
+            spec_params.CopyFrom(params)
+            setattr(spec_params, field.name, _param_value(field, draw))
+    elif what == "targets":
+        request.targets.CopyFrom(draw(st.one_of(
+            st.builds(service_pb2.Targets, class_ids=st.lists(st.sampled_from([0, 7, 8, -1, 2**31 - 1, -2**31]),
+                                                              max_size=6)),
+            st.builds(service_pb2.Targets, top_k=st.sampled_from([0, 1, 4, 5, 8, 9, -1, 2**31 - 1])),
+            st.builds(service_pb2.Targets, class_names=st.lists(st.sampled_from(["star", "ring", "", "STAR", "x"]),
+                                                                max_size=5)),
+            st.just(service_pb2.Targets()))))
+    elif what == "layer":
+        spec.layer = draw(st.sampled_from(LAYERS) | st.text(max_size=8))
+    elif what == "output":
+        request.output.CopyFrom(methods_pb2.OutputOptions(
+            normalization=draw(st.integers(-1, 4)), resolution=draw(st.integers(-1, 3)),
+            partial_maps=draw(st.booleans()), return_attribution=draw(st.booleans())))
+    elif what == "images":
+        request.images.extend([tensor_pb2.Image(encoded=PNG)] * draw(st.integers(0, 4)))
+        if draw(st.booleans()):
+            request.images.append(draw(images()))
+    if draw(st.integers(0, 4)) == 0:   # the same methods, targets and images scored by Evaluate
+        evaluate = service_pb2.EvaluateRequest(model="shapes", images=request.images, methods=request.methods,
+                                               targets=request.targets,
+                                               metrics=[draw(st.sampled_from([1, 2, 3, 4, 5]))],
+                                               options=service_pb2.MetricOptions(steps=draw(st.sampled_from(
+                                                   [0, 1, 4, 8, 9217, -1]))))
+        return "Evaluate", evaluate.SerializeToString()
+    return "Explain", request.SerializeToString()
+
+
 RANDOM = st.tuples(st.sampled_from(sorted(REQUESTS)), st.binary(max_size=96))
-REQUEST = st.one_of(RANDOM, mutated(), structured(), structured())
+REQUEST = st.one_of(RANDOM, mutated(), structured(), valid_perturbed(), valid_perturbed())
 
 
 def call(channel, rpc: str, data: bytes) -> grpc.StatusCode:
@@ -201,15 +286,28 @@ def test_fuzz_every_answer_is_documented_and_the_server_survives():
             if code not in DOCUMENTED[rpc]:
                 undocumented.append((rpc, code, data))
 
+    layers = service_pb2.ModelInfo.FromString(channel.unary_unary("/onnxplain.v1.Explainer/GetModel")(
+        VALID["GetModel"].SerializeToString(), timeout=10)).layers
+    LAYERS[:] = ["", "no/such/layer", *(layer.name for layer in layers)]
+
     try:
         fuzz()
         elapsed = time.perf_counter() - started
         total = sum(seen.values())
+        samples = scrape(server)
+        ran = {rpc: metric(samples, "onnxplain_calls_total", rpc=rpc, code="OK") for rpc in ("Explain", "Evaluate")}
+        maps = metric(samples, "onnxplain_maps_total")
         print(f"\nfuzz: {total} requests in {elapsed:.1f} s; answers: "
-              + ", ".join(f"{rpc}/{code.name}={n}" for (rpc, code), n in sorted(seen.items(), key=str)))
+              + ", ".join(f"{rpc}/{code.name}={n}" for (rpc, code), n in sorted(seen.items(), key=str))
+              + f"; ran a method: Explain OK {ran['Explain']:.0f}, Evaluate OK {ran['Evaluate']:.0f}, "
+              f"{maps:.0f} final maps")
         assert total >= EXAMPLES * PER_EXAMPLE
         assert not undocumented, undocumented[:5]
-        assert metric(scrape(server), "onnxplain_calls_total", code="INTERNAL") == 0, "no fault inside the server"
+        assert metric(samples, "onnxplain_calls_total", code="INTERNAL") == 0, "no fault inside the server"
+        # every request is counted in the metrics, the unparsable ones included (+1: the GetModel above)
+        assert metric(samples, "onnxplain_calls_total") == total + 1
+        # a good share of the requests ran a method (valid requests with one field perturbed)
+        assert ran["Explain"] + ran["Evaluate"] >= total // 10, ran
         # still serving: a valid request succeeds
         events = list(channel.unary_stream("/onnxplain.v1.Explainer/Explain")(
             VALID["Explain"].SerializeToString(), timeout=60))
