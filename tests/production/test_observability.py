@@ -32,9 +32,9 @@ def server():
 
 
 def long_request() -> service_pb2.ExplainRequest:
-    # RISE with 4000 masks: 500 batches of 8, far longer than the test waits
+    # RISE with 10,000 masks (the default max_masks): 1250 batches of 8, far longer than the 2 s deadline
     return service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
-                                      methods=[methods_pb2.MethodSpec(rise=methods_pb2.RiseParams(masks=4000))])
+                                      methods=[methods_pb2.MethodSpec(rise=methods_pb2.RiseParams(masks=10_000))])
 
 
 def forward_samples(server) -> float:
@@ -69,7 +69,7 @@ def test_a_cancelled_or_expired_call_stops_within_one_batch(server, how):
     after = settle(server)
     # samples counted when the client saw the end, and once the server's job stopped: at most one more batch
     assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
-    assert after - before < 4000 / 2, "the job did not run to completion"
+    assert after - before < 10_000 / 2, "the job did not run to completion"
     code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
     deadline = time.monotonic() + 10
     while metric(scrape(server), "onnxplain_calls_total", rpc="Explain", code=code) < 1:
