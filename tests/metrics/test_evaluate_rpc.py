@@ -148,4 +148,4 @@ def test_evaluate_is_admitted_and_recorded(server, client, sample):
     client.evaluate("shapes", [sample[0]], ["gradcam"], metrics=["deletion"], steps=3)
     record = [r for r in server.explainer.jobs if r.rpc == "Evaluate"][-1]
     assert record.status == "ok" and record.passes.forward_samples > 0
-    assert server.explainer.admission.running == 0
+    assert server.explainer.admissions and all(a.running == 0 for a in server.explainer.admissions.values())
