@@ -6,7 +6,7 @@ For each model (the shipped default model; EfficientNet-Lite0 from ../shared whe
   * forwards  : the plain model run over the same occluded inputs, prepared beforehand, in the same batches
   * in-process: kernels' occlusion (masks, composed Where graph, accumulation), no gRPC
   * gRPC      : the same through a real server on loopback and the Python client (decoding included)
-Medians over repeats after one warm-up. Target: in-process / forwards <= 1.1.
+Medians over repeats after one warm-up, the three runs interleaved. Target: in-process / forwards <= 1.1.
 """
 
 from __future__ import annotations
@@ -23,14 +23,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_times(fns, repeats):
+    """Median seconds of each function, run interleaved (one of each per repeat) after one warm-up each, so
+    that drifts of the machine's speed weigh on all of them alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def bench_model(entry, image_bytes, window, stride, repeats, server_address):
@@ -66,9 +70,7 @@ def bench_model(entry, image_bytes, window, stride, repeats, server_address):
                                 targets=[target]):
             pass
 
-    t_forward = median_time(forwards, repeats)
-    t_kernel = median_time(in_process, repeats)
-    t_grpc = median_time(over_grpc, repeats)
+    t_forward, t_kernel, t_grpc = median_times([forwards, in_process, over_grpc], repeats)
     client.close()
     return dict(model=entry.name, inputs=len(corners) + 1, batch=runner.max_batch, forwards_s=t_forward,
                 in_process_s=t_kernel, grpc_s=t_grpc, ratio=t_kernel / t_forward, grpc_over_in_process=t_grpc / t_kernel)
