@@ -21,7 +21,8 @@ A directory serves every `*.toml` model file in it, and every `*.onnx` that no T
 preprocessing (ImageNet's mean/std, centre crop) and the labels in `<stem>.txt` when that file exists.
 
 Model files are confined to the model directories (`ServerConfig.model_dirs`: `model_dirs` and `--model-dir`,
-plus the server TOML's own directory when it lists `[[models]]`, plus the shipped default model's directory
+plus the server TOML's own directory when it lists `[[models]]`, plus its `model_roots` — directories its
+`[[models]]` may point into without their other models being served — plus the shipped default model's directory
 when that is served): a model path, after `..` and symlinks are resolved, must lie inside one of them
 (server/registry.py checks it, and confines ONNX external data to the model's own directory).
 
@@ -153,7 +154,7 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
         with open(config_path, "rb") as f:
             table = tomllib.load(f)
         base = config_path.resolve().parent
-    unknown = set(table) - {"server", "limits", "models", "model_dirs", "security"}
+    unknown = set(table) - {"server", "limits", "models", "model_dirs", "model_roots", "security"}
     if unknown:
         raise ConfigError(f"{config_path}: unknown sections {sorted(unknown)}")
     server = dict(table.get("server", {}))
@@ -176,6 +177,8 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
     security = security_from_table(security_table, base, str(config_path or "options"))
     models = [model_from_table(t, base, f"{config_path}: models[{i}]") for i, t in enumerate(table.get("models", []))]
     roots = [base] if models else []
+    # model_roots: directories the [[models]] paths may point into, without serving their other models
+    roots += [(base / d).resolve() for d in table.get("model_roots", [])]
     for directory in [*(base / d for d in table.get("model_dirs", [])), *model_dirs]:
         roots.append(pathlib.Path(directory).resolve())
         models.extend(models_in_directory(roots[-1]))

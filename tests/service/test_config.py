@@ -110,3 +110,19 @@ def test_server_command_fails_fast_on_a_bad_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "onnxplain.server.main", "--model-dir", str(tmp_path), "--port", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "bad" in result.stderr
+
+
+def test_model_roots_let_models_point_outside_the_toml_folder_without_serving_their_neighbours(tmp_path):
+    models, configs = tmp_path / "models", tmp_path / "configs"
+    models.mkdir(), configs.mkdir()
+    nhwc_classifier(models / "m.onnx")
+    nhwc_classifier(models / "other.onnx")
+    body = '[[models]]\nname = "m"\npath = "../models/m.onnx"\n'
+    (configs / "refused.toml").write_text(body)
+    cfg = config.load(configs / "refused.toml")
+    with pytest.raises(ConfigError, match="outside the model directories"):
+        load_entry(cfg.models[0], cfg.limits, roots=cfg.model_dirs)
+    (configs / "server.toml").write_text('model_roots = ["../models"]\n' + body)
+    cfg = config.load(configs / "server.toml")
+    assert [m.name for m in cfg.models] == ["m"]                 # other.onnx is not served
+    assert load_entry(cfg.models[0], cfg.limits, roots=cfg.model_dirs).name == "m"
