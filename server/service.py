@@ -241,10 +241,11 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
 
     @handles_errors
     def ListModels(self, request, context):
+        entries = self.registry.entries      # one snapshot: the dict is replaced on load/unload, never mutated
         return service_pb2.ListModelsResponse(models=[
             service_pb2.ModelSummary(name=e.name, num_classes=e.num_classes, description=e.description,
                                      execution_provider=e.runner.provider)
-            for e in (self.registry.get(n) for n in self.registry.names)])
+            for _, e in sorted(entries.items())])
 
     @handles_errors
     def GetModel(self, request, context):
