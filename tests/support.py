@@ -74,3 +74,13 @@ def pointing_game(client, held_out, method: str, params: dict | None = None) -> 
         mask = np.asarray(Image.fromarray(held_out.masks[i]).resize(saliency.shape[::-1], Image.Resampling.NEAREST))
         on_mask += bool(mask[y, x])
     return hits, on_mask
+
+
+def shapes_input(image):
+    """The default model's declared preprocessing (96 x 96 bilinear, (v / 255 - 0.5) / 0.5, CHW), written out
+    independently of kernels.images."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
+    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()

@@ -19,14 +19,9 @@ from onnxplain.kernels import graph
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.runtime import Runner
 
-from support import ROOT, SHARED, needs_shared
+from support import ROOT, SHARED, needs_shared, shapes_input
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
-
-
-def shapes_input(image: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
-    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
 
 def runner_for(path) -> Runner:

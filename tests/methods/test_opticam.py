@@ -24,14 +24,9 @@ from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.methods.opticam import directions_for
 from onnxplain.kernels.runtime import Runner
 
-from support import EFFICIENTNET, ROOT, SHARED_IMAGES, needs_shared, png_bytes, pointing_game
+from support import EFFICIENTNET, ROOT, SHARED_IMAGES, needs_shared, png_bytes, pointing_game, shapes_input
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
-
-
-def shapes_input(image: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
-    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
 
 def runner_for(model) -> Runner:

@@ -10,7 +10,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from onnxplain.client import MapResult
 from onnxplain.default_model import shapes
@@ -19,14 +18,9 @@ from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.methods.rise import coarse_masks
 from onnxplain.kernels.runtime import Runner
 
-from support import ROOT, png_bytes, pointing_game
+from support import ROOT, png_bytes, pointing_game, shapes_input
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
-
-
-def shapes_input(image: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
-    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
 
 def runner(max_batch: int = 32) -> Runner:

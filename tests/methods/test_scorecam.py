@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from onnxplain.client import MapResult, Progress as ClientProgress
 from onnxplain.default_model import shapes
@@ -18,15 +17,9 @@ from onnxplain.kernels import graph
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.runtime import Runner
 
-from support import ROOT, png_bytes, pointing_game
+from support import ROOT, png_bytes, pointing_game, shapes_input
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
-
-
-def shapes_input(image: np.ndarray) -> np.ndarray:
-    """The default model's declared preprocessing (96 x 96, (v / 255 - 0.5) / 0.5), written out."""
-    img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
-    return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
 
 
 def session_with(path, extra: str | None = None):
