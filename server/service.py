@@ -83,6 +83,9 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, text
 
 
+DEADLINE_SLACK = 0.1   # seconds; see Call.gone
+
+
 class Call:
     """One RPC as operators see it: request id, model label, status, bytes sent; counted and logged at the end."""
 
@@ -110,11 +113,17 @@ class Call:
         self.sent += message.ByteSize()
         return message
 
+    def gone(self) -> grpc.StatusCode:
+        """Why the caller went away: its deadline passed, or it cancelled. The server's deadline is the client's
+        plus the request's transit time, so a client whose own deadline fired cancels the stream a few
+        milliseconds before the server's passes: a cancellation within DEADLINE_SLACK of it counts as expiry."""
+        remaining = self.context.time_remaining()
+        return (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_SLACK
+                else grpc.StatusCode.CANCELLED)
+
     def ended(self) -> None:
         if self.code == grpc.StatusCode.OK and not self.context.is_active():
-            remaining = self.context.time_remaining()
-            self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                         else grpc.StatusCode.CANCELLED)
+            self.code = self.gone()
         seconds = time.perf_counter() - self.start
         metrics = self.explainer.metrics
         metrics.call_ended(self.rpc, self.model, self.code.name, seconds)
@@ -200,7 +209,7 @@ def handles_errors(rpc):
             for message in rpc(self, request, context):
                 yield call.sending(message)
         except GeneratorExit:   # the stream was closed under us (the caller went away)
-            call.code = grpc.StatusCode.CANCELLED
+            call.code = call.gone()
             raise
         except Exception as exc:
             context.abort(*call.failed(exc))
