@@ -84,3 +84,10 @@ def shapes_input(image):
 
     img = Image.fromarray(image).resize((96, 96), Image.Resampling.BILINEAR)
     return ((np.asarray(img, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()
+
+
+def sample_png(name: str = "star") -> bytes:
+    """A sample image shipped with the default model (onnxplain/default_model/samples/<name>.png)."""
+    from importlib.resources import files
+
+    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()

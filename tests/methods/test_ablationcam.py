@@ -4,14 +4,12 @@ net (token layer whose residual bypasses it), and through the real server with s
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image
 
 from onnxplain.client import MapResult
 from onnxplain.default_model import shapes
@@ -19,7 +17,7 @@ from onnxplain.kernels import graph
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.runtime import Runner
 
-from support import ROOT, SHARED, needs_shared, shapes_input
+from support import ROOT, SHARED, needs_shared, png_bytes, shapes_input
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
 
@@ -130,7 +128,3 @@ def test_ablationcam_through_the_server_with_several_targets(client, model):
     assert np.ptp(maps[0].map) > 0 and not np.allclose(maps[0].map, maps[1].map)
 
 
-def png_bytes(array) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()

@@ -4,7 +4,6 @@ errors, and Grad-CAM pointing at the known object of the shipped default model."
 
 from __future__ import annotations
 
-import io
 import pathlib
 import subprocess
 import sys
@@ -12,13 +11,12 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from onnxplain import tensors
 from onnxplain.client import Client, MapResult
 from onnxplain.server.config import ModelConfig
 
-from support import SHARED, needs_shared, pointing_game, start_server
+from support import SHARED, needs_shared, png_bytes, pointing_game, start_server
 
 GRADIENT_METHODS = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop",
                     "deconvnet"]
@@ -96,7 +94,7 @@ def test_vit_token_grid_is_found_and_every_method_runs(vit_server):
         info = c.model("vit")
         default = next(layer for layer in info.layers if layer.is_default)
         assert (default.kind, default.grid_height, default.grid_width, default.prefix_tokens) == ("tokens", 4, 6, 1)
-        image = _png(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+        image = png_bytes(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
         for method in GRADIENT_METHODS + [m for m in CAM_METHODS if m != "cam"]:
             maps = final_maps(c.explain("vit", [image], [(method, FAST.get(method, {}))], targets=[1, 4]))
             assert len(maps) == 2 and maps[0].map.shape == (32, 48), method
@@ -133,7 +131,3 @@ def _sample() -> bytes:
     return (files("onnxplain.default_model") / "samples" / "star.png").read_bytes()
 
 
-def _png(array) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()

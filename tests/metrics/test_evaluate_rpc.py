@@ -3,29 +3,23 @@ pixels map through the crop, and every bad field is refused with the right statu
 
 from __future__ import annotations
 
-import io
 
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from onnxplain import tensors
 from onnxplain.client.client import METRICS
 from onnxplain.default_model import shapes
 from onnxplain.v1 import methods_pb2, service_pb2, tensor_pb2
 
-
-def png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from support import png_bytes
 
 
 @pytest.fixture(scope="module")
 def sample():
     s = shapes.render(3, seed=11, size=128)   # a star, 128 px: the server resizes it to the 96 px input
-    return png(s.images[0]), tuple(float(v) for v in s.boxes[0]), int(s.labels[0])
+    return png_bytes(s.images[0]), tuple(float(v) for v in s.boxes[0]), int(s.labels[0])
 
 
 def test_server_maps_and_the_same_maps_sent_back_score_the_same(client, sample):

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from importlib.resources import files
 
 import grpc
 import numpy as np
@@ -23,13 +22,9 @@ from onnxplain import tensors
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from production import faulty_model, metric, scrape, start
-from support import default_model_config
+from support import default_model_config, sample_png
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def sample_png(name: str = "star") -> bytes:
-    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
 
 
 def occlusion(**params) -> methods_pb2.MethodSpec:

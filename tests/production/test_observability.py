@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import time
-from importlib.resources import files
 
 import grpc
 import pytest
@@ -15,13 +14,9 @@ import pytest
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from production import metric, scrape, start
-from support import default_model_config
+from support import default_model_config, sample_png
 
 BATCH = 8
-
-
-def sample_png(name: str = "star") -> bytes:
-    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
 
 
 @pytest.fixture(scope="module")

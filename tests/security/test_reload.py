@@ -16,15 +16,9 @@ import pytest
 from onnxplain.client import MapResult
 from onnxplain.v1 import admin_pb2, admin_pb2_grpc, methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
-from support import default_model_config
+from support import default_model_config, sample_png
 
 SHAPES = default_model_config()
-
-
-def sample_png() -> bytes:
-    from importlib.resources import files
-
-    return (files("onnxplain.default_model") / "samples" / "star.png").read_bytes()
 
 
 def request(**params) -> service_pb2.ExplainRequest:

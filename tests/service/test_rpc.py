@@ -18,19 +18,7 @@ from onnxplain import tensors
 from onnxplain.client import Accepted, Client, Done, MapResult, Progress
 from onnxplain.v1 import methods_pb2, service_pb2, tensor_pb2
 
-from support import SHARED, default_model_config, needs_shared, start_server
-
-
-def sample_png(name: str = "star") -> bytes:
-    from importlib.resources import files
-
-    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+from support import SHARED, default_model_config, needs_shared, png_bytes, sample_png, start_server
 
 
 def occlusion(**params) -> methods_pb2.MethodSpec:
@@ -158,7 +146,7 @@ def test_tensor_input_gives_the_same_map_as_the_encoded_image(client):
 # ------------------------------------------------------------------------------------------------ errors
 
 def _big_png() -> bytes:
-    return png(np.zeros((7000, 7000), np.uint8))  # 49 Mpx, compresses to a few kB
+    return png_bytes(np.zeros((7000, 7000), np.uint8))  # 49 Mpx, compresses to a few kB
 
 
 def _tensor_image(array) -> tensor_pb2.Image:
