@@ -2,8 +2,8 @@
 
     python benchmarks/bench_autodiff.py [--repeats N] [--batches 1 16] [--models effnet resnet50]
 
-For each network and batch size, medians over repeats after warm-up (onnxruntime CPU, default threads; torch
-default threads):
+For each network and batch size, medians over repeats after warm-up (onnxruntime CPU, default threads, sessions
+configured as onnxplain's Runner configures them: no intra-op spinning; torch default threads):
   fwd       plain onnxruntime forward of the model
   aug       onnxruntime run of augment(model, layers=[default layer], wrt_input=True): logits, layer, d/dlayer, d/dx
   torch     PyTorch autograd on the same network and weights: forward + backward to the input and the layer
@@ -165,8 +165,10 @@ def median_times(fns, repeats: int, warmup: int = 2) -> list[float]:
 def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, repeats) -> list[tuple]:
     layer = G.default_layer(model).name
     aug = augment(model, layers=[layer], wrt_input=True)
-    fwd_s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    aug_s = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()   # as kernels.runtime.Runner: spinning threads would also slow torch's turns
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    fwd_s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    aug_s = ort.InferenceSession(aug.SerializeToString(), options, providers=["CPUExecutionProvider"])
     classes = fwd_s.get_outputs()[0].shape[-1]
     rows = []
     for b in batches:
@@ -211,7 +213,7 @@ def main(argv=None):
             m = G.load_model(export_resnet50(net, d))
         rows += bench("resnet50", m, net, args.batches, args.repeats)
 
-    print(f"\nonnxruntime {ort.__version__} CPU (default threads), torch {torch.__version__} "
+    print(f"\nonnxruntime {ort.__version__} CPU (default threads, no spinning), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {os.cpu_count()} cores; medians of {args.repeats} "
           f"(batch 1) / {max(3, args.repeats // 2)} (larger) after 2 warm-ups, interleaved; "
           f"load average at the end {os.getloadavg()[0]:.1f}")

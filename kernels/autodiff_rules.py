@@ -61,51 +61,26 @@ def _mask(c, cond, g):
     return c("Mul", g, c("Cast", cond, to=c.dtype(c.x(0))))
 
 
-# Masks of ReLU-like units on channels-first feature maps, as depthwise 1x1 convolutions with a fused Clip:
-# onnxruntime's CPU provider keeps Conv (with its fused activation) and same-shape Mul in its blocked NCHWc
-# layout, whereas comparisons, Cast and scalar-broadcast arithmetic force a reorder of the tensor in and out of
-# it. On EfficientNet-Lite0 the reorders were a third of the augmented graph's time.
-_SPATIAL = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool"}
-_PASS = {"Add", "Sum", "Mul", "Relu", "Clip", "Identity"}
-
-
-def _channels(c, name, hops: int = 4):
-    """C when `name` is a float32 [N, C, H, W] map with a static C that comes from a convolution-like node
-    (through at most `hops` elementwise nodes); None otherwise (e.g. NHWC tensors of tf2onnx graphs)."""
-    dims = c.dims(name)
-    if dims is None or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0 or \
-            c.dtype(name) != 1:   # TensorProto.FLOAT
-        return None
-    frontier = [name]
-    for _ in range(hops + 1):
-        nodes = [c.graph.producer.get(t) for t in frontier]
-        if any(n is not None and n.op_type in _SPATIAL for n in nodes):
-            return dims[1]
-        frontier = [i for n in nodes if n is not None and n.op_type in _PASS for i in n.input if i]
-        if not frontier:
-            return None
-    return None
-
-
-def _step(c, y, channels, sign, at, scale):
-    """1[sign * (y - at) > 0] as float32, one depthwise 1x1 convolution and a Clip that onnxruntime fuses:
-    scale * y and scale * at are exact (scale is a power of two, no overflow), so their difference has the exact
-    sign and, for float32 y != at, a magnitude of at least 1 (at = 0: for |y| >= 2**-124)."""
-    weight = c.const(np.full((channels, 1, 1, 1), sign * scale, np.float32), dtype=1)
-    bias = c.const(np.full((channels,), -sign * scale * at, np.float32), dtype=1)
-    return c("Clip", c("Conv", y, weight, bias, group=channels), c.const(0.0, dtype=1), c.const(1.0, dtype=1))
+# Masks of ReLU-like units as HardSigmoid steps on the activation's output: onnxruntime's CPU provider runs
+# HardSigmoid and same-shape Mul in its blocked NCHWc layout, whereas comparisons, Cast and scalar-broadcast
+# arithmetic force a reorder of the tensor in and out of it (on EfficientNet-Lite0 the reorders were a third of
+# the augmented graph's time), and a HardSigmoid is one elementwise pass.
+def _step(c, y, sign, at, scale):
+    """1[sign * (y - at) > 0] as float32 by HardSigmoid(alpha * y + beta) = clip(., 0, 1): alpha * y and beta =
+    -alpha * at are exact (alpha = sign * scale, a power of two, no overflow), so their sum has the exact sign
+    and, for float32 y != at, a magnitude of at least 1 (at = 0: for |y| >= 2**-124)."""
+    return c("HardSigmoid", y, alpha=sign * scale, beta=-sign * scale * at)
 
 
 def _band_mask(c, y, lo, hi, g):
-    """g * 1[lo < y < hi] on a channels-first map by convolutions, or None when that does not apply."""
-    channels = _channels(c, y)
-    if channels is None:
+    """g * 1[lo < y < hi] for a float32 y by HardSigmoid steps, or None for other types."""
+    if c.dtype(y) != 1:   # TensorProto.FLOAT: the exactness argument is for float32
         return None
     bound = max(abs(lo or 0.0), abs(hi or 0.0), 1.0)
     scale = 2.0 ** min(124, math.floor(math.log2(np.finfo(np.float32).max / bound)) - 2)
     for sign, at in ((1.0, lo), (-1.0, hi)):
         if at is not None:
-            g = c("Mul", g, _step(c, y, channels, sign, at, scale))
+            g = c("Mul", g, _step(c, y, sign, at, scale))
     return g
 
 
@@ -528,9 +503,19 @@ def _conv(c):
             # Conv is markedly faster than its ConvTranspose.
             dx = c("Conv", g, flipped, dilations=d, pads=back, group=group)
         else:
-            dx = _transpose_back(c, g, x, s, d, pads, kernel, w, group, nsp)
+            dx = _blocked(c, _transpose_back(c, g, x, s, d, pads, kernel, w, group, nsp), x)
     db = c("ReduceSum", g, c.i64([0] + list(range(2, 2 + nsp))), keepdims=0) if c.needs(2) else None
     return [dx, None, db]
+
+
+def _blocked(c, t, like):
+    """t through a depthwise 1x1 convolution by ones (exact) when it is a float32 N x C x H x W map: onnxruntime
+    runs ConvTranspose outside its blocked NCHWc layout, and without this its output would take every mask,
+    Mul and Sum downstream (a ResNet stage's whole residual path) out of that layout, one reorder each."""
+    dims = c.dims(like)
+    if dims is None or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0 or c.dtype(like) != 1:
+        return t
+    return c("Conv", t, c.const(np.ones((dims[1], 1, 1, 1), np.float32), dtype=1), group=dims[1])
 
 
 def _flipped_weights(c, w, group, nsp):
@@ -623,6 +608,13 @@ def _average_pool(c):
 def _global_average_pool(c):
     x = c.x(0)
     sp = c.static_dims(x, range(2, c.need_rank(x)))
+    dims = c.dims(x)
+    if sp is not None and len(dims) == 4 and isinstance(dims[1], int) and dims[1] > 0 and c.dtype(x) == 1:
+        # The broadcast gradient scaled by a depthwise 1x1 convolution rather than a Mul: onnxruntime then
+        # hands it on in its blocked NCHWc layout, and the backward below (masks, sums along residual paths)
+        # stays in that layout instead of being reordered in and out of it at every block (ResNet-50).
+        w = c.const(np.full((dims[1], 1, 1, 1), 1.0 / float(np.prod(sp)), np.float32), dtype=1)
+        return [c("Conv", c("Expand", c.g, c.shape(x)), w, group=dims[1])]
     if sp is not None:
         scaled = c("Mul", c.g, _k(c, 1.0 / float(np.prod(sp))))
     else:

@@ -1,6 +1,6 @@
-"""ReLU/ReLU6 masks on channels-first maps are built from depthwise 1x1 convolutions with a fused Clip (so that
-onnxruntime keeps the backward in its blocked CPU layout): they must equal the exact masks 1[x > 0] and
-1[0 < x < 6], at the bounds, one float step inside them and for tiny activations."""
+"""ReLU/ReLU6 masks on float32 tensors are HardSigmoid steps on the activation's output (so that onnxruntime keeps
+the backward in its blocked CPU layout): they must equal the exact masks 1[x > 0] and 1[0 < x < 6], at the bounds,
+one float step inside them and for tiny activations, on channels-first maps and on any other float32 tensor."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_conv_masks_equal_the_exact_masks(activation, rule):
     channels, side, classes = 8, 6, 3
     m, weights = model(activation, channels, side, classes, rng)
     aug = autodiff.augment(m, [], wrt_input=True, rule=rule, scores="logits")
-    assert sum(n.op_type == "Conv" and n.name.startswith("ad/") for n in aug.graph.node) >= 1   # the conv path is taken
+    assert sum(n.op_type == "HardSigmoid" for n in aug.graph.node) == (1 if activation == "Relu" else 2)
     assert not any(n.op_type in ("Greater", "Less", "Cast") for n in aug.graph.node)
     special = np.array([0.0, 6.0, np.nextafter(np.float32(6), np.float32(0)), np.nextafter(np.float32(0), np.float32(1)) * 2**30,
                         1e-30, -1e-30, 3.0, 7.5, -2.0, np.nextafter(np.float32(6), np.float32(7))], np.float32)
@@ -50,13 +50,29 @@ def test_conv_masks_equal_the_exact_masks(activation, rule):
     np.testing.assert_array_equal(got, np.where(mask, upstream, 0).astype(np.float32))
 
 
-def test_nhwc_maps_keep_the_comparison_masks():
-    """A Relu on a tensor that no convolution produced (layout unknown) keeps the comparison mask."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 3])
-    w = numpy_helper.from_array(np.ones((48, 2), np.float32), "w")
+def nhwc_relu(dtype):
+    x = helper.make_tensor_value_info("x", dtype, ["N", 4, 4, 3])
+    w = numpy_helper.from_array(np.ones((48, 2), helper.tensor_dtype_to_np_dtype(dtype)), "w")
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
              helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    m = helper.make_model(helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], [w]),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    aug = autodiff.augment(m, [], wrt_input=True, scores="logits")
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("logits", dtype, ["N", 2])], [w]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_masks_on_other_float32_tensors_are_exact():
+    """A Relu on a tensor that no convolution produced (NHWC here) gets the same exact step mask."""
+    aug = autodiff.augment(nhwc_relu(TensorProto.FLOAT), [], wrt_input=True, scores="logits")
+    assert any(n.op_type == "HardSigmoid" for n in aug.graph.node)
+    x = np.random.default_rng(1).standard_normal((2, 4, 4, 3)).astype(np.float32)
+    x.reshape(-1)[:5] = [0.0, 1e-30, -1e-30, np.nextafter(np.float32(0), np.float32(1)) * 2**30, -0.0]
+    seed = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
+    got = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["x__grad"], {"x": x, "seed": seed})[0]
+    np.testing.assert_array_equal(got, np.where(x > 0, seed.sum(1)[:, None, None, None], 0).astype(np.float32))
+
+
+def test_float64_keeps_the_comparison_masks():
+    """The step's exactness argument is for float32; other types keep Greater + Cast."""
+    aug = autodiff.augment(nhwc_relu(TensorProto.DOUBLE), [], wrt_input=True, scores="logits")
     assert any(n.op_type == "Greater" for n in aug.graph.node)
+    assert not any(n.op_type == "HardSigmoid" for n in aug.graph.node)
