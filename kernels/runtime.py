@@ -110,7 +110,7 @@ class Runner:
         session = self.graph("forward/" + "|".join(outputs), lambda: graph.expose(self.model, list(outputs)))
         chunks = [self.run(session, list(outputs), {self.input_name: x[i:i + self.max_batch]}, passes)
                   for i in range(0, len(x), self.max_batch)]
-        return {name: np.concatenate([chunk[j] for chunk in chunks]) for j, name in enumerate(outputs)}
+        return _joined(outputs, chunks)
 
     def gradients(self, x: np.ndarray, seed: np.ndarray, passes: Passes, layers: tuple[str, ...] = (),
                   rule: str = "standard", wrt_input: bool = True) -> dict[str, np.ndarray]:
@@ -133,7 +133,7 @@ class Runner:
             names.append(f"{self.input_name}__grad")
         chunks = [self.run(session, names, {self.input_name: x[i:i + self.max_batch], "seed": seed[i:i + self.max_batch]},
                            passes, backward=True) for i in range(0, len(x), self.max_batch)]
-        return {name: np.concatenate([chunk[j] for chunk in chunks]) for j, name in enumerate(names)}
+        return _joined(names, chunks)
 
     def run(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
             passes: Passes, samples: int | None = None, backward: bool = False) -> list[np.ndarray]:
@@ -151,3 +151,10 @@ class Runner:
         if passes.observer is not None:
             passes.observer(size, backward, seconds)
         return out
+
+
+def _joined(names, chunks: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each output's chunks joined along the batch (a single chunk is handed on as it is, not copied)."""
+    if len(chunks) == 1:
+        return dict(zip(names, chunks[0]))
+    return {name: np.concatenate([chunk[j] for chunk in chunks]) for j, name in enumerate(names)}
