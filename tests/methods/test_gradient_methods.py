@@ -205,6 +205,22 @@ def test_cam_variants_follow_their_formulas_on_autograd_tensors(net, method):
             assert pearson(ours[t], expected[t]) >= 0.999, (method, t)
 
 
+def test_gradcampp_matches_its_literal_formula_at_zero_denominators():
+    """The simplified weights g / (2 + sum(A) g) and the literal alpha formula agree, also where 2 + sum(A) g is
+    exactly 0 for a positive g (alpha = g^2 there) and where g is 0 or negative."""
+    from onnxplain.kernels.methods.cam import gradcampp
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    g[0, 0, 0, 0], g[1, 2, 1, 1] = 0.0, -1.0
+    a[0, 1] = -0.125                                # sum(A) = -1 exactly: 2 + sum(A) g = 0 where g = 2
+    a[0, 1, 0, 0] = 0.0
+    g[0, 1, 2, 2] = 2.0
+    for a_, g_ in ((a[1:], g[1:]), (a, g)):         # without, then with a zero denominator
+        np.testing.assert_allclose(gradcampp(a_, g_), _formula("gradcampp", a_, g_), rtol=1e-5, atol=1e-6)
+
+
 def test_cam_reads_the_linear_head_weights(net):
     if net.name == "vit":
         with pytest.raises(Exception, match="global-average-pooling"):
