@@ -19,13 +19,16 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
 
 * `gradient_graph`: that composed graph (u -> mask -> model -> score) differentiated by kernels.autodiff, so one
   forward+backward per step for all targets;
-* `finite_differences`, for models the engine cannot differentiate: a zeroth-order estimate on D random unit
-  directions delta_d, orthonormal in blocks of K (random rotations of the axes),
-  g = (K / D) sum_d (F(u + h delta_d) - F(u)) / h delta_d, the D perturbed inputs per target batched with the
-  centre point (D + 1 forwards per target and step). Forward differences share the centre, so a budget buys
-  twice the directions of SPSA's central ones; orthonormal directions make D = K the full forward-difference
-  gradient (on the shipped shapes model: about 100% of the gradient path's objective gain, against about 60%
-  with D = 16 and 70-95% with D = 48).
+* `finite_differences`, for models the engine cannot differentiate: a zeroth-order estimate on D unit
+  directions delta_d, g = sum_d w_d (F(u + h delta_d) - F(u)) / h delta_d, the D perturbed inputs per target
+  batched with the centre point (D + 1 forwards per target and step). From the second step the first direction
+  is Adam's running mean of the gradient (w = 1: the gradient's component along it, exactly) and the others are
+  random orthonormal directions orthogonal to it (w = (K - 1) / (D - 1)); at the first step all D are random
+  orthonormal (w = K / D). The estimate is unbiased either way; the lead direction makes it precise where the
+  optimiser is heading. Forward differences share the centre, so a budget buys twice the directions of SPSA's
+  central ones; D = K gives the full forward-difference gradient. On the shipped shapes model (K = 96, 50
+  steps, 6 images) D = 16 reaches 73-93% of the gradient path's objective gain (mean 83%; 71-90%, mean 78%,
+  with random directions only) and D = 32 74-95%; D = K about 100%.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 
@@ -76,14 +79,25 @@ def gradient_session(runner, layout, spatial, channels, grid, batch):
     return runner.cached(f"opticam/gradient-or-why/{layout}/{spatial}/{channels}/{grid}/{batch}", build)
 
 
-def directions_for(rng: np.random.Generator, rows: int, count: int, size: int) -> np.ndarray:
-    """[rows, count, size] unit directions, orthonormal in blocks of `size` (random rotations of the axes), so
-    that count = size gives the full forward-difference gradient and count < size its projection on a random
-    subspace (unbiased once scaled by size / count)."""
+def directions_for(rng: np.random.Generator, rows: int, count: int, size: int,
+                   lead: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, count, size] unit directions and [rows, count] weights w with E[sum_d w_d (g . delta_d) delta_d] =
+    g for any g. Without `lead`: orthonormal in blocks of `size` (random rotations of the axes), w = size /
+    count, so count = size gives the full forward-difference gradient and count < size its projection on a
+    random subspace, scaled. With `lead` ([rows, size], e.g. Adam's running mean of the gradient) and 1 < count
+    < size: the first direction is lead itself (w = 1: the gradient's component along it, exactly) and the
+    others are random orthonormal directions orthogonal to it (w = (size - 1) / (count - 1)); the estimate stays
+    unbiased and is most precise where the optimiser is heading."""
+    if lead is not None and 1 < count < size and np.all(np.linalg.norm(lead, axis=1) > 0):
+        basis = np.concatenate([lead[:, :, None], rng.standard_normal((rows, size, count - 1))], axis=2)
+        q = np.linalg.qr(basis)[0].transpose(0, 2, 1)                       # [rows, count, size]
+        weights = np.full((rows, count), (size - 1) / (count - 1))
+        weights[:, 0] = 1.0
+        return q, weights
     blocks = -(-count // size)
     gaussian = rng.standard_normal((rows, blocks, size, min(count, size)))
     q = np.linalg.qr(gaussian)[0]                                      # [rows, blocks, size, min(count, size)]
-    return q.transpose(0, 1, 3, 2).reshape(rows, -1, size)[:, :count]
+    return q.transpose(0, 1, 3, 2).reshape(rows, -1, size)[:, :count], np.full((rows, count), size / count)
 
 
 class Adam:
@@ -157,12 +171,12 @@ def run(job: Job) -> Iterator[Event]:
                 grad = np.sign(reference - score)[:, None] * grad
             mask = mask[:, 0]
         else:
-            delta = directions_for(rng, count_t, directions, u.shape[1])           # [T, D, K]
+            delta, weight = directions_for(rng, count_t, directions, u.shape[1], lead=adam.m if it > 1 else None)
             rows = np.concatenate([u, (u[:, None] + step * delta).reshape(-1, u.shape[1])]).astype(np.float32)
             values = evaluate(rows, np.concatenate([targets, np.repeat(targets, directions)]))
             score = values[:count_t]
             moved = objective(values[count_t:].reshape(count_t, directions)) - objective(score)[:, None]
-            grad = np.einsum("td,tdk->tk", moved / step, delta) * (u.shape[1] / directions)
+            grad = np.einsum("td,tdk->tk", weight * moved / step, delta)
         stats = [{"objective": float(v), "score": float(s)} for v, s in zip(objective(score), score)]
         yield Progress(it, p["iterations"], stage)
         if job.partial_every and it % job.partial_every == 0:

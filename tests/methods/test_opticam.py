@@ -66,13 +66,13 @@ class Reference:
         u = np.full(self.acts.shape[0], 0.5)
         m, v = np.zeros_like(u), np.zeros_like(u)
         for t in range(1, iterations + 1):
-            g = gradient(self, u, t)
+            g = gradient(self, u, t, m)
             m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
             u = u + lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
         return u
 
 
-def central_differences(ref, u, t, h=1e-2):
+def central_differences(ref, u, t, m, h=1e-2):
     eye = np.eye(len(u))
     values = ref.scores([*(u + h * eye), *(u - h * eye)])
     return (values[:len(u)] - values[len(u):]) / (2 * h)
@@ -114,10 +114,13 @@ def test_finite_difference_path_matches_reference_with_the_same_directions(shape
     ref = Reference(SHAPES_MODEL, x, layer, targets[0])
     rng = np.random.default_rng(5)
 
-    def same_directions(ref, u, t):
-        delta = directions_for(rng, 1, 8, len(u))[0]
-        values = ref.scores([u, *(u + 0.05 * delta)])
-        return (values[1:] - values[0]) / 0.05 @ delta * (len(u) / 8)
+    def same_directions(ref, u, t, m):
+        delta, weight = directions_for(rng, 1, 8, len(u), lead=m[None] if t > 1 else None)
+        if t > 1:   # the first direction is Adam's running mean itself, the others orthogonal to it
+            assert abs(delta[0, 0] @ m) == pytest.approx(np.linalg.norm(m), rel=1e-9)
+            np.testing.assert_allclose(delta[0] @ delta[0].T, np.eye(8), atol=1e-12)
+        values = ref.scores([u, *(u + 0.05 * delta[0])])
+        return (weight[0] * (values[1:] - values[0]) / 0.05) @ delta[0]
 
     u = ref.optimise(same_directions, 10)
     # forward differences of float32 scores: Adam's normalised steps amplify the rounding of tiny components
@@ -212,3 +215,23 @@ def test_opticam_average_drop_is_lower_than_gradcam_and_scorecam_on_efficientnet
 def softmax(z):
     e = np.exp(z - z.max())
     return e / e.sum()
+
+
+@pytest.mark.parametrize("lead", [False, True])
+def test_direction_estimates_are_unbiased(lead):
+    """E[sum_d w_d (g . delta_d) delta_d] = g, with and without a lead direction (Monte Carlo, 20000 draws)."""
+    rng = np.random.default_rng(3)
+    size, count, draws = 12, 4, 20000
+    g = rng.standard_normal(size)
+    m = (g + rng.standard_normal(size))[None] if lead else None     # a lead correlated with g, as Adam's mean is
+    total = np.zeros(size)
+    for _ in range(draws):
+        delta, weight = directions_for(rng, 1, count, size, lead=m)
+        total += (weight[0] * (delta[0] @ g)) @ delta[0]
+    np.testing.assert_allclose(total / draws, g, atol=0.06 * np.linalg.norm(g))
+    if lead:   # the lead's component is exact, so the estimate varies less than without it
+        spread = [np.linalg.norm((w[0] * (d[0] @ g)) @ d[0] - g)
+                  for d, w in (directions_for(rng, 1, count, size, lead=m) for _ in range(500))]
+        plain = [np.linalg.norm((w[0] * (d[0] @ g)) @ d[0] - g)
+                 for d, w in (directions_for(rng, 1, count, size) for _ in range(500))]
+        assert np.mean(spread) < np.mean(plain)
