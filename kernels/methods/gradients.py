@@ -70,17 +70,21 @@ def run_deconvnet(job: Job) -> Iterator[Event]:
 
 def smoothgrad_noise(sample: np.ndarray, samples: int, noise_level: float, seed: int) -> np.ndarray:
     """The noise draws: N(0, (noise_level * (max - min))^2), float32, [samples, *sample.shape]."""
-    sigma = noise_level * float(sample.max() - sample.min())
-    return np.random.default_rng(seed).normal(0.0, sigma, size=(samples, *sample.shape)).astype(np.float32)
+    sigma = np.float32(noise_level * float(sample.max() - sample.min()))
+    # drawn in float32 directly (numpy's float32 ziggurat): 25 samples of a 224x224 image took 40 ms in float64
+    noise = np.random.default_rng(seed).standard_normal(size=(samples, *sample.shape), dtype=np.float32)
+    noise *= sigma
+    return noise
 
 
 def run_smoothgrad(job: Job) -> Iterator[Event]:
     n, variant = job.params["samples"], job.params["variant"]
-    noisy = job.sample[None] + smoothgrad_noise(job.sample, n, job.params["noise_level"], job.params["seed"])
+    noisy = smoothgrad_noise(job.sample, n, job.params["noise_level"], job.params["seed"])
+    noisy += job.sample[None]
     targets = len(job.targets)
     # every noisy copy for every target: row t * n + s
-    grads = yield from input_gradients(job, np.tile(noisy, (targets, *[1] * job.sample.ndim)),
-                                       np.repeat(job.targets, n), stage="noisy samples")
+    batch = noisy if targets == 1 else np.tile(noisy, (targets, *[1] * job.sample.ndim))
+    grads = yield from input_gradients(job, batch, np.repeat(job.targets, n), stage="noisy samples")
     grads = grads.reshape(targets, n, *job.sample.shape)
     if variant == "plain":
         attribution = grads.mean(1)
