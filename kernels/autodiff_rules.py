@@ -503,19 +503,28 @@ def _conv(c):
             # Conv is markedly faster than its ConvTranspose.
             dx = c("Conv", g, flipped, dilations=d, pads=back, group=group)
         else:
-            dx = _blocked(c, _transpose_back(c, g, x, s, d, pads, kernel, w, group, nsp), x)
+            dx = _transpose_back(c, g, x, s, d, pads, kernel, w, group, nsp)
+            channels = _map_channels(c, x)
+            if channels:
+                dx = _blocked(c, dx, channels)
     db = c("ReduceSum", g, c.i64([0] + list(range(2, 2 + nsp))), keepdims=0) if c.needs(2) else None
     return [dx, None, db]
 
 
-def _blocked(c, t, like):
-    """t through a depthwise 1x1 convolution by ones (exact) when it is a float32 N x C x H x W map: onnxruntime
-    runs ConvTranspose outside its blocked NCHWc layout, and without this its output would take every mask,
-    Mul and Sum downstream (a ResNet stage's whole residual path) out of that layout, one reorder each."""
-    dims = c.dims(like)
-    if dims is None or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0 or c.dtype(like) != 1:
-        return t
-    return c("Conv", t, c.const(np.ones((dims[1], 1, 1, 1), np.float32), dtype=1), group=dims[1])
+def _map_channels(c, t):
+    """C when t is a float32 N x C x H x W map with a static C, else None."""
+    dims = c.dims(t)
+    if dims is None or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0 or c.dtype(t) != 1:
+        return None
+    return dims[1]
+
+
+def _blocked(c, t, channels: int, scale: float = 1.0):
+    """scale * t by a depthwise 1x1 convolution. onnxruntime runs ConvTranspose, Expand and scalar-broadcast Mul
+    outside its blocked NCHWc layout, and their outputs would take every mask, Mul and Sum downstream (a ResNet
+    stage's whole residual path) out of that layout, one reorder each; a convolution hands its output on in it.
+    Exact for scale = 1."""
+    return c("Conv", t, c.const(np.full((channels, 1, 1, 1), scale, np.float32), dtype=1), group=channels)
 
 
 def _flipped_weights(c, w, group, nsp):
@@ -608,13 +617,9 @@ def _average_pool(c):
 def _global_average_pool(c):
     x = c.x(0)
     sp = c.static_dims(x, range(2, c.need_rank(x)))
-    dims = c.dims(x)
-    if sp is not None and len(dims) == 4 and isinstance(dims[1], int) and dims[1] > 0 and c.dtype(x) == 1:
-        # The broadcast gradient scaled by a depthwise 1x1 convolution rather than a Mul: onnxruntime then
-        # hands it on in its blocked NCHWc layout, and the backward below (masks, sums along residual paths)
-        # stays in that layout instead of being reordered in and out of it at every block (ResNet-50).
-        w = c.const(np.full((dims[1], 1, 1, 1), 1.0 / float(np.prod(sp)), np.float32), dtype=1)
-        return [c("Conv", c("Expand", c.g, c.shape(x)), w, group=dims[1])]
+    channels = _map_channels(c, x)
+    if sp is not None and channels:   # scaled by a convolution (see _blocked)
+        return [_blocked(c, c("Expand", c.g, c.shape(x)), channels, 1.0 / float(np.prod(sp)))]
     if sp is not None:
         scaled = c("Mul", c.g, _k(c, 1.0 / float(np.prod(sp))))
     else:
