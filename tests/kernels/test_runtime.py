@@ -1,0 +1,37 @@
+"""kernels.runtime.Runner: the process settings it makes for onnxruntime's sake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from support import ROOT
+
+PROBE = """
+import json, numpy
+from threadpoolctl import threadpool_info
+from onnxplain.kernels import graph
+from onnxplain.kernels.runtime import Runner
+
+def blas():
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+before = blas()
+model = graph.load_model(%r)
+Runner(model, graph.score_tensor(model), graph.input_spec(model)[0], providers=["CPUExecutionProvider"])
+print(json.dumps({"before": before, "after": blas()}))
+"""
+
+
+def test_a_runner_keeps_numpys_blas_to_one_thread():
+    """OpenBLAS's idle threads busy-wait after each call and would share the cores with onnxruntime's next run
+    (Opti-CAM's finite-difference path ran its batches ~40% slower): a Runner limits numpy's BLAS to one thread.
+    Checked in a fresh interpreter, as the limit is process-wide and other tests' Runners set it here already."""
+    model = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "2"}   # two threads before, whatever the machine
+    out = subprocess.run([sys.executable, "-c", PROBE % str(model)], capture_output=True, text=True, env=env,
+                         timeout=120, check=True).stdout
+    threads = json.loads(out.strip().splitlines()[-1])
+    assert threads["before"] and all(n == 2 for n in threads["before"]), threads
+    assert threads["after"] and all(n == 1 for n in threads["after"]), threads
