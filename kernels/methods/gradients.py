@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .base import Event, Job, Maps, Method, Param, ParamError, Progress
-from .layers import one_hot
+from .layers import one_hot, repeated
 
 SEED_RANGE = (0, 2 ** 31 - 1)
 
@@ -43,7 +43,7 @@ def reduce_channels(attribution: np.ndarray, job: Job, how: str) -> np.ndarray:
 
 def _per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
     """One gradient per target of the image itself."""
-    inputs = np.repeat(job.sample[None], len(job.targets), axis=0)
+    inputs = repeated(job.sample[None], len(job.targets))
     return (yield from input_gradients(job, inputs, job.targets, rule))
 
 
@@ -83,8 +83,8 @@ def run_smoothgrad(job: Job) -> Iterator[Event]:
     noisy += job.sample[None]
     targets = len(job.targets)
     # every noisy copy for every target: row t * n + s
-    batch = noisy if targets == 1 else np.tile(noisy, (targets, *[1] * job.sample.ndim))
-    grads = yield from input_gradients(job, batch, np.repeat(job.targets, n), stage="noisy samples")
+    grads = yield from input_gradients(job, repeated(noisy, targets), np.repeat(job.targets, n),
+                                       stage="noisy samples")
     grads = grads.reshape(targets, n, *job.sample.shape)
     if variant == "plain":
         attribution = grads.mean(1)
@@ -146,7 +146,7 @@ def run_integrated_gradients(job: Job) -> Iterator[Event]:
     baseline = baseline_for(job)
     delta = job.sample - baseline
     path = (baseline[None] + alphas.astype(np.float32).reshape(-1, *[1] * delta.ndim) * delta[None]).astype(np.float32)
-    grads = yield from input_gradients(job, np.tile(path, (targets, *[1] * delta.ndim)),
+    grads = yield from input_gradients(job, repeated(path, targets),
                                        np.repeat(job.targets, steps), stage="path points")
     grads = grads.reshape(targets, steps, *delta.shape).astype(np.float64)
     attribution = (delta[None] * np.tensordot(weights, grads, axes=([0], [1]))).astype(np.float32)

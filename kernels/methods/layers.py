@@ -41,3 +41,9 @@ def one_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
     seed = np.zeros((len(targets), num_classes), np.float32)
     seed[np.arange(len(targets)), targets] = 1.0
     return seed
+
+
+def repeated(batch: np.ndarray, times: int) -> np.ndarray:
+    """The batch stacked `times` times along axis 0 (row r * len(batch) + i is batch[i]), e.g. one copy per
+    target; the batch itself, not a copy, when times == 1."""
+    return batch if times == 1 else np.tile(batch, (times, *[1] * (batch.ndim - 1)))

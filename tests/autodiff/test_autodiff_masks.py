@@ -29,7 +29,7 @@ def model(activation: str, channels: int, side: int, classes: int, rng) -> tuple
 
 @pytest.mark.parametrize("activation", ["Relu", "Clip"])
 @pytest.mark.parametrize("rule", ["standard", "guided"])
-def test_conv_masks_equal_the_exact_masks(activation, rule):
+def test_masks_on_conv_maps_equal_the_exact_masks(activation, rule):
     rng = np.random.default_rng(0)
     channels, side, classes = 8, 6, 3
     m, weights = model(activation, channels, side, classes, rng)
