@@ -61,6 +61,16 @@ class Preprocessing:
         return (self.height, self.width, self.channels)
 
 
+def black_sample(preprocessing: Preprocessing) -> np.ndarray:
+    """The preprocessed all-black image (pixel = 0, i.e. -mean / std per channel), one sample in the model's
+    layout: the base towards which methods and metrics that mask *the image* blend its pixels."""
+    values = -np.asarray(preprocessing.mean, np.float64) / np.asarray(preprocessing.std, np.float64)
+    shape = preprocessing.sample_shape
+    if preprocessing.layout == "NCHW":
+        return np.broadcast_to(values[:, None, None], shape).astype(np.float32)
+    return np.broadcast_to(values[None, None, :], shape).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The region [x0, x1) x [y0, y1) of the original image that became the model input."""

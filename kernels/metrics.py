@@ -52,6 +52,7 @@ from onnx import TensorProto
 from scipy import ndimage
 
 from .compose import PREFIX
+from .images import black_sample
 from .methods.perturb import Builder, batches, compose_front, sample_info, value_info
 from .runtime import Passes, Runner
 
@@ -84,15 +85,6 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     z = scores.astype(np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
-
-
-def black_sample(preprocessing) -> np.ndarray:
-    """The preprocessed all-black image, one sample in the model's layout."""
-    values = -np.asarray(preprocessing.mean, np.float64) / np.asarray(preprocessing.std, np.float64)
-    shape = preprocessing.sample_shape
-    if preprocessing.layout == "NCHW":
-        return np.broadcast_to(values[:, None, None], shape).astype(np.float32)
-    return np.broadcast_to(values[None, None, :], shape).astype(np.float32)
 
 
 def blurred_sample(sample: np.ndarray, sigma: float, layout: str) -> np.ndarray:
@@ -148,11 +140,8 @@ def blend_graph(runner: Runner, layout: str, spatial: tuple[int, int], channels:
     """scores(b + minmax(maps) * (x - b)): one sample x, the black sample b, maps [B, 1, H, W]."""
     b = Builder(runner.model)
     x, base, maps = f"{PREFIX}x", f"{PREFIX}base", f"{PREFIX}maps"
-    mask = b.minmax(maps)
-    if layout == "NHWC":
-        mask = b.op("Transpose", mask, perm=[0, 2, 3, 1])
-    blended = b.op("Add", base, b.op("Mul", mask, b.op("Sub", x, base)))
-    inputs = [sample_info(layout, spatial, channels), _like(base, layout, spatial, channels),
+    blended = b.masked_input(x, b.minmax(maps), layout, base=base)
+    inputs = [sample_info(layout, spatial, channels), sample_info(layout, spatial, channels, base),
               value_info(maps, ["B", 1, *spatial])]
     return compose_front(runner.model, runner.input_name, b, inputs, blended, [runner.score_name])
 
@@ -166,16 +155,10 @@ def reveal_graph(runner: Runner, layout: str, spatial: tuple[int, int], channels
     revealed = b.op("Less", b.op("Gather", rank, which, axis=0), count)
     perturbed = b.op("Where", revealed, end, start)
     rank_shape = ["M", 1, *spatial] if layout == "NCHW" else ["M", *spatial, 1]
-    inputs = [_like(start, layout, spatial, channels), _like(end, layout, spatial, channels),
+    inputs = [sample_info(layout, spatial, channels, start), sample_info(layout, spatial, channels, end),
               value_info(rank, rank_shape, TensorProto.INT64), value_info(which, ["B"], TensorProto.INT64),
               value_info(count, ["B", 1, 1, 1], TensorProto.INT64)]
     return compose_front(runner.model, runner.input_name, b, inputs, perturbed, [runner.score_name])
-
-
-def _like(name: str, layout: str, spatial: tuple[int, int], channels: int):
-    info = sample_info(layout, spatial, channels)
-    info.name = name
-    return info
 
 
 # ------------------------------------------------------------------------------------------------- evaluation

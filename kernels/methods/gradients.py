@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..images import black_sample
 from .base import Event, Job, Maps, Method, Param, ParamError, Progress
 from .layers import one_hot, repeated
 
@@ -121,9 +122,7 @@ def baseline_for(job: Job) -> np.ndarray:
         pre = job.preprocessing
         if pre is None:
             raise ParamError("integrated_gradients.baseline = black needs the model's preprocessing")
-        value = (0.0 - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-        shape = (-1, 1, 1) if job.layout == "NCHW" else (1, 1, -1)
-        return np.broadcast_to(value.reshape(shape), sample.shape).astype(np.float32)
+        return black_sample(pre)
     if kind == "blurred":
         from scipy.ndimage import gaussian_filter
 

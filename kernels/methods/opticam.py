@@ -4,15 +4,21 @@ interpretability", CVIU 2024).
 The map is a convex combination of the layer's (ReLU'd) activation maps, chosen by optimisation:
 
     S(u) = n(up(sum_k softmax(u)_k A_k))      n: min-max normalisation over the map, up: bilinear, half-pixel
-    maximise  F(u) = S_c(x * S(u))            ("max"; the official code's default loss `plain`)
-    or minimise |S_c(x) - S_c(x * S(u))|      ("diff"; the official code's loss `norm`)
+    maximise  F(u) = S_c(x ⊙ S(u))            ("max"; the official code's default loss `plain`)
+    or minimise |S_c(x) - S_c(x ⊙ S(u))|      ("diff"; the official code's loss `norm`)
+
+where x ⊙ S multiplies the image's *pixels* by S, as the official code does (its images are in [0, 1] and the
+mean/std normalisation is the first layer of its model): with the model's preprocessing known, the masked
+input is b + S (x - b), b the preprocessed black image (kernels.images.black_sample), the masking that
+kernels.metrics uses for average drop/gain too. Without it (kernels used directly, no preprocessing given)
+the input tensor itself is multiplied, x S.
 
 with Adam (lr 0.1, 50 steps, u initialised to 0.5 for every channel, i.e. uniform weights), as the authors'
 code (hanwei0912/OptiCAM: generate_opticam.py's defaults, util.py's Basic_OptCAM). S is the model's score
 tensor (logits). The returned map is S(u) after the last step, at the input's resolution, in [0, 1]. The
 official code also stops early when the loss rose between two checkpoints ten steps apart; we always run the
 requested steps and stream the map and its objective as it goes (Maps.stats = [{"objective", "score"}] per
-target; "objective" is the maximised quantity: S_c(x * S) for "max", -|S_c(x) - S_c(x * S)| for "diff").
+target; "objective" is the maximised quantity: S_c(x ⊙ S) for "max", -|S_c(x) - S_c(x ⊙ S)| for "diff").
 
 Everything per pixel — the weighted sum, upsampling (Resize), normalisation, masking — is a graph composed in
 front of the model, with all targets as rows of one batch. dF/du comes one of two ways:
@@ -27,14 +33,15 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
   orthonormal (w = K / D). The estimate is unbiased either way; the lead direction makes it precise where the
   optimiser is heading. Forward differences share the centre, so a budget buys twice the directions of SPSA's
   central ones; D = K gives the full forward-difference gradient. On the shipped shapes model (K = 96, 50
-  steps, 6 images) D = 16 reaches 73-93% of the gradient path's objective gain (mean 83%; 71-90%, mean 78%,
+  steps, 6 images, input tensor multiplied) D = 16 reaches 73-93% of the gradient path's objective gain (mean 83%; 71-90%, mean 78%,
   with random directions only) and D = 32 74-95%; D = K about 100%.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 
 Localisation: the "max" objective rewards revealing more of the image, so with many steps the map spreads over
-the background. On held-out images of the shipped shapes model the map's maximum falls in the object's box on
-36/40 after 10 steps but 23/40 after the default 50 (tests/methods/test_opticam.py).
+the background. On 40 held-out images of the shipped shapes model, through the server, the map's maximum falls
+in the object's box on 36/40 after 5 steps, 35 after 10, 25 after 20 and 23 after the default 50
+(tests/methods/test_opticam.py).
 """
 
 from __future__ import annotations
@@ -44,24 +51,26 @@ from typing import Iterator
 import numpy as np
 
 from ..compose import PREFIX
+from ..images import black_sample
 from .base import Event, Job, Maps, Method, Param, ParamError, Progress
 from .layers import as_maps, one_hot
 from .perturb import Builder, batches, channels_of, compose_front, sample_info, value_info
 
-U, ACTS, MASK, SEED = f"{PREFIX}u", f"{PREFIX}acts", f"{PREFIX}mask", f"{PREFIX}seed"
+U, ACTS, MASK, SEED, BASE = f"{PREFIX}u", f"{PREFIX}acts", f"{PREFIX}mask", f"{PREFIX}seed", f"{PREFIX}base"
 
 
 def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int, grid: tuple[int, ...],
                    batch: int | None = None):
-    """(x, u [B, K], activation maps [1, K, h, w]) -> scores of x * S(u) [B, classes] and S(u) [B, 1, H, W]."""
+    """(x, base b, u [B, K], activation maps [1, K, h, w]) -> scores of b + S(u) (x - b) [B, classes] and S(u)
+    [B, 1, H, W]."""
     count, h, w = grid
     b = Builder(runner.model)
     weights = b.unsqueeze(b.op("Softmax", U, axis=1), [2, 3])                      # [B, K, 1, 1]
     combined = b.reduce("ReduceSum", b.op("Mul", weights, ACTS), [1])              # [B, 1, h, w]
     mask = b.op("Identity", b.minmax(b.upsample(combined, *spatial, batch=batch)), out=MASK)
-    masked = b.masked_input(f"{PREFIX}x", mask, layout)
-    inputs = [sample_info(layout, spatial, channels), value_info(U, [batch or "B", count]),
-              value_info(ACTS, [1, count, h, w])]
+    masked = b.masked_input(f"{PREFIX}x", mask, layout, base=BASE)
+    inputs = [sample_info(layout, spatial, channels), sample_info(layout, spatial, channels, BASE),
+              value_info(U, [batch or "B", count]), value_info(ACTS, [1, count, h, w])]
     return compose_front(runner.model, runner.input_name, b, inputs, masked, [runner.score_name, MASK])
 
 
@@ -125,7 +134,8 @@ def run(job: Job) -> Iterator[Event]:
     grid = acts.shape[1:]
     channels = channels_of(job.sample, job.layout)
     reference = job.sample_scores()[targets].astype(np.float64)
-    feeds = {f"{PREFIX}x": job.sample[None], ACTS: acts}
+    base = (black_sample(job.preprocessing) if job.preprocessing is not None else np.zeros_like(job.sample))[None]
+    feeds = {f"{PREFIX}x": job.sample[None], ACTS: acts, BASE: base}
 
     session, why = (None, "not asked for")
     if p["gradient"] in ("auto", "gradient_graph"):
@@ -141,7 +151,7 @@ def run(job: Job) -> Iterator[Event]:
         return scores if p["loss"] == "max" else -np.abs(reference - scores)
 
     def evaluate(u_rows: np.ndarray, rows_target: np.ndarray) -> np.ndarray:
-        """Target scores of x * S(u) for many rows of u, batched (forward only)."""
+        """Target scores of x ⊙ S(u) for many rows of u, batched (forward only)."""
         out = np.empty(len(u_rows))
         for start, stop in batches(len(u_rows), runner.max_batch):
             scores = runner.run(forward, [runner.score_name], {**feeds, U: u_rows[start:stop]}, job.passes,
@@ -198,7 +208,7 @@ METHOD = Method(
     params=(
         Param("iterations", "int", 50, "Adam steps", 1, 1000),
         Param("learning_rate", "float", 0.1, "Adam's learning rate", 0.0001, 10),
-        Param("loss", "enum", "max", "'max': maximise S_c(x * S); 'diff': minimise |S_c(x) - S_c(x * S)|",
+        Param("loss", "enum", "max", "'max': maximise S_c(x ⊙ S); 'diff': minimise |S_c(x) - S_c(x ⊙ S)|",
               choices=("max", "diff")),
         Param("gradient", "enum", "auto", "how dS/du is obtained: 'auto' (gradient graph when the model can be "
               "differentiated), 'gradient_graph' or 'finite_differences'",

@@ -74,22 +74,26 @@ class Builder:
         span = self.op("Add", self.op("Sub", hi, lo), self.const(EPS))
         return self.op("Div", self.op("Sub", maps, lo), span)
 
-    def masked_input(self, x: str, mask: str, layout: str) -> str:
-        """x * mask with a [B, 1, H, W] mask broadcast over the channels of one NCHW or NHWC sample."""
+    def masked_input(self, x: str, mask: str, layout: str, base: str | None = None) -> str:
+        """x * mask with a [B, 1, H, W] mask broadcast over the channels of one NCHW or NHWC sample; with a
+        `base` sample, base + mask * (x - base): the pixels blended towards the base image (e.g. black)."""
         if layout == "NHWC":
             mask = self.op("Transpose", mask, perm=[0, 2, 3, 1])
-        return self.op("Mul", x, mask)
+        if base is None:
+            return self.op("Mul", x, mask)
+        return self.op("Add", base, self.op("Mul", mask, self.op("Sub", x, base)))
 
 
 def value_info(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
-def sample_info(layout: str, spatial: tuple[int, int], channels: int) -> onnx.ValueInfoProto:
-    """The input that carries the one image sample being explained, [1, C, H, W] or [1, H, W, C]."""
+def sample_info(layout: str, spatial: tuple[int, int], channels: int, name: str = f"{PREFIX}x") -> onnx.ValueInfoProto:
+    """An input that carries one image-shaped sample, [1, C, H, W] or [1, H, W, C] (by default the sample being
+    explained)."""
     h, w = spatial
     shape = [1, channels, h, w] if layout == "NCHW" else [1, h, w, channels]
-    return value_info(f"{PREFIX}x", shape)
+    return value_info(name, shape)
 
 
 def channels_of(sample: np.ndarray, layout: str) -> int:
