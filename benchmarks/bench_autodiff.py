@@ -11,7 +11,8 @@ and the ratios aug/fwd (target <= 2.5) and aug/torch (target <= 1.0).
 
 Networks: the shared EfficientNet-Lite0 (../shared; rebuilt for torch from its own ONNX weights by a tiny
 interpreter) and a ResNet-50 with the real torchvision shapes and random weights (defined here: torchvision is not
-installable), exported once with the legacy exporter (opset 17, dynamic batch) to a temporary directory.
+installable), exported once with the legacy exporter (opset 17, dynamic batch) to a temporary directory; both
+defined in benchmarks/nets.py.
 """
 
 from __future__ import annotations
@@ -22,126 +23,22 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from onnxplain.kernels import graph as G
 from onnxplain.kernels.autodiff import augment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nets import OnnxInTorch, export_resnet50, resnet50  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 EFFNET = ROOT.parent / "shared" / "models" / "efficientnet_lite0_imagenet.onnx"
-
-
-# ------------------------------------------------------------------------------------------- ResNet-50
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        cout = width * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.down is None else self.down(x)))
-
-
-class ResNet50(nn.Module):
-    def __init__(self, classes=1000):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        layers, cin = [], 64
-        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-            stage = []
-            for b in range(blocks):
-                stage.append(Bottleneck(cin, width, stride if b == 0 else 1))
-                cin = width * 4
-            layers.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.fc = nn.Linear(2048, classes)
-
-    def forward(self, x):
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-        self.features = x  # the layer differentiated in the benchmark (layer4 output, 2048 x 7 x 7)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def resnet50() -> nn.Module:
-    torch.manual_seed(0)
-    model = ResNet50()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def export_resnet50(model: nn.Module, dirpath: str) -> str:
-    path = os.path.join(dirpath, "resnet50.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), path, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
-
-
-# ------------------------------------------------------------------------------- EfficientNet in torch
-
-
-class OnnxInTorch(nn.Module):
-    """EfficientNet-Lite0's op set (Conv, Clip, Add, GlobalAveragePool, Flatten, Gemm) run by torch."""
-
-    def __init__(self, model: onnx.ModelProto, layer: str):
-        super().__init__()
-        self.nodes = [n for n in model.graph.node]
-        self.weights = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
-        self.input, self.output, self.layer = model.graph.input[0].name, model.graph.output[0].name, layer
-
-    def forward(self, x):
-        env = dict(self.weights)
-        env[self.input] = x
-        for n in self.nodes:
-            a = {at.name: onnx.helper.get_attribute_value(at) for at in n.attribute}
-            i = [env[k] if k else None for k in n.input]
-            if n.op_type == "Constant":
-                y = torch.from_numpy(onnx.numpy_helper.to_array(a["value"]).copy())
-            elif n.op_type == "Conv":
-                p = list(a.get("pads", [0, 0, 0, 0]))
-                y = F.conv2d(i[0], i[1], i[2] if len(i) > 2 else None, list(a.get("strides", [1, 1])), p[:2],
-                             list(a.get("dilations", [1, 1])), a.get("group", 1))
-            elif n.op_type == "Clip":
-                y = torch.clamp(i[0], float(i[1]), float(i[2]))
-            elif n.op_type == "Add":
-                y = i[0] + i[1]
-            elif n.op_type == "GlobalAveragePool":
-                y = i[0].mean((2, 3), keepdim=True)
-            elif n.op_type == "Flatten":
-                y = i[0].flatten(a.get("axis", 1))
-            elif n.op_type == "Gemm":
-                y = i[0] @ i[1].T + i[2]
-            else:
-                raise NotImplementedError(n.op_type)
-            env[n.output[0]] = y
-        self.features = env[self.layer]
-        return env[self.output]
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -1,13 +1,15 @@
 """Gradient and CAM methods: time over the time of their own model passes, and over Captum on the same net.
 
-    python benchmarks/bench_methods.py [--repeats 3] [--size 224] [--skip-captum]
+    python benchmarks/bench_methods.py [--repeats 3] [--size 224] [--skip-captum] [--parts 1 2]
 
 Part 1, on EfficientNet-Lite0 from ../shared (or the shipped default model when absent), one photo, one target:
 each method's wall time (kernels, in process) over the time spent inside onnxruntime's runs for it
 (Passes.seconds). Target <= 1.1.
-Part 2, on a ResNet-50 defined in torch (torchvision's shapes, random weights), exported to ONNX once: the
-same attribution by onnxplain (onnxruntime CPU) and by Captum (PyTorch CPU), same input, same steps/samples.
-Target onnxplain / Captum <= 0.5. Both use the machine's cores (torch's and onnxruntime's default threads).
+Part 2, the same attribution by onnxplain (onnxruntime CPU) and by Captum (PyTorch CPU), same network and
+weights, same input, same steps/samples, on a ResNet-50 defined in torch (torchvision's shapes, random weights;
+exported to ONNX once) and on EfficientNet-Lite0 from ../shared run in torch from its ONNX weights (both in
+benchmarks/nets.py). Target onnxplain / Captum <= 0.5. Both use the machine's cores (torch's and onnxruntime's
+default threads).
 """
 
 from __future__ import annotations
@@ -81,72 +83,62 @@ def part1(repeats):
         print(f"{name:22s} {p.forward_samples + p.backward_samples:7d} {total:8.3f} {inside:8.3f} {total / inside:6.3f}")
 
 
-def resnet50():
-    import torch
-    from torch import nn
-
-    class Bottleneck(nn.Module):
-        def __init__(self, cin, width, stride):
-            super().__init__()
-            cout = width * 4
-            self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
-            self.down = None if stride == 1 and cin == cout else nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            self.relu = nn.ReLU()
-
-        def forward(self, x):
-            return self.relu(self.body(x) + (x if self.down is None else self.down(x)))
-
-    layers, cin = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], 64
-    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-        for i in range(blocks):
-            layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
-            cin = width * 4
-    torch.manual_seed(0)
-    body = nn.Sequential(*layers)
-    model = nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)).eval()
-    return model, body[-1]
-
-
 def part2(repeats, size):
     import torch
     from captum import attr
 
-    from onnxplain.kernels import graph
+    from onnxplain.kernels import graph, images
     from onnxplain.kernels.runtime import Runner
 
-    model, last_block = resnet50()
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from nets import OnnxInTorch, export_resnet50, resnet50
+
+    networks = []
+    net = resnet50()
     with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "resnet50.onnx"
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        onnx_model = graph.load_model(str(path))
-    runner = Runner(onnx_model, "logits", "input", max_batch=16)
-    layer = graph.default_layer(onnx_model)
-    target = int(model(x).argmax())
-    sample = x[0].numpy()
-    cases = [
-        ("gradient", {}, lambda: attr.Saliency(model).attribute(x.clone().requires_grad_(), target=target)),
-        ("input_x_gradient", {}, lambda: attr.InputXGradient(model).attribute(x.clone().requires_grad_(), target=target)),
-        ("integrated_gradients", {"steps": 32, "baseline": "zero"},
-         lambda: attr.IntegratedGradients(model).attribute(x, target=target, n_steps=32, internal_batch_size=16)),
-        ("smoothgrad", {"samples": 16}, lambda: attr.NoiseTunnel(attr.Saliency(model)).attribute(
-            x, target=target, nt_type="smoothgrad", nt_samples=16, nt_samples_batch_size=16, stdevs=0.15)),
-        ("guided_backprop", {}, lambda: attr.GuidedBackprop(model).attribute(x.clone().requires_grad_(), target=target)),
-        ("deconvnet", {}, lambda: attr.Deconvolution(model).attribute(x.clone().requires_grad_(), target=target)),
-        ("gradcam", {}, lambda: attr.LayerGradCam(model, last_block).attribute(x, target=target)),
-        ("guided_gradcam", {}, lambda: attr.GuidedGradCam(model, last_block).attribute(x, target=target)),
-    ]
-    print(f"\nPart 2: ResNet-50 (torch-defined, random weights), input {size}x{size}, median of {repeats}")
-    print(f"{'method':22s} {'onnxplain s':>11s} {'captum s':>9s} {'ratio':>6s}")
-    for name, params, captum_fn in cases:
-        ours = median(lambda: run_method(runner, name, sample, [target], layer, None, params), repeats)
-        theirs = median(captum_fn, repeats)
-        print(f"{name:22s} {ours:11.3f} {theirs:9.3f} {ours / theirs:6.3f}")
+        onnx_model = graph.load_model(export_resnet50(net, tmp, size))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    networks.append((f"ResNet-50 (torch-defined, random weights), random input {size}x{size}", net, net.layer4,
+                     onnx_model, x, True))
+    eff = SHARED / "models" / "efficientnet_lite0_imagenet.onnx"
+    if eff.exists():
+        onnx_model = graph.load_model(str(eff))
+        net = OnnxInTorch(onnx_model, graph.default_layer(onnx_model).name).eval()
+        pre = images.Preprocessing(224, 224, fit="center_crop", scale=1.0, mean=(127.5,) * 3, std=(128.0,) * 3)
+        photo = SHARED / "images" / "chelsea.jpg"
+        x = torch.from_numpy(images.preprocess(images.decode(photo.read_bytes(), 10 ** 8), pre).sample[None])
+        # Captum's guided backprop and deconvnet rewrite the backward of nn.ReLU modules only: this network's
+        # ReLU6 (Clip) would keep its plain gradient there, so those three methods are not compared on it
+        networks.append(("EfficientNet-Lite0 (../shared, run by torch from its ONNX weights), chelsea.jpg", net,
+                         net.tap, onnx_model, x, False))
+    for title, model, layer_module, onnx_model, x, relu in networks:
+        runner = Runner(onnx_model, graph.score_tensor(onnx_model), graph.input_spec(onnx_model)[0], max_batch=16)
+        layer = graph.default_layer(onnx_model)
+        with torch.no_grad():
+            target = int(model(x).argmax())
+        sample = x[0].numpy()
+        cases = [
+            ("gradient", {}, lambda: attr.Saliency(model).attribute(x.clone().requires_grad_(), target=target)),
+            ("input_x_gradient", {},
+             lambda: attr.InputXGradient(model).attribute(x.clone().requires_grad_(), target=target)),
+            ("integrated_gradients", {"steps": 32, "baseline": "zero"},
+             lambda: attr.IntegratedGradients(model).attribute(x, target=target, n_steps=32, internal_batch_size=16)),
+            ("smoothgrad", {"samples": 16}, lambda: attr.NoiseTunnel(attr.Saliency(model)).attribute(
+                x, target=target, nt_type="smoothgrad", nt_samples=16, nt_samples_batch_size=16, stdevs=0.15)),
+            ("guided_backprop", {},
+             lambda: attr.GuidedBackprop(model).attribute(x.clone().requires_grad_(), target=target)),
+            ("deconvnet", {}, lambda: attr.Deconvolution(model).attribute(x.clone().requires_grad_(), target=target)),
+            ("gradcam", {}, lambda: attr.LayerGradCam(model, layer_module).attribute(x, target=target)),
+            ("guided_gradcam", {}, lambda: attr.GuidedGradCam(model, layer_module).attribute(x, target=target)),
+        ]
+        print(f"\nPart 2: {title}, median of {repeats}")
+        print(f"{'method':22s} {'onnxplain s':>11s} {'captum s':>9s} {'ratio':>6s}")
+        for name, params, captum_fn in cases:
+            if not relu and name in ("guided_backprop", "deconvnet", "guided_gradcam"):
+                continue
+            ours = median(lambda: run_method(runner, name, sample, [target], layer, None, params), repeats)
+            theirs = median(captum_fn, repeats)
+            print(f"{name:22s} {ours:11.3f} {theirs:9.3f} {ours / theirs:6.3f}")
 
 
 def main(argv=None):
@@ -154,9 +146,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-captum", action="store_true")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     args = parser.parse_args(argv)
-    part1(args.repeats)
-    if not args.skip_captum:
+    if 1 in args.parts:
+        part1(args.repeats)
+    if 2 in args.parts and not args.skip_captum:
         part2(args.repeats, args.size)
     return 0
 
