@@ -28,14 +28,21 @@ SHARED = ROOT.parent / "shared"
 PARAMS = {"smoothgrad": {"samples": 25}, "integrated_gradients": {"steps": 50}}
 
 
-def median(fn, repeats):
-    fn()
-    values = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def paired_medians(fns, repeats, budget=3.0):
+    """Median wall time of each function, the functions taking turns (so a burst of load on the shared
+    machine falls on all alike), after one warm-up each; at least `repeats` turns, more (up to 25) while the
+    turns so far took under `budget` seconds."""
+    for fn in fns:
         fn()
-        values.append(time.perf_counter() - start)
-    return statistics.median(values)
+    times = [[] for _ in fns]
+    spent = 0.0
+    while len(times[0]) < repeats or (spent < budget and len(times[0]) < 25):
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+            spent += times[k][-1]
+    return [statistics.median(t) for t in times]
 
 
 def run_method(runner, name, sample, targets, layer, pre, params):
@@ -131,13 +138,13 @@ def part2(repeats, size):
             ("gradcam", {}, lambda: attr.LayerGradCam(model, layer_module).attribute(x, target=target)),
             ("guided_gradcam", {}, lambda: attr.GuidedGradCam(model, layer_module).attribute(x, target=target)),
         ]
-        print(f"\nPart 2: {title}, median of {repeats}")
+        print(f"\nPart 2: {title}, medians of {repeats} to 25 interleaved runs")
         print(f"{'method':22s} {'onnxplain s':>11s} {'captum s':>9s} {'ratio':>6s}")
         for name, params, captum_fn in cases:
             if not relu and name in ("guided_backprop", "deconvnet", "guided_gradcam"):
                 continue
-            ours = median(lambda: run_method(runner, name, sample, [target], layer, None, params), repeats)
-            theirs = median(captum_fn, repeats)
+            ours, theirs = paired_medians(
+                [lambda: run_method(runner, name, sample, [target], layer, None, params), captum_fn], repeats)
             print(f"{name:22s} {ours:11.3f} {theirs:9.3f} {ours / theirs:6.3f}")
 
 
