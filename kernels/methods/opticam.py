@@ -33,8 +33,8 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
   orthonormal (w = K / D). The estimate is unbiased either way; the lead direction makes it precise where the
   optimiser is heading. Forward differences share the centre, so a budget buys twice the directions of SPSA's
   central ones; D = K gives the full forward-difference gradient. On the shipped shapes model (K = 96, 50
-  steps, 6 images, input tensor multiplied) D = 16 reaches 73-93% of the gradient path's objective gain (mean 83%; 71-90%, mean 78%,
-  with random directions only) and D = 32 74-95%; D = K about 100%.
+  steps, 6 images, input tensor multiplied) D = 16 reaches 73-93% of the gradient path's objective gain (mean
+  83%; 71-90%, mean 78%, with random directions only) and D = 32 74-95%; D = K about 100%.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 
@@ -208,7 +208,7 @@ METHOD = Method(
     params=(
         Param("iterations", "int", 50, "Adam steps", 1, 1000),
         Param("learning_rate", "float", 0.1, "Adam's learning rate", 0.0001, 10),
-        Param("loss", "enum", "max", "'max': maximise S_c(x ⊙ S); 'diff': minimise |S_c(x) - S_c(x ⊙ S)|",
+        Param("loss", "enum", "max", "'max': maximise S_c(x * S); 'diff': minimise |S_c(x) - S_c(x * S)|",
               choices=("max", "diff")),
         Param("gradient", "enum", "auto", "how dS/du is obtained: 'auto' (gradient graph when the model can be "
               "differentiated), 'gradient_graph' or 'finite_differences'",
