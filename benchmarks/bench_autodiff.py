@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +34,10 @@ from onnxplain.kernels.autodiff import augment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nets import OnnxInTorch, export_resnet50, resnet50  # noqa: E402
+from timing import medians  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EFFNET = ROOT.parent / "shared" / "models" / "efficientnet_lite0_imagenet.onnx"
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def median_times(fns, repeats: int, warmup: int = 2) -> list[float]:
-    """Median wall time of each function; the functions take turns within each repeat, so load from other
-    processes on a shared machine falls on all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
 
 
 def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, repeats) -> list[tuple]:
@@ -81,9 +62,9 @@ def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, r
             logits = torch_model(xg)
             torch.autograd.grad((logits * st).sum(), [xg, torch_model.features])
 
-        t_fwd, t_aug, t_torch = median_times(
+        t_fwd, t_aug, t_torch = medians(
             [lambda: fwd_s.run(None, {"input": x}), lambda: aug_s.run(None, {"input": x, "seed": seed}), autograd],
-            reps)
+            reps, warmup=2)
         rows.append((label, b, t_fwd, t_aug, t_torch))
         print(f"  {label:16s} batch {b:3d}: fwd {t_fwd * 1e3:8.1f} ms  aug {t_aug * 1e3:8.1f} ms  "
               f"torch {t_torch * 1e3:8.1f} ms", file=sys.stderr, flush=True)

@@ -23,26 +23,12 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from timing import medians  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 PARAMS = {"smoothgrad": {"samples": 25}, "integrated_gradients": {"steps": 50}}
-
-
-def paired_medians(fns, repeats, budget=3.0):
-    """Median wall time of each function, the functions taking turns (so a burst of load on the shared
-    machine falls on all alike), after one warm-up each; at least `repeats` turns, more (up to 25) while the
-    turns so far took under `budget` seconds."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    spent = 0.0
-    while len(times[0]) < repeats or (spent < budget and len(times[0]) < 25):
-        for k, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-            spent += times[k][-1]
-    return [statistics.median(t) for t in times]
 
 
 def run_method(runner, name, sample, targets, layer, pre, params):
@@ -97,7 +83,6 @@ def part2(repeats, size):
     from onnxplain.kernels import graph, images
     from onnxplain.kernels.runtime import Runner
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from nets import OnnxInTorch, export_resnet50, resnet50
 
     networks = []
@@ -143,8 +128,8 @@ def part2(repeats, size):
         for name, params, captum_fn in cases:
             if not relu and name in ("guided_backprop", "deconvnet", "guided_gradcam"):
                 continue
-            ours, theirs = paired_medians(
-                [lambda: run_method(runner, name, sample, [target], layer, None, params), captum_fn], repeats)
+            ours, theirs = medians([lambda: run_method(runner, name, sample, [target], layer, None, params),
+                                    captum_fn], repeats, budget=3.0)
             print(f"{name:22s} {ours:11.3f} {theirs:9.3f} {ours / theirs:6.3f}")
 
 

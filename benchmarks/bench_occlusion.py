@@ -13,28 +13,15 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from timing import medians  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-
-
-def median_times(fns, repeats):
-    """Median seconds of each function, run interleaved (one of each per repeat) after one warm-up each, so
-    that drifts of the machine's speed weigh on all of them alike."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, spent in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def bench_model(entry, image_bytes, window, stride, repeats, server_address):
@@ -70,7 +57,7 @@ def bench_model(entry, image_bytes, window, stride, repeats, server_address):
                                 targets=[target]):
             pass
 
-    t_forward, t_kernel, t_grpc = median_times([forwards, in_process, over_grpc], repeats)
+    t_forward, t_kernel, t_grpc = medians([forwards, in_process, over_grpc], repeats)
     client.close()
     return dict(model=entry.name, inputs=len(corners) + 1, batch=runner.max_batch, forwards_s=t_forward,
                 in_process_s=t_kernel, grpc_s=t_grpc, ratio=t_kernel / t_forward, grpc_over_in_process=t_grpc / t_kernel)

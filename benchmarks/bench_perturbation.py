@@ -13,31 +13,23 @@ class, the default layer, max_batch 32:
   * opticam     : both dF/du paths: seconds per image, passes (samples through the model) per second, and
                   the method / the same passes alone (autodiff-augmented model's forward+backward for the
                   gradient graph, plain forwards of D + 1 samples for finite differences)
-Medians over repeats after one warm-up. Target: method / passes alone <= 1.1.
+Medians over repeats after one warm-up, the method and its passes alone taking turns (benchmarks/timing.py).
+Target: method / passes alone <= 1.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from timing import medians  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-
-
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def drain(method, job):
@@ -92,12 +84,11 @@ def bench_model(name, path, repeats, rise_masks):
         for i in range(0, len(n), batch):
             plain.run([runner.score_name], {input_name: sample[None] * n[i:i + batch, None]})
 
-    t_method = median_time(lambda: drain(METHODS["scorecam"], job("scorecam")), repeats)
-    t_alone = median_time(lambda: forwards(masked), repeats)
-    t_numpy = median_time(numpy_masking, repeats)
+    t_method, t_alone, t_numpy = medians(
+        [lambda: drain(METHODS["scorecam"], job("scorecam")), lambda: forwards(masked), numpy_masking], repeats)
     rows.append(("scorecam", t_method, t_alone, f"{len(acts)} masked images; numpy-masking variant "
                  f"{t_numpy:.3f} s ({t_numpy / t_method:.2f}x the method)"))
-    del masked, up, masks
+    del up, masks
 
     # Ablation-CAM ---------------------------------------------------------------------------------------------
     body, head, extras = sessions(runner, layer)
@@ -118,8 +109,7 @@ def bench_model(name, path, repeats, rise_masks):
             feeds.update({n: np.repeat(v, len(feeds[layer.name]), 0) for n, v in zip(extras, out[1:])})
             head_session.run([runner.score_name], feeds)
 
-    t_method = median_time(lambda: drain(METHODS["ablationcam"], job("ablationcam")), repeats)
-    t_alone = median_time(head_alone, repeats)
+    t_method, t_alone = medians([lambda: drain(METHODS["ablationcam"], job("ablationcam")), head_alone], repeats)
     rows.append(("ablationcam", t_method, t_alone, f"{len(acts)} ablated copies through the head"))
 
     # RISE -----------------------------------------------------------------------------------------------------
@@ -132,9 +122,8 @@ def bench_model(name, path, repeats, rise_masks):
             plain.run([runner.score_name], {input_name: one_batch})
 
     rise_job = {}
-    t_method = median_time(lambda: rise_job.update(j=drain(METHODS["rise"], job("rise", masks=rise_masks))),
-                           repeats)
-    t_alone = median_time(rise_alone, repeats)
+    t_method, t_alone = medians(
+        [lambda: rise_job.update(j=drain(METHODS["rise"], job("rise", masks=rise_masks))), rise_alone], repeats)
     samples = rise_job["j"].passes.forward_samples
     rows.append(("rise", t_method, t_alone, f"N={rise_masks}: {t_method:.2f} s/image, "
                  f"{samples / t_method:.0f} passes/s"))
@@ -143,9 +132,6 @@ def bench_model(name, path, repeats, rise_masks):
     iterations = 50
     for how, directions in (("gradient_graph", 16), ("finite_differences", 16)):
         done = {}
-        t_method = median_time(lambda: done.update(j=drain(METHODS["opticam"], job(
-            "opticam", gradient=how, directions=directions, iterations=iterations))), repeats)
-        passes = done["j"].passes
         if how == "gradient_graph":
             seed = one_hot(target, runner.num_classes)
 
@@ -158,7 +144,9 @@ def bench_model(name, path, repeats, rise_masks):
             def alone():
                 for _ in range(iterations):
                     forwards(centre_and_moved)
-        t_alone = median_time(alone, repeats)
+        t_method, t_alone = medians([lambda: done.update(j=drain(METHODS["opticam"], job(
+            "opticam", gradient=how, directions=directions, iterations=iterations))), alone], repeats)
+        passes = done["j"].passes
         rows.append((f"opticam/{how}", t_method, t_alone,
                      f"{iterations} steps: {t_method:.2f} s/image, "
                      f"{(passes.forward_samples + passes.backward_samples) / t_method:.0f} passes/s "
