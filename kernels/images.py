@@ -167,11 +167,11 @@ def upsample_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = maps.shape[-2:]
     if (h, w) == (height, width):
         return maps.astype(np.float32, copy=False)
-    return np.einsum("yh,...hw,xw->...yx", _linear_weights(h, height), maps.astype(np.float32),
-                     _linear_weights(w, width), optimize=True).astype(np.float32)
+    return np.einsum("yh,...hw,xw->...yx", linear_weights(h, height), maps.astype(np.float32),
+                     linear_weights(w, width), optimize=True).astype(np.float32)
 
 
-def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+def linear_weights(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] matrix of 1-D linear interpolation with half-pixel centres, clamped at the borders."""
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     src = np.clip(src, 0, n_in - 1)

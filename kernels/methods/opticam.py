@@ -67,7 +67,7 @@ def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int,
     b = Builder(runner.model)
     weights = b.unsqueeze(b.op("Softmax", U, axis=1), [2, 3])                      # [B, K, 1, 1]
     combined = b.reduce("ReduceSum", b.op("Mul", weights, ACTS), [1])              # [B, 1, h, w]
-    mask = b.op("Identity", b.minmax(b.upsample(combined, *spatial, batch=batch)), out=MASK)
+    mask = b.op("Identity", b.minmax(b.upsample(combined, (h, w), *spatial)), out=MASK)
     masked = b.masked_input(f"{PREFIX}x", mask, layout, base=BASE)
     inputs = [sample_info(layout, spatial, channels), sample_info(layout, spatial, channels, BASE),
               value_info(U, [batch or "B", count]), value_info(ACTS, [1, count, h, w])]

@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..compose import PREFIX, with_prefix
+from ..images import linear_weights
 
 EPS = 1e-12   # min-max denominator floor: a constant map normalises to 0 (as pytorch-grad-cam's + 1e-8 does)
 
@@ -57,15 +58,13 @@ class Builder:
 
     # ------------------------------------------------------------------------------------- building blocks
 
-    def upsample(self, maps: str, height: int, width: int, batch: int | None = None) -> str:
-        """[B, 1, h, w] -> [B, 1, height, width], bilinear with half-pixel centres (no antialiasing). With a
-        static `batch` the output shape is static too (what kernels.autodiff's Resize rule needs)."""
-        if batch is not None:
-            sizes = self.const([batch, 1, height, width], np.int64)
-        else:
-            lead = self.op("Slice", self.op("Shape", maps), self.const([0], np.int64), self.const([2], np.int64))
-            sizes = self.op("Concat", lead, self.const([height, width], np.int64), axis=0)
-        return self.op("Resize", maps, "", "", sizes, mode="linear", coordinate_transformation_mode="half_pixel")
+    def upsample(self, maps: str, source: tuple[int, int], height: int, width: int) -> str:
+        """[B, 1, h, w] -> [B, 1, height, width], bilinear with half-pixel centres (no antialiasing), for maps of
+        `source` = (h, w). Bilinear resizing is separable: two MatMuls with constant interpolation matrices
+        (kernels.images.linear_weights), which onnxruntime runs 4-9x faster than Resize on 32 maps (12 -> 96,
+        7 or 14 -> 224) and kernels.autodiff differentiates with no static batch size."""
+        rows = self.op("MatMul", self.const(linear_weights(source[0], height)), maps)            # [B, 1, H, w]
+        return self.op("MatMul", rows, self.const(np.ascontiguousarray(linear_weights(source[1], width).T)))
 
     def minmax(self, maps: str) -> str:
         """(m - min) / max(max - min, EPS) per map over its two last axes."""

@@ -35,14 +35,14 @@ from .layers import as_maps
 from .perturb import Builder, batches, channels_of, compose_front, sample_info, softmax, value_info
 
 
-def masking_graph(runner, layout: str, spatial: tuple[int, int], channels: int):
-    """scores(x * minmax(upsample(maps))): one sample x and a batch of coarse maps [B, 1, h, w]."""
+def masking_graph(runner, layout: str, spatial: tuple[int, int], channels: int, grid: tuple[int, int]):
+    """scores(x * minmax(upsample(maps))): one sample x and a batch of coarse maps [B, 1, h, w], grid = (h, w)."""
     height, width = spatial
     b = Builder(runner.model)
     maps = f"{PREFIX}maps"
-    mask = b.minmax(b.upsample(maps, height, width))
+    mask = b.minmax(b.upsample(maps, grid, height, width))
     masked = b.masked_input(f"{PREFIX}x", mask, layout)
-    inputs = [sample_info(layout, spatial, channels), value_info(maps, ["B", 1, None, None])]
+    inputs = [sample_info(layout, spatial, channels), value_info(maps, ["B", 1, *grid])]
     return compose_front(runner.model, runner.input_name, b, inputs, masked, [runner.score_name])
 
 
@@ -58,8 +58,9 @@ def run(job: Job) -> Iterator[Event]:
     count = len(activations)
     reference = job.sample_scores()[job.targets].astype(np.float64)
     channels = channels_of(job.sample, job.layout)
-    session = runner.graph(f"scorecam/{job.layout}/{job.spatial}/{channels}", lambda: masking_graph(
-        runner, job.layout, job.spatial, channels))
+    grid = activations.shape[1:]
+    session = runner.graph(f"scorecam/{job.layout}/{job.spatial}/{channels}/{grid}", lambda: masking_graph(
+        runner, job.layout, job.spatial, channels, grid))
     x = job.sample[None]
     increase = np.zeros((count, len(job.targets)))
     for start, stop in batches(count, runner.max_batch):
