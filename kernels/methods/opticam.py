@@ -59,8 +59,7 @@ from .perturb import Builder, batches, channels_of, compose_front, sample_info, 
 U, ACTS, MASK, SEED, BASE = f"{PREFIX}u", f"{PREFIX}acts", f"{PREFIX}mask", f"{PREFIX}seed", f"{PREFIX}base"
 
 
-def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int, grid: tuple[int, ...],
-                   batch: int | None = None):
+def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int, grid: tuple[int, ...]):
     """(x, base b, u [B, K], activation maps [1, K, h, w]) -> scores of b + S(u) (x - b) [B, classes] and S(u)
     [B, 1, H, W]."""
     count, h, w = grid
@@ -70,22 +69,22 @@ def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int,
     mask = b.op("Identity", b.minmax(b.upsample(combined, (h, w), *spatial)), out=MASK)
     masked = b.masked_input(f"{PREFIX}x", mask, layout, base=BASE)
     inputs = [sample_info(layout, spatial, channels), sample_info(layout, spatial, channels, BASE),
-              value_info(U, [batch or "B", count]), value_info(ACTS, [1, count, h, w])]
+              value_info(U, ["B", count]), value_info(ACTS, [1, count, h, w])]
     return compose_front(runner.model, runner.input_name, b, inputs, masked, [runner.score_name, MASK])
 
 
-def gradient_session(runner, layout, spatial, channels, grid, batch):
-    """The differentiated graph's session, or the reason the engine could not build it."""
+def gradient_session(runner, layout, spatial, channels, grid):
+    """The differentiated graph's session (any number of targets), or the reason the engine could not build it."""
     from .. import autodiff
 
     def build():
         try:
-            composed = saliency_graph(runner, layout, spatial, channels, grid, batch)
+            composed = saliency_graph(runner, layout, spatial, channels, grid)
             model = autodiff.differentiate(composed, runner.score_name, [U], seed_name=SEED)
-            return runner.graph(f"opticam/gradient/{layout}/{spatial}/{channels}/{grid}/{batch}", lambda: model), None
+            return runner.graph(f"opticam/gradient/{layout}/{spatial}/{channels}/{grid}", lambda: model), None
         except Exception as exc:  # noqa: BLE001 - any failure to build or load it means: use finite differences
             return None, f"{type(exc).__name__}: {exc}"
-    return runner.cached(f"opticam/gradient-or-why/{layout}/{spatial}/{channels}/{grid}/{batch}", build)
+    return runner.cached(f"opticam/gradient-or-why/{layout}/{spatial}/{channels}/{grid}", build)
 
 
 def directions_for(rng: np.random.Generator, rows: int, count: int, size: int,
@@ -139,7 +138,7 @@ def run(job: Job) -> Iterator[Event]:
 
     session, why = (None, "not asked for")
     if p["gradient"] in ("auto", "gradient_graph"):
-        session, why = gradient_session(runner, job.layout, job.spatial, channels, grid, count_t)
+        session, why = gradient_session(runner, job.layout, job.spatial, channels, grid)
         if session is None and p["gradient"] == "gradient_graph":
             raise ParamError(f"opticam.gradient: the model cannot be differentiated ({why}); use "
                              "'finite_differences' or 'auto'")
