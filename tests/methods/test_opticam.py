@@ -19,9 +19,11 @@ from PIL import Image
 from onnxplain.client import MapResult
 from onnxplain.default_model import shapes
 from onnxplain.kernels import graph
+from onnxplain.kernels.compose import PREFIX
 from onnxplain.kernels.images import Preprocessing, upsample_bilinear
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
-from onnxplain.kernels.methods.opticam import directions_for
+from onnxplain.kernels.methods.opticam import (ACTS, BASE, SEED, U, directions_for, gradient_session,
+                                                 gradient_subspace)
 from onnxplain.kernels.runtime import Runner
 
 from support import EFFICIENTNET, ROOT, SHARED_IMAGES, needs_shared, png_bytes, pointing_game, shapes_input
@@ -127,13 +129,18 @@ def test_finite_difference_path_matches_reference_with_the_same_directions(shape
     ref = Reference(SHAPES_MODEL, x, layer, targets[0])
     rng = np.random.default_rng(5)
 
+    acts = ref.acts.astype(np.float32).astype(np.float64).reshape(len(ref.acts), -1)
+
     def same_directions(ref, u, t, m):
-        delta, weight = directions_for(rng, 1, 8, len(u), lead=m[None] if t > 1 else None)
-        if t > 1:   # the first direction is Adam's running mean itself, the others orthogonal to it
-            assert abs(delta[0, 0] @ m) == pytest.approx(np.linalg.norm(m), rel=1e-9)
-            np.testing.assert_allclose(delta[0] @ delta[0].T, np.eye(8), atol=1e-12)
-        values = ref.scores([u, *(u + 0.05 * delta[0])])
-        return (weight[0] * (values[1:] - values[0]) / 0.05) @ delta[0]
+        basis = gradient_subspace(acts, u)                                      # [K, r]
+        lead = basis.T @ m
+        z, weight = directions_for(rng, 1, 8, basis.shape[1], lead=lead[None] if t > 1 else None)
+        delta = z[0] @ basis.T
+        if t > 1:   # the first direction is Adam's running mean (within the subspace), the others orthogonal to it
+            assert abs(delta[0] @ m) == pytest.approx(np.linalg.norm(lead), rel=1e-9)
+        np.testing.assert_allclose(delta @ delta.T, np.eye(8), atol=1e-12)
+        values = ref.scores([u, *(u + 0.05 * delta)])
+        return (weight[0] * (values[1:] - values[0]) / 0.05) @ delta
 
     u = ref.optimise(same_directions, 10)
     # forward differences of float32 scores: Adam's normalised steps amplify the rounding of tiny components
@@ -233,6 +240,44 @@ def test_opticam_average_drop_is_lower_than_gradcam_and_scorecam_on_efficientnet
 def softmax(z):
     e = np.exp(z - z.max())
     return e / e.sum()
+
+
+def subspace_check(runner, x, black):
+    """dF/du from the gradient graph (kernels.autodiff) at a random u for the top class, the pixels masked
+    towards `black`, and gradient_subspace's basis at that u: (basis [K, r], gradient [K], h * w)."""
+    layer = graph.default_layer(runner.model)
+    passes = Job(runner, x, np.array([0]), {}).passes
+    acts = np.maximum(runner.forward(x[None], (layer.name,), passes)[layer.name], 0).astype(np.float32)
+    count, grid = acts.shape[1], acts.shape[1:]
+    seed = np.zeros((1, runner.num_classes), np.float32)
+    seed[0, np.argmax(runner.scores(x[None], passes)[0])] = 1
+    session, why = gradient_session(runner, "NCHW", x.shape[1:], x.shape[0], grid)
+    assert session is not None, why
+    u = 0.5 + np.random.default_rng(8).standard_normal(count)                  # unequal weights
+    gradient = session.run([f"{U}__grad"], {f"{PREFIX}x": x[None], ACTS: acts, U: u[None].astype(np.float32),
+                                              BASE: np.full_like(x, black)[None], SEED: seed})[0][0]
+    return gradient_subspace(acts[0].reshape(count, -1).astype(np.float64), u), gradient.astype(np.float64), \
+        grid[1] * grid[2]
+
+
+@pytest.mark.parametrize("model", ["shapes", pytest.param("efficientnet", marks=needs_shared)])
+def test_the_gradient_lies_in_the_finite_difference_subspace(shapes_runner, sample, model):
+    """F depends on u through the coarse map only and min-max normalisation ignores the map's scale and offset:
+    dF/du from the gradient graph lies in gradient_subspace's span, of rank <= min(K - 1, h*w - 2), which on
+    EfficientNet-Lite0's last layer (1280 channels, 7 x 7) is at most 47."""
+    if model == "shapes":
+        basis, gradient, cells = subspace_check(shapes_runner, sample[0], -1.0)
+    else:
+        basis, gradient, cells = subspace_check(runner_for(EFFICIENTNET), efficientnet_input(SHARED_IMAGES[0]),
+                                                -127.5 / 128)
+    count, rank = basis.shape
+    assert rank <= min(count - 1, cells - 2)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-9)
+    outside = gradient - basis @ (basis.T @ gradient)
+    assert np.linalg.norm(outside) <= 1e-4 * np.linalg.norm(gradient)
+    # not a vacuous check: a random vector keeps a part outside the subspace
+    other = np.random.default_rng(1).standard_normal(count)
+    assert np.linalg.norm(other - basis @ (basis.T @ other)) > 0.05 * np.linalg.norm(other)
 
 
 @pytest.mark.parametrize("lead", [False, True])
