@@ -28,18 +28,18 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
 * `finite_differences`, for models the engine cannot differentiate: a zeroth-order estimate on D unit
   directions delta_d, g = sum_d w_d (F(u + h delta_d) - F(u)) / h delta_d, the D perturbed inputs per target
   batched with the centre point (D + 1 forwards per target and step). The directions lie in the subspace that
-  holds dF/du (gradient_subspace: rank r <= min(K - 1, h*w - 2), from the layer's maps and u alone), so no
-  forward is spent where the gradient is known to be zero. From the second step the first direction is Adam's
+  holds dF/du (gradient_subspace: rank r <= min(K, h*w), from the layer's maps and u alone), so no forward is
+  spent where the gradient is known to be zero. From the second step the first direction is Adam's
   running mean of the gradient within it (w = 1: the gradient's component along it, exactly) and the others
   are random orthonormal directions orthogonal to it (w = (r - 1) / (D - 1)); at the first step all D are
   random orthonormal (w = r / D). The estimate is unbiased either way; the lead direction makes it precise
   where the optimiser is heading. Forward differences share the centre, so a budget buys twice the directions
   of SPSA's central ones; D >= r gives the full forward-difference gradient (D is capped at r).
   Measured (pixels masked towards black, share of the gradient path's objective gain): on the shipped shapes
-  model (K = 96, 12 x 12, r = 95; 50 steps, 6 images) D = 16 reaches 56-87% (mean 68%), D = 32 56-91% (mean
-  77%), D = K about 100%; on EfficientNet-Lite0's last layer (K = 1280, 7 x 7, r <= 47; 20 steps, the 4
-  shared photos) D = 16 71-83% (mean 79%; 30-49%, mean 42%, with directions over all of u-space) and D = 48
-  99-102%.
+  model (K = 96 maps of 12 x 12, which span all of u-space; 50 steps, 6 images) D = 16 reaches 54-84% (mean
+  67%), D = 32 61-89% (mean 75%), D = K about 100%; on EfficientNet-Lite0's last layer (K = 1280, 7 x 7,
+  r = 49; 20 steps, the 4 shared photos) D = 16 74-82% (mean 78%; 30-49%, mean 42%, with directions over all
+  of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.8 ms per step there.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 
@@ -54,6 +54,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
 from ..compose import PREFIX
 from ..images import black_sample
@@ -113,23 +114,35 @@ def directions_for(rng: np.random.Generator, rows: int, count: int, size: int,
     return q.transpose(0, 1, 3, 2).reshape(rows, -1, size)[:, :count], np.full((rows, count), size / count)
 
 
-def gradient_subspace(acts: np.ndarray, u: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
-    """An orthonormal basis [K, r] of the subspace of u-space that holds dF/du at u [K], for maps acts [K, h*w].
+def activation_span(acts: np.ndarray, tolerance: float = 1e-6) -> np.ndarray | None:
+    """An orthonormal basis [K, r] of the range of the layer's maps acts [K, h*w] (r their rank, at most h*w), or
+    None when that is all of R^K. Computed once per image (gradient_subspace uses it at every step)."""
+    left, sv, _ = np.linalg.svd(acts, full_matrices=False)
+    rank = int((sv > tolerance * sv[0]).sum()) if len(sv) and sv[0] > 0 else 0
+    if rank == acts.shape[0]:
+        return None
+    return left[:, :rank] * np.sign(left[np.abs(left[:, :rank]).argmax(axis=0), np.arange(rank)])   # signs fixed
 
-    F depends on u only through the coarse map c = A^T w, w = softmax(u), and the upsampling and min-max
-    normalisation that follow are blind to c's scale and offset (bilinear weights sum to 1), so dF/dc is
-    orthogonal to c and to the constant map. With dF/du = (diag(w) - w w^T) A dF/dc and w^T A dF/dc = c . dF/dc
-    = 0, dF/du lies in diag(w) A P, P the projector off c and the constant map: a space of rank at most
-    min(K - 1, h*w - 2), e.g. 47 for a 7 x 7 layer of 1280 channels (EfficientNet-Lite0's last), where random
-    directions over all of u-space would spend most of the forwards on directions with no gradient."""
+
+def gradient_subspace(span: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """An orthonormal basis [K, r] of diag(w) span (w = softmax(u), span from activation_span), the subspace of
+    u-space that holds dF/du at u.
+
+    F depends on u only through the coarse map c = A^T w, and the upsampling and min-max normalisation that
+    follow are blind to c's scale (bilinear weights sum to 1), so c . dF/dc = 0 and dF/du = (diag(w) - w w^T) A
+    dF/dc = diag(w) A dF/dc: it lies in diag(w) range(A), of rank at most min(K, h*w), e.g. 49 for a 7 x 7 layer
+    of 1280 channels (EfficientNet-Lite0's last), where random directions over all of u-space would spend most
+    of the forwards on directions with no gradient. Orthonormalised by Cholesky QR, twice (CholeskyQR2: exact
+    to rounding for the condition numbers softmax weights give; numpy's QR of the same matrix took 5-10x as
+    long), with numpy's QR as the fallback."""
     w = np.exp(u - u.max())
-    w /= w.sum()
-    c = acts.T @ w
-    off = np.linalg.qr(np.stack([c, np.ones_like(c)], axis=1))[0]                   # [h*w, 2]
-    spanned = w[:, None] * (acts - (acts @ off) @ off.T)                            # [K, h*w]
-    left, sv, _ = np.linalg.svd(spanned, full_matrices=False)
-    basis = left[:, :int((sv > tolerance * sv[0]).sum()) if len(sv) and sv[0] > 0 else 0]
-    return basis * np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])])   # signs fixed
+    basis = (w / w.sum())[:, None] * span
+    try:
+        for _ in range(2):
+            basis = solve_triangular(np.linalg.cholesky(basis.T @ basis), basis.T, lower=True).T
+    except np.linalg.LinAlgError:
+        basis = np.linalg.qr((w / w.sum())[:, None] * span)[0]
+    return basis
 
 
 class Adam:
@@ -155,7 +168,7 @@ def run(job: Job) -> Iterator[Event]:
     activations = runner.forward(job.sample[None], (job.layer.name,), job.passes)[job.layer.name]
     acts = np.maximum(as_maps(activations, job.layer), 0).astype(np.float32)       # [1, K, h, w]
     grid = acts.shape[1:]
-    flat = acts[0].reshape(grid[0], -1).astype(np.float64)                          # [K, h*w]
+    span = activation_span(acts[0].reshape(grid[0], -1).astype(np.float64))       # [K, r] or None (all of R^K)
     channels = channels_of(job.sample, job.layout)
     reference = job.sample_scores()[targets].astype(np.float64)
     base = (black_sample(job.preprocessing) if job.preprocessing is not None else np.zeros_like(job.sample))[None]
@@ -207,15 +220,16 @@ def run(job: Job) -> Iterator[Event]:
         else:
             deltas, weights = [], []
             for t in range(count_t):       # D directions in the gradient's subspace (all of it when D >= its rank)
-                basis = gradient_subspace(flat, u[t])
-                count = min(directions, basis.shape[1])
-                if count == 0:        # a flat map: no direction moves F
-                    deltas.append(np.zeros((0, len(flat))))
+                basis = gradient_subspace(span, u[t]) if span is not None else None
+                size = u.shape[1] if basis is None else basis.shape[1]
+                count = min(directions, size)
+                if count == 0:        # all-zero maps: no direction moves F
+                    deltas.append(np.zeros((0, u.shape[1])))
                     weights.append(np.zeros(0))
                     continue
-                lead = (basis.T @ adam.m[t])[None] if it > 1 else None
-                z, weight = directions_for(rng, 1, count, basis.shape[1], lead=lead)
-                deltas.append(z[0] @ basis.T)
+                lead = adam.m[t] if basis is None else basis.T @ adam.m[t]
+                z, weight = directions_for(rng, 1, count, size, lead=lead[None] if it > 1 else None)
+                deltas.append(z[0] if basis is None else z[0] @ basis.T)
                 weights.append(weight[0])
             counts = [len(d) for d in deltas]
             rows = np.concatenate([u, *[u[t] + step * d for t, d in enumerate(deltas)]]).astype(np.float32)

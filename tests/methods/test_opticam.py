@@ -20,10 +20,10 @@ from onnxplain.client import MapResult
 from onnxplain.default_model import shapes
 from onnxplain.kernels import graph
 from onnxplain.kernels.compose import PREFIX
-from onnxplain.kernels.images import Preprocessing, upsample_bilinear
+from onnxplain.kernels.images import Preprocessing, linear_weights, upsample_bilinear
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
-from onnxplain.kernels.methods.opticam import (ACTS, BASE, SEED, U, directions_for, gradient_session,
-                                                 gradient_subspace)
+from onnxplain.kernels.methods.opticam import (ACTS, BASE, SEED, U, activation_span, directions_for,
+                                                 gradient_session, gradient_subspace)
 from onnxplain.kernels.runtime import Runner
 
 from support import EFFICIENTNET, ROOT, SHARED_IMAGES, needs_shared, png_bytes, pointing_game, shapes_input
@@ -129,15 +129,14 @@ def test_finite_difference_path_matches_reference_with_the_same_directions(shape
     ref = Reference(SHAPES_MODEL, x, layer, targets[0])
     rng = np.random.default_rng(5)
 
-    acts = ref.acts.astype(np.float32).astype(np.float64).reshape(len(ref.acts), -1)
+    span = activation_span(ref.acts.astype(np.float32).astype(np.float64).reshape(len(ref.acts), -1))
+    assert span is None      # this layer's 96 maps of 12 x 12 span all of R^96: directions over all of u-space
 
     def same_directions(ref, u, t, m):
-        basis = gradient_subspace(acts, u)                                      # [K, r]
-        lead = basis.T @ m
-        z, weight = directions_for(rng, 1, 8, basis.shape[1], lead=lead[None] if t > 1 else None)
-        delta = z[0] @ basis.T
-        if t > 1:   # the first direction is Adam's running mean (within the subspace), the others orthogonal to it
-            assert abs(delta[0] @ m) == pytest.approx(np.linalg.norm(lead), rel=1e-9)
+        z, weight = directions_for(rng, 1, 8, len(u), lead=m[None] if t > 1 else None)
+        delta = z[0]
+        if t > 1:   # the first direction is Adam's running mean itself, the others orthogonal to it
+            assert abs(delta[0] @ m) == pytest.approx(np.linalg.norm(m), rel=1e-9)
         np.testing.assert_allclose(delta @ delta.T, np.eye(8), atol=1e-12)
         values = ref.scores([u, *(u + 0.05 * delta)])
         return (weight[0] * (values[1:] - values[0]) / 0.05) @ delta
@@ -242,42 +241,51 @@ def softmax(z):
     return e / e.sum()
 
 
-def subspace_check(runner, x, black):
-    """dF/du from the gradient graph (kernels.autodiff) at a random u for the top class, the pixels masked
-    towards `black`, and gradient_subspace's basis at that u: (basis [K, r], gradient [K], h * w)."""
+def test_the_gradient_lies_in_the_finite_difference_subspace_numpy():
+    """F(u) = v . minmax(up(A^T softmax(u))) with A [30, 3 x 3] and a fixed v, written out in numpy: its central-
+    difference gradient lies in gradient_subspace's span (rank <= 9 of 30); a random vector does not."""
+    rng = np.random.default_rng(4)
+    acts = np.maximum(rng.standard_normal((30, 3, 3)), 0)
+    v = rng.standard_normal((12, 12))
+    resize = linear_weights(3, 12).astype(np.float64)
+
+    def objective(u):
+        w = np.exp(u - u.max()) / np.exp(u - u.max()).sum()
+        up = resize @ np.einsum("k,khw->hw", w, acts) @ resize.T                 # bilinear, in float64
+        return float((v * (up - up.min()) / (up.max() - up.min())).sum())
+
+    u = rng.standard_normal(30)
+    eye = np.eye(30) * 1e-4
+    gradient = np.array([(objective(u + e) - objective(u - e)) / 2e-4 for e in eye])
+    basis = gradient_subspace(activation_span(acts.reshape(30, -1)), u)
+    assert basis.shape == (30, 9)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(9), atol=1e-12)
+    assert np.linalg.norm(gradient - basis @ (basis.T @ gradient)) <= 1e-3 * np.linalg.norm(gradient)
+    other = rng.standard_normal(30)
+    assert np.linalg.norm(other - basis @ (basis.T @ other)) > 0.3 * np.linalg.norm(other)
+
+
+@needs_shared
+def test_the_gradient_lies_in_the_finite_difference_subspace_on_efficientnet():
+    """The gradient graph's dF/du (kernels.autodiff) on EfficientNet-Lite0's last layer (1280 maps of 7 x 7), at
+    a random u, the pixels masked towards black: inside gradient_subspace's span, of rank <= 49."""
+    runner = runner_for(EFFICIENTNET)
+    x = efficientnet_input(SHARED_IMAGES[0])
     layer = graph.default_layer(runner.model)
     passes = Job(runner, x, np.array([0]), {}).passes
     acts = np.maximum(runner.forward(x[None], (layer.name,), passes)[layer.name], 0).astype(np.float32)
-    count, grid = acts.shape[1], acts.shape[1:]
     seed = np.zeros((1, runner.num_classes), np.float32)
     seed[0, np.argmax(runner.scores(x[None], passes)[0])] = 1
-    session, why = gradient_session(runner, "NCHW", x.shape[1:], x.shape[0], grid)
+    session, why = gradient_session(runner, "NCHW", x.shape[1:], x.shape[0], acts.shape[1:])
     assert session is not None, why
-    u = 0.5 + np.random.default_rng(8).standard_normal(count)                  # unequal weights
+    u = 0.5 + np.random.default_rng(8).standard_normal(1280)                    # unequal weights
     gradient = session.run([f"{U}__grad"], {f"{PREFIX}x": x[None], ACTS: acts, U: u[None].astype(np.float32),
-                                              BASE: np.full_like(x, black)[None], SEED: seed})[0][0]
-    return gradient_subspace(acts[0].reshape(count, -1).astype(np.float64), u), gradient.astype(np.float64), \
-        grid[1] * grid[2]
-
-
-@pytest.mark.parametrize("model", ["shapes", pytest.param("efficientnet", marks=needs_shared)])
-def test_the_gradient_lies_in_the_finite_difference_subspace(shapes_runner, sample, model):
-    """F depends on u through the coarse map only and min-max normalisation ignores the map's scale and offset:
-    dF/du from the gradient graph lies in gradient_subspace's span, of rank <= min(K - 1, h*w - 2), which on
-    EfficientNet-Lite0's last layer (1280 channels, 7 x 7) is at most 47."""
-    if model == "shapes":
-        basis, gradient, cells = subspace_check(shapes_runner, sample[0], -1.0)
-    else:
-        basis, gradient, cells = subspace_check(runner_for(EFFICIENTNET), efficientnet_input(SHARED_IMAGES[0]),
-                                                -127.5 / 128)
-    count, rank = basis.shape
-    assert rank <= min(count - 1, cells - 2)
-    np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-9)
-    outside = gradient - basis @ (basis.T @ gradient)
-    assert np.linalg.norm(outside) <= 1e-4 * np.linalg.norm(gradient)
-    # not a vacuous check: a random vector keeps a part outside the subspace
-    other = np.random.default_rng(1).standard_normal(count)
-    assert np.linalg.norm(other - basis @ (basis.T @ other)) > 0.05 * np.linalg.norm(other)
+                                              BASE: np.full_like(x, -127.5 / 128)[None], SEED: seed})[0][0]
+    basis = gradient_subspace(activation_span(acts[0].reshape(1280, -1).astype(np.float64)), u)
+    assert basis.shape[1] <= 49
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-9)
+    gradient = gradient.astype(np.float64)
+    assert np.linalg.norm(gradient - basis @ (basis.T @ gradient)) <= 1e-4 * np.linalg.norm(gradient)
 
 
 @pytest.mark.parametrize("lead", [False, True])
