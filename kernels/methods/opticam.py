@@ -70,9 +70,10 @@ def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int,
     [B, 1, H, W]."""
     count, h, w = grid
     b = Builder(runner.model)
-    weights = b.unsqueeze(b.op("Softmax", U, axis=1), [2, 3])                      # [B, K, 1, 1]
-    combined = b.reduce("ReduceSum", b.op("Mul", weights, ACTS), [1])              # [B, 1, h, w]
-    mask = b.op("Identity", b.minmax(b.upsample(combined, (h, w), *spatial)), out=MASK)
+    maps = b.op("Reshape", ACTS, b.const([count, h * w], np.int64))                  # [K, h*w]
+    combined = b.op("MatMul", b.op("Softmax", U, axis=1), maps)                       # [B, h*w]
+    combined = b.op("Reshape", combined, b.const([-1, 1, h, w], np.int64))           # [B, 1, h, w]
+    mask = b.minmax(b.upsample(combined, (h, w), *spatial), out=MASK)
     masked = b.masked_input(f"{PREFIX}x", mask, layout, base=BASE)
     inputs = [sample_info(layout, spatial, channels), sample_info(layout, spatial, channels, BASE),
               value_info(U, ["B", count]), value_info(ACTS, [1, count, h, w])]

@@ -66,12 +66,12 @@ class Builder:
         rows = self.op("MatMul", self.const(linear_weights(source[0], height)), maps)            # [B, 1, H, w]
         return self.op("MatMul", rows, self.const(np.ascontiguousarray(linear_weights(source[1], width).T)))
 
-    def minmax(self, maps: str) -> str:
-        """(m - min) / max(max - min, EPS) per map over its two last axes."""
+    def minmax(self, maps: str, out: str | None = None) -> str:
+        """(m - min) / (max - min + EPS) per map over its two last axes (named `out` when given)."""
         lo = self.reduce("ReduceMin", maps, [2, 3])
         hi = self.reduce("ReduceMax", maps, [2, 3])
         span = self.op("Add", self.op("Sub", hi, lo), self.const(EPS))
-        return self.op("Div", self.op("Sub", maps, lo), span)
+        return self.op("Div", self.op("Sub", maps, lo), span, out=out)
 
     def masked_input(self, x: str, mask: str, layout: str, base: str | None = None) -> str:
         """x * mask with a [B, 1, H, W] mask broadcast over the channels of one NCHW or NHWC sample; with a
