@@ -34,12 +34,15 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
   are random orthonormal directions orthogonal to it (w = (r - 1) / (D - 1)); at the first step all D are
   random orthonormal (w = r / D). The estimate is unbiased either way; the lead direction makes it precise
   where the optimiser is heading. Forward differences share the centre, so a budget buys twice the directions
-  of SPSA's central ones; D >= r gives the full forward-difference gradient (D is capped at r).
-  Measured (pixels masked towards black, share of the gradient path's objective gain): on the shipped shapes
-  model (K = 96 maps of 12 x 12, which span all of u-space; 50 steps, 6 images) D = 16 reaches 54-84% (mean
-  67%), D = 32 61-89% (mean 75%), D = K about 100%; on EfficientNet-Lite0's last layer (K = 1280, 7 x 7,
-  r = 49; 20 steps, the 4 shared photos) D = 16 74-82% (mean 78%; 30-49%, mean 42%, with directions over all
-  of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.8 ms per step there.
+  of SPSA's central ones; D >= r gives the full forward-difference gradient (D is capped at r). The default,
+  D = 128, is that full gradient wherever r <= 128: every layer of 11 x 11 cells or fewer (a 7 x 7 ImageNet
+  CNN layer: r <= 49) and the shipped shapes model's (r = 96); fewer directions trade the map's quality for
+  time. Measured (pixels masked towards black, share of the gradient path's objective gain): on the shapes
+  model (96 maps of 12 x 12, which span all of u-space; 50 steps, 6 images) D = 16 reaches 54-84% (mean 67%),
+  D = 32 61-89% (mean 75%), D = 64 64-97%, D = 96 (the default's r) 100-106%; on EfficientNet-Lite0's last
+  layer (1280 maps of 7 x 7, r = 49; 20 steps, the 4 shared photos) D = 16 74-82% (mean 78%; 30-49%, mean 42%,
+  with directions over all of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.8 ms
+  per step there.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 
@@ -265,8 +268,9 @@ METHOD = Method(
         Param("gradient", "enum", "auto", "how dS/du is obtained: 'auto' (gradient graph when the model can be "
               "differentiated), 'gradient_graph' or 'finite_differences'",
               choices=("auto", "gradient_graph", "finite_differences")),
-        Param("directions", "int", 16, "finite_differences: directions per step (batched; at most the rank of the "
-              "subspace that holds the gradient)", 1, 512),
+        Param("directions", "int", 128, "finite_differences: directions per step (batched), at most the rank of "
+              "the subspace that holds the gradient: the default gives the full forward-difference gradient "
+              "wherever that rank is <= 128", 1, 512),
         Param("step", "float", 0.01, "finite_differences: step along each direction, in units of u", 1e-5, 1),
         Param("seed", "int", 0, "seed of the finite-difference directions (numpy's default_rng)", 0, 2**31 - 1),
     ),

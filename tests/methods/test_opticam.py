@@ -147,21 +147,27 @@ def test_finite_difference_path_matches_reference_with_the_same_directions(shape
     assert np.abs(ref.saliency(u) - ref.saliency(np.full_like(u, 0.5))).max() > 0.05   # it did move
 
 
-def test_objective_increases_and_finite_differences_reach_the_gradient_gain(shapes_runner, sample):
-    x, targets = sample
-    gains = {}
-    for how, extra in [("gradient_graph", {}), ("finite_differences", dict(directions=96))]:
-        _, events = run_opticam(shapes_runner, x, targets, partial_every=1, iterations=20, gradient=how, **extra)
-        maps = [e for e in events if isinstance(e, Maps)]
-        assert [m.step for m in maps] == [*range(1, 21), 20] and maps[-1].final
-        objective = np.array([[s["objective"] for s in m.stats] for m in maps])      # [steps, targets]
-        steps_up = (np.diff(objective, axis=0) > 0).mean()
-        assert steps_up >= 0.8, f"{how}: the objective rose on {steps_up:.0%} of the steps"
-        assert (objective[-1] > objective[0] + 0.5).all()
-        gains[how] = objective[-1] - objective[0]
-        for m in maps:
-            assert m.maps.shape == (2, 96, 96) and m.maps.min() >= 0 and m.maps.max() == pytest.approx(1)
-    assert (gains["finite_differences"] >= 0.9 * gains["gradient_graph"]).all(), gains
+def test_objective_increases_and_finite_differences_reach_the_gradient_gain(shapes_runner):
+    """The method's defaults (50 steps; 128 directions, which on this layer is the full forward-difference
+    gradient: its 96 maps span all of u-space) on 4 held-out images of the shipped model, top class: the
+    objective rises, and the finite-difference path's gain is >= 90% of the gradient path's on each image."""
+    held_out = shapes.generate(4, seed=9_000_151, size=96)
+    for image in held_out.images:
+        x = shapes_input(image)
+        target = int(np.argmax(shapes_runner.scores(x[None], Job(shapes_runner, x, np.array([0]), {}).passes)[0]))
+        gains = {}
+        for how in ("gradient_graph", "finite_differences"):
+            _, events = run_opticam(shapes_runner, x, [target], partial_every=1, gradient=how)
+            maps = [e for e in events if isinstance(e, Maps)]
+            assert [m.step for m in maps] == [*range(1, 51), 50] and maps[-1].final
+            objective = np.array([m.stats[0]["objective"] for m in maps])
+            steps_up = (np.diff(objective) > 0).mean()
+            assert steps_up >= 0.8, f"{how}: the objective rose on {steps_up:.0%} of the steps"
+            assert objective[-1] > objective[0] + 0.5
+            gains[how] = objective[-1] - objective[0]
+            for m in maps:
+                assert m.maps.shape == (1, 96, 96) and m.maps.min() >= 0 and m.maps.max() == pytest.approx(1)
+        assert gains["finite_differences"] >= 0.9 * gains["gradient_graph"], gains
 
 
 def test_auto_falls_back_to_finite_differences_when_the_engine_cannot_differentiate(sample, tmp_path):
