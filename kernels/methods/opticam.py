@@ -132,8 +132,8 @@ def gradient_subspace(span: np.ndarray, u: np.ndarray) -> np.ndarray:
     """An orthonormal basis [K, r] of diag(w) span (w = softmax(u), span from activation_span), the subspace of
     u-space that holds dF/du at u.
 
-    F depends on u only through the coarse map c = A^T w, and the upsampling and min-max normalisation that
-    follow are blind to c's scale (bilinear weights sum to 1), so c . dF/dc = 0 and dF/du = (diag(w) - w w^T) A
+    F depends on u only through the coarse map c = A^T w, and the (linear) upsampling and the min-max
+    normalisation that follow are blind to c's scale, so c . dF/dc = 0 (Euler) and dF/du = (diag(w) - w w^T) A
     dF/dc = diag(w) A dF/dc: it lies in diag(w) range(A), of rank at most min(K, h*w), e.g. 49 for a 7 x 7 layer
     of 1280 channels (EfficientNet-Lite0's last), where random directions over all of u-space would spend most
     of the forwards on directions with no gradient. Orthonormalised by Cholesky QR, twice (CholeskyQR2: exact
