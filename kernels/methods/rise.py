@@ -31,8 +31,8 @@ import numpy as np
 from onnx import TensorProto
 
 from ..compose import PREFIX
-from .base import Event, Job, Maps, Method, Param, Progress
 from ..images import linear_weights
+from .base import Event, Job, Maps, Method, Param, Progress
 from .perturb import Builder, batches, channels_of, compose_front, sample_info, value_info
 
 
