@@ -170,6 +170,18 @@ def test_objective_increases_and_finite_differences_reach_the_gradient_gain(shap
         assert gains["finite_differences"] >= 0.9 * gains["gradient_graph"], gains
 
 
+def test_finite_differences_for_several_targets_match_one_target_at_a_time(shapes_runner, sample):
+    """Targets are rows of one batch (their directions concatenated, their values split back): with the full
+    forward-difference gradient (the default directions) the maps and objectives of two targets run together
+    match those of each target run alone, up to the directions' random rotation."""
+    x, targets = sample
+    together = run_opticam(shapes_runner, x, targets, iterations=5, gradient="finite_differences")[1][-1]
+    for t, target in enumerate(targets):
+        alone = run_opticam(shapes_runner, x, [target], iterations=5, gradient="finite_differences")[1][-1]
+        np.testing.assert_allclose(together.maps[t], alone.maps[0], atol=1e-2)
+        assert together.stats[t]["objective"] == pytest.approx(alone.stats[0]["objective"], rel=5e-3)
+
+
 def test_auto_falls_back_to_finite_differences_when_the_engine_cannot_differentiate(sample, tmp_path):
     x, targets = sample
     model = onnx.load(str(SHAPES_MODEL))
