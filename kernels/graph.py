@@ -148,10 +148,116 @@ def _type_name(vi) -> str:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation (resolves Reshape targets computed from Shape)."""
+    """ONNX shape inference with data propagation (resolves Reshape targets computed from Shape), after folding
+    the small constant arithmetic that exporters emit for shapes (_fold_constants): PyTorch's legacy exporter
+    computes a reflect Pad's pads with ConstantOfShape, Concat, Reshape, Slice, Transpose and Cast, which data
+    propagation does not follow, and every spatial size after such a Pad was unknown. The model returned is the
+    given one with the shapes found (the folded nodes stay in it)."""
     if model.ByteSize() >= _TWO_GIB:
         return model
-    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    def infer(m):
+        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+
+    inferred = infer(model)
+    folded = _fold_constants(model)
+    if folded is not None:
+        better = {v.name: v for v in infer(folded).graph.value_info}
+        known = {v.name for v in inferred.graph.value_info}
+        for i, v in enumerate(inferred.graph.value_info):
+            if v.name in better:
+                inferred.graph.value_info[i].CopyFrom(better[v.name])
+        inferred.graph.value_info.extend(v for name, v in better.items() if name not in known)
+    return inferred
+
+
+# Operators whose outputs are constants when their inputs are, cheap to evaluate on small tensors, and named by
+# exporters' shape arithmetic. Each input and output of a folded node has at most _FOLD_MAX elements, and
+# ConstantOfShape, Expand, Tile and Range are checked before they run, so a hostile file cannot make loading
+# allocate much.
+_FOLDABLE = {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Squeeze",
+             "Unsqueeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Expand", "Tile", "Range",
+             "Flatten", "Shape", "Size"}
+_FOLD_MAX = 1 << 16
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of the model in which the nodes that compute constants from constants (_FOLDABLE) are replaced by
+    initializers holding their values, every other tensor keeping its name; None when there is nothing to
+    fold. Only for shape inference: the model that runs keeps its own nodes."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if _size(t.dims) <= _FOLD_MAX}
+    inputs = {vi.name for vi in model.graph.input} - set(values)
+    folded = []
+    for node in model.graph.node:
+        if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
+            continue
+        args = [values.get(name) if name else None for name in node.input]
+        if any(name and (name in inputs or a is None) for name, a in zip(node.input, args)):
+            continue
+        if not _small_result(node, args):
+            continue
+        try:
+            if node.op_type == "Constant":
+                outs = [_constant_value(node)]
+            else:
+                one = helper.make_graph([node], "fold", _untyped([n for n in node.input if n]), _untyped(node.output))
+                outs = ReferenceEvaluator(helper.make_model(one, opset_imports=model.opset_import)).run(
+                    None, {n: a for n, a in zip(node.input, args) if n})
+        except Exception:  # noqa: BLE001 - what cannot be evaluated is left to shape inference as it is
+            continue
+        if any(np.asarray(o).size > _FOLD_MAX for o in outs):
+            continue
+        values.update({n: np.asarray(o) for n, o in zip(node.output, outs)})
+        folded.append(node)
+    if not any(n.op_type != "Constant" for n in folded):
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    gone = {id(n) for n in folded}
+    keep = [n for n in model.graph.node if id(n) not in gone]
+    del copy.graph.node[:]
+    copy.graph.node.extend(keep)
+    produced = {o for n in folded for o in n.output}
+    copy.graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in produced)
+    return copy
+
+
+def _untyped(names) -> list:
+    return [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in names]
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value of a Constant node (its `value` tensor or one of the value_* attributes)."""
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    return np.asarray(helper.get_attribute_value(attr),
+                      np.float32 if attr.name.startswith("value_float") else np.int64)
+
+
+def _size(dims) -> int:
+    return int(np.prod([int(d) for d in dims], dtype=np.int64)) if len(dims) else 1
+
+
+def _small_result(node: onnx.NodeProto, args: list) -> bool:
+    """False when the node would make a tensor of more than _FOLD_MAX elements (checked before it runs)."""
+    if any(a is not None and np.asarray(a).size > _FOLD_MAX for a in args):
+        return False
+    try:
+        if node.op_type == "ConstantOfShape":
+            return _size(np.asarray(args[0]).ravel()) <= _FOLD_MAX
+        if node.op_type == "Expand":
+            shape = np.broadcast_shapes(np.asarray(args[0]).shape, tuple(int(d) for d in np.asarray(args[1]).ravel()))
+            return _size(shape) <= _FOLD_MAX
+        if node.op_type == "Tile":
+            return np.asarray(args[0]).size * _size(np.asarray(args[1]).ravel()) <= _FOLD_MAX
+        if node.op_type == "Range":
+            start, limit, delta = (float(np.asarray(a).ravel()[0]) for a in args)
+            return delta != 0 and abs((limit - start) / delta) <= _FOLD_MAX
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return False
+    return True
 
 
 def _real_inputs(model):

@@ -348,3 +348,72 @@ def test_layer_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         layer.name = "u"
     assert layer.prefix_tokens == 0 and layer.op_type == ""
+
+
+# ------------------------------------------------------------------------------- constants before shapes
+
+
+def test_layers_behind_a_reflect_pad_with_computed_pads(tmp_path):
+    """PyTorch's legacy exporter computes a reflect Pad's pads (ConstantOfShape, Concat, Reshape, Slice,
+    Transpose, Cast), which ONNX data propagation does not follow: every spatial size after it was unknown and
+    no layer was found. load_model folds that constant arithmetic before inferring shapes; the model that runs
+    keeps its nodes, and its input and layer gradients match torch autograd."""
+    from onnxplain.kernels.autodiff import augment
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    path = tmp_path / "reflect.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}})
+    raw = onnx.load(str(path))
+    constants = {t.name for t in raw.graph.initializer}
+    pads = [n for n in raw.graph.node if n.op_type == "Pad"]
+    assert pads and all(n.input[1] not in constants for n in pads)     # the case in question: computed pads
+    bare = onnx.shape_inference.infer_shapes(raw, data_prop=True)
+    assert all(not any(d.dim_value for d in v.type.tensor_type.shape.dim[2:])
+               for v in bare.graph.value_info if v.name.endswith("Relu_output_0"))   # what shape inference alone gives
+
+    model = G.load_model(str(path))
+    assert [n.op_type for n in model.graph.node] == [n.op_type for n in raw.graph.node]
+    relus = [layer for layer in G.candidate_layers(model) if layer.op_type == "Relu"]
+    assert [(layer.shape, layer.kind) for layer in relus] == [((None, 8, 16, 16), "spatial")] * 2
+    layer = G.default_layer(model)
+    assert layer.name == relus[-1].name
+
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    seed = torch.randn(2, 4)
+    acts = {}
+    net[3].register_forward_hook(lambda m, i, o: acts.update(a=o))
+    (net(x) * seed).sum().backward(inputs=[x])
+    x_grad = x.grad.numpy()
+    x.grad = None
+    net(x)
+    layer_grad = torch.autograd.grad((net[4:](acts["a"]) * seed).sum(), acts["a"])[0].numpy()
+    out = _run(augment(model, [layer.name]), {"input": x.detach().numpy(), "seed": seed.numpy()})
+    assert _rel(out["input__grad"], x_grad) < 1e-4
+    assert _rel(out[f"{layer.name}__grad"], layer_grad) < 1e-4
+
+
+def test_constant_folding_does_not_build_huge_tensors():
+    """A hostile file asking ConstantOfShape for 10^10 elements on a constant path: loading neither evaluates it
+    nor takes long."""
+    import time
+
+    zero = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
+    big = helper.make_node("ConstantOfShape", ["shape"], ["big"], value=zero)
+    picked = helper.make_node("Slice", ["big", "zero", "one"], ["small"])
+    add = helper.make_node("Add", ["x", "small"], ["y"])
+    g = helper.make_graph([big, picked, add], "hostile",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([100_000, 100_000], np.int64), "shape"),
+                           numpy_helper.from_array(np.array([0, 0], np.int64), "zero"),
+                           numpy_helper.from_array(np.array([1, 1], np.int64), "one")])
+    start = time.perf_counter()
+    G.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert time.perf_counter() - start < 2.0
+    assert G._fold_constants(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])) is None
