@@ -172,8 +172,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # Operators whose outputs are constants when their inputs are, cheap to evaluate on small tensors, and named by
 # exporters' shape arithmetic. Each input and output of a folded node has at most _FOLD_MAX elements, and
-# ConstantOfShape, Expand, Tile and Range are checked before they run, so a hostile file cannot make loading
-# allocate much.
+# Constant, ConstantOfShape, Expand, Tile and Range are checked before they run, so a hostile file cannot make
+# loading allocate much.
 _FOLDABLE = {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Squeeze",
              "Unsqueeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Expand", "Tile", "Range",
              "Flatten", "Shape", "Size"}
@@ -184,15 +184,20 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy of the model in which the nodes that compute constants from constants (_FOLDABLE) are replaced by
     initializers holding their values, every other tensor keeping its name; None when there is nothing to
     fold. Only for shape inference: the model that runs keeps its own nodes."""
-    from onnx.reference import ReferenceEvaluator
+    small = {t.name: t for t in model.graph.initializer if _size(t.dims) <= _FOLD_MAX}
+    values: dict[str, np.ndarray] = {}
 
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if _size(t.dims) <= _FOLD_MAX}
-    inputs = {vi.name for vi in model.graph.input} - set(values)
+    def value(name):      # initializers are converted when a foldable node reads them
+        if name not in values and name in small:
+            values[name] = numpy_helper.to_array(small[name])
+        return values.get(name)
+
+    inputs = {vi.name for vi in model.graph.input} - set(small)
     folded = []
     for node in model.graph.node:
         if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
             continue
-        args = [values.get(name) if name else None for name in node.input]
+        args = [value(name) if name else None for name in node.input]
         if any(name and (name in inputs or a is None) for name, a in zip(node.input, args)):
             continue
         if not _small_result(node, args):
@@ -201,6 +206,8 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
             if node.op_type == "Constant":
                 outs = [_constant_value(node)]
             else:
+                from onnx.reference import ReferenceEvaluator      # 20 ms to import: only when there is work
+
                 one = helper.make_graph([node], "fold", _untyped([n for n in node.input if n]), _untyped(node.output))
                 outs = ReferenceEvaluator(helper.make_model(one, opset_imports=model.opset_import)).run(
                     None, {n: a for n, a in zip(node.input, args) if n})
@@ -245,6 +252,8 @@ def _small_result(node: onnx.NodeProto, args: list) -> bool:
     if any(a is not None and np.asarray(a).size > _FOLD_MAX for a in args):
         return False
     try:
+        if node.op_type == "Constant":
+            return not node.attribute or node.attribute[0].name != "value" or _size(node.attribute[0].t.dims) <= _FOLD_MAX
         if node.op_type == "ConstantOfShape":
             return _size(np.asarray(args[0]).ravel()) <= _FOLD_MAX
         if node.op_type == "Expand":
