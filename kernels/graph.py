@@ -155,13 +155,17 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     given one with the shapes found (the folded nodes stay in it)."""
     if model.ByteSize() >= _TWO_GIB:
         return model
+
     def infer(m):
         return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
 
     inferred = infer(model)
     folded = _fold_constants(model)
     if folded is not None:
-        better = {v.name: v for v in infer(folded).graph.value_info}
+        try:
+            better = {v.name: v for v in infer(folded).graph.value_info}
+        except Exception:  # noqa: BLE001 - the folded copy only adds information; without it, what was found stands
+            return inferred
         known = {v.name for v in inferred.graph.value_info}
         for i, v in enumerate(inferred.graph.value_info):
             if v.name in better:
