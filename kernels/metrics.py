@@ -193,6 +193,7 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
     if scores is None:
         scores = runner.scores(x, passes)[0]
     y = softmax(scores)[classes]
+    placed_x, placed_black = runner.resident(x), runner.resident(black)     # fed to every run below
     results = [MapScores(class_score=float(v)) for v in y]
 
     if set(metrics) & set(MASKING):
@@ -200,7 +201,7 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
         masked = np.empty(len(maps))
         for lo, hi in batches(len(maps), runner.max_batch):
             check()
-            feeds = {f"{PREFIX}x": x, f"{PREFIX}base": black, f"{PREFIX}maps": maps[lo:hi, None]}
+            feeds = {f"{PREFIX}x": placed_x, f"{PREFIX}base": placed_black, f"{PREFIX}maps": maps[lo:hi, None]}
             out = runner.run(session, [runner.score_name], feeds, passes, samples=hi - lo)[0]
             masked[lo:hi] = softmax(out)[np.arange(hi - lo), classes[lo:hi]]
         for r, yv, o in zip(results, y, masked):
@@ -217,7 +218,9 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
         rank = rank[:, None] if layout == "NCHW" else rank[..., None]
         session = runner.graph(f"metrics/reveal/{key}", lambda: reveal_graph(runner, layout, spatial, channels))
         blurred = blurred_sample(sample, blur_sigma, layout)[None] if INSERTION in curves else None
-        ends = {DELETION: (x, black), INSERTION: (blurred, x)}
+        placed_rank = runner.resident(rank)
+        ends = {DELETION: (placed_x, placed_black),
+                INSERTION: (runner.resident(blurred) if blurred is not None else None, placed_x)}
         # The end points are the same images for every map: run them once.
         fixed = {DELETION: black, INSERTION: blurred}
         edge = softmax(runner.scores(np.concatenate([fixed[c] for c in curves]), passes))
@@ -231,7 +234,7 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
             for lo, hi in batches(len(inner), runner.max_batch):
                 check()
                 pairs = np.asarray(inner[lo:hi], np.int64)
-                feeds = {f"{PREFIX}start": start, f"{PREFIX}end": end, f"{PREFIX}ranks": rank,
+                feeds = {f"{PREFIX}start": start, f"{PREFIX}end": end, f"{PREFIX}ranks": placed_rank,
                          f"{PREFIX}which": pairs[:, 0], f"{PREFIX}counts": n[pairs[:, 1]].reshape(-1, 1, 1, 1)}
                 out = runner.run(session, [runner.score_name], feeds, passes, samples=hi - lo)[0]
                 values[pairs[:, 0], pairs[:, 1]] = softmax(out)[np.arange(hi - lo), classes[pairs[:, 0]]]

@@ -65,6 +65,8 @@ class Runner:
         self._lock = threading.Lock()
         self.session = self._session(model)
         self.provider = self.session.get_providers()[0]
+        cuda = self.session.get_provider_options().get(CUDA) if self.provider == CUDA else None
+        self._device = ("cuda", int(cuda.get("device_id", 0))) if cuda is not None else ("cpu", 0)
         self._num_classes: int | None = None
         self.supplied: list = []        # kernels.supplied.GradientGraph: user-supplied gradient graphs
 
@@ -136,14 +138,24 @@ class Runner:
                            passes, backward=True) for i in range(0, len(x), self.max_batch)]
         return _joined(names, chunks)
 
-    def run(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
+    def resident(self, array: np.ndarray) -> ort.OrtValue:
+        """`array` placed once where this runner's sessions run, to feed many runs: a method's constant inputs (the
+        image, its activations, a baseline) then cross to a CUDA device once per job instead of once per run. On
+        the CPU the OrtValue reads the array's own memory (no copy)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self._device)
+
+    def run(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray | ort.OrtValue],
             passes: Passes, samples: int | None = None, backward: bool = False) -> list[np.ndarray]:
-        """One onnxruntime run, counted in `passes` (samples defaults to the first feed's batch size)."""
+        """One onnxruntime run, counted in `passes` (samples defaults to the first feed's batch size). Feeds are
+        numpy arrays or OrtValues from `resident`."""
         start = time.perf_counter()
         out = session.run(outputs, feeds)
         seconds = time.perf_counter() - start
         passes.seconds += seconds
-        size = len(next(iter(feeds.values()))) if samples is None else samples
+        if samples is None:
+            first = next(iter(feeds.values()))
+            samples = first.shape()[0] if isinstance(first, ort.OrtValue) else len(first)
+        size = samples
         passes.runs += 1
         if backward:
             passes.backward_samples += size

@@ -68,11 +68,15 @@ def run(job: Job) -> Iterator[Event]:
     count = len(maps)
     original = job.sample_scores()[job.targets].astype(np.float64)     # [T]
     ablated = np.zeros((count, len(job.targets)))
+    act = runner.resident(activation)
+    repeated = {}       # batch size -> the other tensors the head reads, one copy per sample, placed once
     for start, stop in batches(count, runner.max_batch):
         keep = np.ones((stop - start, count), np.float32)
         keep[np.arange(stop - start), np.arange(start, stop)] = 0
-        feeds = {f"{PREFIX}act": activation, f"{PREFIX}keep": keep,
-                 **{name: np.repeat(value, stop - start, axis=0) for name, value in zip(extras, rest)}}
+        if stop - start not in repeated:
+            repeated[stop - start] = {name: runner.resident(np.repeat(value, stop - start, axis=0))
+                                      for name, value in zip(extras, rest)}
+        feeds = {f"{PREFIX}act": act, f"{PREFIX}keep": keep, **repeated[stop - start]}
         scores = runner.run(head, [runner.score_name], feeds, job.passes, samples=stop - start)[0]
         ablated[start:stop] = scores[:, job.targets]
         yield Progress(stop, count, "ablating activation maps")

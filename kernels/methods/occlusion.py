@@ -43,7 +43,7 @@ def run(job: Job) -> Iterator[Event]:
     corners = window_corners(height, width, window, stride)
     drop_sum = np.zeros((len(job.targets), height, width))
     covered = np.zeros((height, width))
-    feeds = {f"{PREFIX}x": x, f"{PREFIX}baseline": np.array(baseline, np.float32)}
+    feeds = {f"{PREFIX}x": runner.resident(x), f"{PREFIX}baseline": runner.resident(np.array(baseline, np.float32))}
     for step, start in enumerate(range(0, len(corners), runner.max_batch), 1):
         batch = corners[start:start + runner.max_batch]
         masks = window_masks(height, width, batch, window)

@@ -178,7 +178,7 @@ def run(job: Job) -> Iterator[Event]:
     channels = channels_of(job.sample, job.layout)
     reference = job.sample_scores()[targets].astype(np.float64)
     base = (black_sample(job.preprocessing) if job.preprocessing is not None else np.zeros_like(job.sample))[None]
-    feeds = {f"{PREFIX}x": job.sample[None], ACTS: acts, BASE: base}
+    feeds = {f"{PREFIX}x": runner.resident(job.sample[None]), ACTS: runner.resident(acts), BASE: runner.resident(base)}
 
     session, why = (None, "not asked for")
     if p["gradient"] in ("auto", "gradient_graph"):

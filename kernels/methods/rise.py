@@ -89,7 +89,8 @@ def run(job: Job) -> Iterator[Event]:
     rng = np.random.default_rng(job.params["seed"])
     cells = cell_size(job.spatial, grid)
     total = np.zeros((len(job.targets), height * width))
-    feeds = {f"{PREFIX}x": job.sample[None], f"{PREFIX}targets": job.targets.astype(np.int64)}
+    feeds = {f"{PREFIX}x": runner.resident(job.sample[None]),
+             f"{PREFIX}targets": runner.resident(job.targets.astype(np.int64))}
     for step, (start, stop) in enumerate(batches(count, runner.max_batch), 1):
         feeds[f"{PREFIX}grids"], feeds[f"{PREFIX}shifts"] = coarse_masks(rng, stop - start, grid, keep, cells)
         total += runner.run(session, [f"{PREFIX}weighted"], feeds, job.passes, samples=stop - start)[0]

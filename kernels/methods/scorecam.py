@@ -61,7 +61,7 @@ def run(job: Job) -> Iterator[Event]:
     grid = activations.shape[1:]
     session = runner.graph(f"scorecam/{job.layout}/{job.spatial}/{channels}/{grid}", lambda: masking_graph(
         runner, job.layout, job.spatial, channels, grid))
-    x = job.sample[None]
+    x = runner.resident(job.sample[None])
     increase = np.zeros((count, len(job.targets)))
     for start, stop in batches(count, runner.max_batch):
         feeds = {f"{PREFIX}x": x, f"{PREFIX}maps": activations[start:stop, None].astype(np.float32)}
