@@ -213,16 +213,17 @@ def run(job: Job) -> Iterator[Event]:
     rng = np.random.default_rng(p["seed"])
     directions, step = p["directions"], p["step"]
     for it in range(1, p["iterations"] + 1):
+        partial = bool(job.partial_every) and it % job.partial_every == 0
         mask = None
-        if session is not None:
-            scores, mask, grad = runner.run(session, [runner.score_name, MASK, f"{U}__grad"], {
+        if session is not None:       # the map itself is fetched only when it is streamed
+            out = runner.run(session, [runner.score_name, f"{U}__grad", *([MASK] if partial else [])], {
                 **feeds, U: u.astype(np.float32), SEED: one_hot(targets, runner.num_classes)}, job.passes,
                 samples=count_t, backward=True)
-            score = scores[np.arange(count_t), targets].astype(np.float64)
-            grad = grad.astype(np.float64)
+            score = out[0][np.arange(count_t), targets].astype(np.float64)
+            grad = out[1].astype(np.float64)
             if p["loss"] == "diff":      # d(-|r - s|)/du = sign(r - s) ds/du
                 grad = np.sign(reference - score)[:, None] * grad
-            mask = mask[:, 0]
+            mask = out[2][:, 0] if partial else None
         else:
             deltas, weights = [], []
             for t in range(count_t):       # D directions in the gradient's subspace (all of it when D >= its rank)
@@ -246,7 +247,7 @@ def run(job: Job) -> Iterator[Event]:
                              for w, m, v, d in zip(weights, moved, score, deltas)])
         stats = [{"objective": float(v), "score": float(s)} for v, s in zip(objective(score), score)]
         yield Progress(it, p["iterations"], stage)
-        if job.partial_every and it % job.partial_every == 0:
+        if partial:
             if mask is None:
                 mask = at(u)[1]
             yield Maps(mask.astype(np.float32), final=False, stats=stats, step=it)
