@@ -21,16 +21,18 @@ SEED_RANGE = (0, 2 ** 31 - 1)
 
 
 def input_gradients(job: Job, inputs: np.ndarray, rows: np.ndarray, rule: str = "standard",
-                    stage: str = "backward") -> Iterator[Event]:
+                    stage: str = "backward", progress: tuple[int, int] | None = None) -> Iterator[Event]:
     """d(score of target rows[i])/d(inputs[i]) for every i, a batch at a time, yielding Progress after each
-    batch; returns the gradients, shaped like `inputs`."""
+    batch (counted from progress = (rows done before, rows in all) when these rows are part of a larger
+    whole); returns the gradients, shaped like `inputs`."""
     runner = job.runner
+    before, total = progress or (0, len(inputs))
     seed = one_hot(rows, runner.num_classes)
     grads = []
     for start in range(0, len(inputs), runner.max_batch):
         chunk = slice(start, start + runner.max_batch)
         grads.append(runner.gradients(inputs[chunk], seed[chunk], job.passes, rule=rule)[f"{runner.input_name}__grad"])
-        yield Progress(min(start + runner.max_batch, len(inputs)), len(inputs), stage)
+        yield Progress(before + min(start + runner.max_batch, len(inputs)), total, stage)
     return np.concatenate(grads)
 
 
@@ -69,31 +71,61 @@ def run_deconvnet(job: Job) -> Iterator[Event]:
     yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
 
 
-def smoothgrad_noise(sample: np.ndarray, samples: int, noise_level: float, seed: int) -> np.ndarray:
-    """The noise draws: N(0, (noise_level * (max - min))^2), float32, [samples, *sample.shape]."""
+def smoothgrad_noise(sample: np.ndarray, samples: int, noise_level: float, seed: int,
+                     chunk: int | None = None) -> Iterator[np.ndarray]:
+    """The noise draws, N(0, (noise_level * (max - min))^2) in float32, as consecutive arrays of at most `chunk`
+    samples each (all in one array by default): the same values however they are chunked."""
     sigma = np.float32(noise_level * float(sample.max() - sample.min()))
-    # drawn in float32 directly (numpy's float32 ziggurat): 25 samples of a 224x224 image took 40 ms in float64
-    noise = np.random.default_rng(seed).standard_normal(size=(samples, *sample.shape), dtype=np.float32)
-    noise *= sigma
-    return noise
+    rng = np.random.default_rng(seed)
+    chunk = chunk or samples
+    for start in range(0, samples, chunk):
+        # drawn in float32 directly (numpy's float32 ziggurat): 25 samples of a 224x224 image took 40 ms in float64
+        noise = rng.standard_normal(size=(min(chunk, samples - start), *sample.shape), dtype=np.float32)
+        noise *= sigma
+        yield noise
+
+
+def weighted_gradient_sums(job: Job, inputs: Iterator[np.ndarray], weights: np.ndarray, squares: bool,
+                           stage: str) -> Iterator[Event]:
+    """sum_s weights[s] * d(score of each target)/dx at inputs[s] (and the same of its square), [T, *sample] in
+    float64, with `inputs` handed over a few samples at a time (each chunk's rows: every target of every sample)
+    and summed as their gradients arrive: memory holds one batch, not every sample's gradient."""
+    targets, count = len(job.targets), len(weights)
+    total = np.zeros((targets, *job.sample.shape))
+    total_sq = np.zeros_like(total) if squares else None
+    done = 0
+    for chunk in inputs:
+        k = len(chunk)
+        grads = yield from input_gradients(job, np.repeat(chunk, targets, axis=0), np.tile(job.targets, k),
+                                           stage=stage, progress=(done * targets, count * targets))
+        grads = grads.reshape(k, targets, *job.sample.shape).astype(np.float64)
+        w = weights[done:done + k]
+        total += np.tensordot(w, grads, axes=([0], [0]))
+        if squares:
+            total_sq += np.tensordot(w, grads * grads, axes=([0], [0]))
+        done += k
+    return total, total_sq
+
+
+def _chunk(job: Job) -> int:
+    """Samples per chunk: one batch of rows for all targets."""
+    return max(1, job.runner.max_batch // len(job.targets))
 
 
 def run_smoothgrad(job: Job) -> Iterator[Event]:
     n, variant = job.params["samples"], job.params["variant"]
-    noisy = smoothgrad_noise(job.sample, n, job.params["noise_level"], job.params["seed"])
-    noisy += job.sample[None]
-    targets = len(job.targets)
-    # every noisy copy for every target: row t * n + s
-    grads = yield from input_gradients(job, repeated(noisy, targets), np.repeat(job.targets, n),
-                                       stage="noisy samples")
-    grads = grads.reshape(targets, n, *job.sample.shape)
+    noisy = (noise + job.sample[None] for noise in smoothgrad_noise(
+        job.sample, n, job.params["noise_level"], job.params["seed"], chunk=_chunk(job)))
+    mean, mean_sq = yield from weighted_gradient_sums(job, noisy, np.full(n, 1 / n), variant != "plain",
+                                                      stage="noisy samples")
     if variant == "plain":
-        attribution = grads.mean(1)
+        attribution = mean
     elif variant == "squared":
-        attribution = (grads ** 2).mean(1)
+        attribution = mean_sq
     else:  # variance (VarGrad): E[g^2] - E[g]^2
-        attribution = (grads ** 2).mean(1) - grads.mean(1) ** 2
-    yield Maps(reduce_channels(attribution, job, "max_abs"), final=True, attribution=attribution.astype(np.float32))
+        attribution = mean_sq - mean ** 2
+    attribution = attribution.astype(np.float32)
+    yield Maps(reduce_channels(attribution, job, "max_abs"), final=True, attribution=attribution)
 
 
 QUADRATURES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -140,15 +172,16 @@ def baseline_for(job: Job) -> np.ndarray:
 
 
 def run_integrated_gradients(job: Job) -> Iterator[Event]:
-    steps, targets = job.params["steps"], len(job.targets)
+    steps = job.params["steps"]
     alphas, weights = quadrature(job.params["method"], steps)
     baseline = baseline_for(job)
     delta = job.sample - baseline
-    path = (baseline[None] + alphas.astype(np.float32).reshape(-1, *[1] * delta.ndim) * delta[None]).astype(np.float32)
-    grads = yield from input_gradients(job, repeated(path, targets),
-                                       np.repeat(job.targets, steps), stage="path points")
-    grads = grads.reshape(targets, steps, *delta.shape).astype(np.float64)
-    attribution = (delta[None] * np.tensordot(weights, grads, axes=([0], [1]))).astype(np.float32)
+    alphas = alphas.astype(np.float32).reshape(-1, *[1] * delta.ndim)
+    size = _chunk(job)
+    path = ((baseline[None] + alphas[i:i + size] * delta[None]).astype(np.float32) for i in range(0, steps, size))
+    integral, _ = yield from weighted_gradient_sums(job, path, weights, False, stage="path points")
+    attribution = (delta[None] * integral).astype(np.float32)
+    targets = len(job.targets)
     ends = job.runner.scores(np.stack([job.sample, baseline]), job.passes)[:, job.targets]
     gaps = attribution.reshape(targets, -1).sum(1, dtype=np.float64) - (ends[0] - ends[1])
     yield Maps(reduce_channels(attribution, job, "sum"), final=True, attribution=attribution,

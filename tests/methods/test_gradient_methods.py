@@ -128,7 +128,7 @@ def test_smoothgrad_is_captum_noise_tunnel_with_the_same_noise(net, variant, nt_
     params = {"samples": 6, "noise_level": 0.2, "variant": variant, "seed": 11}
     ours = net.run("smoothgrad", params)
     sample = net.x[0].numpy()
-    noise = torch.from_numpy(smoothgrad_noise(sample, 6, 0.2, 11))
+    noise = torch.from_numpy(np.concatenate(list(smoothgrad_noise(sample, 6, 0.2, 11))))
     monkeypatch.setattr(torch, "normal", lambda mean, std: noise.clone())   # Captum draws its noise with it
     stdev = 0.2 * float(sample.max() - sample.min())
     expected = np.concatenate([
