@@ -115,22 +115,35 @@ class Runner:
                   for i in range(0, len(x), self.max_batch)]
         return _joined(outputs, chunks)
 
-    def gradients(self, x: np.ndarray, seed: np.ndarray, passes: Passes, layers: tuple[str, ...] = (),
-                  rule: str = "standard", wrt_input: bool = True) -> dict[str, np.ndarray]:
-        """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`) and
-        the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of max_batch. The gradient
-        graph is built by kernels.autodiff once per (layers, rule, wrt_input) and reused, unless a user-supplied
-        one (kernels.supplied) covers the request."""
+    def gradient_session(self, layers: tuple[str, ...] = (), rule: str = "standard", wrt_input: bool = True,
+                         composed: tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]] | None = None
+                         ) -> ort.InferenceSession:
+        """The session of the gradient graph for (layers, rule, wrt_input): a user-supplied one (kernels.supplied)
+        when one covers the request, else the one kernels.autodiff builds, once per key. With `composed` =
+        (name, compose): the session of compose(that graph), built once per name and graph."""
         from . import autodiff
 
         layers = tuple(layers)
         supplied = next((g for g in self.supplied if g.covers(layers, rule, wrt_input)), None)
         if supplied is not None:
-            session = supplied.session
+            key, build = f"supplied/{id(supplied)}", lambda: supplied.model
         else:
             key = f"gradients/{rule}/{int(wrt_input)}/" + "|".join(layers)
-            session = self.graph(key, lambda: autodiff.augment(self.model, layers, wrt_input=wrt_input,
-                                                                 rule=rule, scores=self.score_name))
+
+            def build():
+                return autodiff.augment(self.model, layers, wrt_input=wrt_input, rule=rule, scores=self.score_name)
+        if composed is not None:
+            name, compose = composed
+            return self.graph(f"{name}/{key}", lambda: compose(build()))
+        return supplied.session if supplied is not None else self.graph(key, build)
+
+    def gradients(self, x: np.ndarray, seed: np.ndarray, passes: Passes, layers: tuple[str, ...] = (),
+                  rule: str = "standard", wrt_input: bool = True) -> dict[str, np.ndarray]:
+        """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`) and
+        the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of max_batch (gradient_session
+        picks the graph)."""
+        layers = tuple(layers)
+        session = self.gradient_session(layers, rule, wrt_input)
         names = [self.score_name, *layers, *(f"{name}__grad" for name in layers)]
         if wrt_input:
             names.append(f"{self.input_name}__grad")

@@ -18,7 +18,7 @@ difference of the model along a random direction. Runner.gradients then uses it 
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -38,6 +38,7 @@ class GradientGraph:
     layers: frozenset[str]
     input_grad: bool
     path: str
+    model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)   # for graphs composed around it
 
     def covers(self, layers: tuple[str, ...], rule: str, wrt_input: bool) -> bool:
         return rule == self.rule and set(layers) <= self.layers and (self.input_grad or not wrt_input)
@@ -77,7 +78,7 @@ def load(source: pathlib.Path | onnx.ModelProto, runner, sample_shape: tuple[int
     except Exception as exc:
         raise GradientGraphError(f"gradient graph {path}: onnxruntime cannot load it: {exc}") from None
     _check_values(session, runner, sorted(layers), input_grad, sample_shape, rule, seed, path)
-    return GradientGraph(session, rule, layers, input_grad, str(path))
+    return GradientGraph(session, rule, layers, input_grad, str(path), model)
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:

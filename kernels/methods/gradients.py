@@ -3,36 +3,41 @@
 Every method here asks the runner for forward+backward passes of the augmented graph (kernels.autodiff) with
 one seed row per (perturbed input, target): all targets, noise samples and path points of one image run as
 batches of one graph, and a Progress event follows each batch so that a cancelled call stops within one.
+SmoothGrad and integrated gradients run that graph between two small composed graphs (summing_graph): their
+inputs are made inside it (base + coefficient * step) and their gradients summed per target there, so a batch
+hands Python back T sums instead of B input-sized gradients.
 Maps reduce the input-shaped attribution over channels: max |.| for gradient-like methods (a sensitivity),
 the sum for methods whose attribution is a signed contribution (input x gradient, integrated gradients).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+import onnx
+from onnx import TensorProto
 
+from ..compose import PREFIX
 from ..images import black_sample
 from .base import Event, Job, Maps, Method, Param, ParamError, Progress
 from .layers import one_hot, repeated
+from .perturb import Builder, compose_front, value_info
 
 SEED_RANGE = (0, 2 ** 31 - 1)
 
 
 def input_gradients(job: Job, inputs: np.ndarray, rows: np.ndarray, rule: str = "standard",
-                    stage: str = "backward", progress: tuple[int, int] | None = None) -> Iterator[Event]:
+                    stage: str = "backward") -> Iterator[Event]:
     """d(score of target rows[i])/d(inputs[i]) for every i, a batch at a time, yielding Progress after each
-    batch (counted from progress = (rows done before, rows in all) when these rows are part of a larger
-    whole); returns the gradients, shaped like `inputs`."""
+    batch; returns the gradients, shaped like `inputs`."""
     runner = job.runner
-    before, total = progress or (0, len(inputs))
     seed = one_hot(rows, runner.num_classes)
     grads = []
     for start in range(0, len(inputs), runner.max_batch):
         chunk = slice(start, start + runner.max_batch)
         grads.append(runner.gradients(inputs[chunk], seed[chunk], job.passes, rule=rule)[f"{runner.input_name}__grad"])
-        yield Progress(before + min(start + runner.max_batch, len(inputs)), total, stage)
+        yield Progress(min(start + runner.max_batch, len(inputs)), len(inputs), stage)
     return np.concatenate(grads)
 
 
@@ -85,39 +90,81 @@ def smoothgrad_noise(sample: np.ndarray, samples: int, noise_level: float, seed:
         yield noise
 
 
-def weighted_gradient_sums(job: Job, inputs: Iterator[np.ndarray], weights: np.ndarray, squares: bool,
-                           stage: str) -> Iterator[Event]:
-    """sum_s weights[s] * d(score of each target)/dx at inputs[s] (and the same of its square), [T, *sample] in
-    float64, with `inputs` handed over a few samples at a time (each chunk's rows: every target of every sample)
-    and summed as their gradients arrive: memory holds one batch, not every sample's gradient."""
-    targets, count = len(job.targets), len(weights)
-    total = np.zeros((targets, *job.sample.shape))
+BASE, STEP, COEF, REPS, GROUPS = (f"{PREFIX}{name}" for name in ("base", "step", "coef", "reps", "groups"))
+SUMS, SQUARES = f"{PREFIX}sums", f"{PREFIX}squares"
+
+
+def summing_graph(gradient_model: onnx.ModelProto, input_name: str, squares: bool) -> onnx.ModelProto:
+    """The gradient graph between two small graphs. In front, its input made from a few numbers per row:
+    x = base + coef * tile(step, reps) (a path point: baseline + alpha * delta; a noisy copy: x + 1 * noise).
+    Behind, the input gradients summed per target: sums = groups @ grads ([T, B] x [B, C*H*W]; row t of groups
+    weights the batch rows of target t), and groups @ grads^2 when `squares`. A batch hands back T sums, not B
+    gradients, and on a GPU its inputs are made there."""
+    b = Builder(gradient_model)
+    x = b.op("Add", BASE, b.op("Mul", COEF, b.op("Tile", STEP, REPS)))
+    flat = b.op("Reshape", f"{input_name}__grad", b.const([0, -1], np.int64))      # [B, C*H*W]
+    b.op("MatMul", GROUPS, flat, out=SUMS)
+    if squares:
+        b.op("MatMul", GROUPS, b.op("Mul", flat, flat), out=SQUARES)
+    model_input = next(i for i in gradient_model.graph.input if i.name == input_name)
+    rank = len(model_input.type.tensor_type.shape.dim)
+    seed = next(i for i in gradient_model.graph.input if i.name == "seed")
+    inputs = [value_info(BASE, [None] * rank), value_info(STEP, [None] * rank), value_info(COEF, [None] * rank),
+              value_info(REPS, [rank], TensorProto.INT64), value_info(GROUPS, ["T", "B"]), seed]
+    return compose_front(gradient_model, input_name, b, inputs, x, [SUMS, SQUARES] if squares else [SUMS])
+
+
+def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callable[[int], Iterator[np.ndarray]],
+                           coefs: np.ndarray, weights: np.ndarray, squares: bool, stage: str) -> Iterator[Event]:
+    """sum_s weights[s] d(score of each target)/dx at x_s = base + coefs[s] * step_s, [T, *sample] in float64
+    (and the same of its square when `squares`). `step` is one array shared by every sample (placed once), or a
+    function that hands the step_s over in chunks of k samples. Each chunk's rows, every target of every sample,
+    run as one batch of summing_graph, whose sums are added up here: the gradients never leave onnxruntime and
+    memory holds one batch. Targets beyond a batch are taken in groups, each drawing the steps anew."""
+    runner, targets = job.runner, job.targets
+    count = len(weights)
+    session = runner.gradient_session(composed=(f"sums/{int(squares)}", lambda graph: summing_graph(
+        graph, runner.input_name, squares)))
+    outputs = [SUMS, SQUARES] if squares else [SUMS]
+    total = np.zeros((len(targets), base.size))
     total_sq = np.zeros_like(total) if squares else None
+    feeds = {BASE: runner.resident(base[None])}
+    shared = None if callable(step) else runner.resident(step[None])
+    unit = [1] * base.ndim
     done = 0
-    for chunk in inputs:
-        k = len(chunk)
-        grads = yield from input_gradients(job, np.repeat(chunk, targets, axis=0), np.tile(job.targets, k),
-                                           stage=stage, progress=(done * targets, count * targets))
-        grads = grads.reshape(k, targets, *job.sample.shape).astype(np.float64)
-        w = weights[done:done + k]
-        total += np.tensordot(w, grads, axes=([0], [0]))
-        if squares:
-            total_sq += np.tensordot(w, grads * grads, axes=([0], [0]))
-        done += k
-    return total, total_sq
-
-
-def _chunk(job: Job) -> int:
-    """Samples per chunk: one batch of rows for all targets."""
-    return max(1, job.runner.max_batch // len(job.targets))
+    for first in range(0, len(targets), runner.max_batch):
+        group = targets[first:first + runner.max_batch]
+        t = len(group)
+        k = max(1, runner.max_batch // t)
+        chunks = step(k) if shared is None else None
+        for start in range(0, count, k):
+            n = min(k, count - start)      # row i * n + s: target group[i] at sample start + s
+            weighting = np.zeros((t, t * n), np.float32)
+            for i in range(t):
+                weighting[i, i * n:(i + 1) * n] = weights[start:start + n]
+            feeds.update({
+                STEP: shared if shared is not None else next(chunks),
+                REPS: np.array([1 if shared is not None else t, *unit], np.int64),
+                COEF: np.tile(coefs[start:start + n], t).astype(np.float32).reshape(-1, *unit),
+                GROUPS: weighting, "seed": one_hot(np.repeat(group, n), runner.num_classes)})
+            out = runner.run(session, outputs, feeds, job.passes, samples=t * n, backward=True)
+            total[first:first + t] += out[0]
+            if squares:
+                total_sq[first:first + t] += out[1]
+            done += t * n
+            yield Progress(done, count * len(targets), stage)
+    shape = (len(targets), *base.shape)
+    return total.reshape(shape), (total_sq.reshape(shape) if squares else None)
 
 
 def run_smoothgrad(job: Job) -> Iterator[Event]:
     n, variant = job.params["samples"], job.params["variant"]
-    noisy = (noise + job.sample[None] for noise in smoothgrad_noise(
-        job.sample, n, job.params["noise_level"], job.params["seed"], chunk=_chunk(job)))
-    mean, mean_sq = yield from weighted_gradient_sums(job, noisy, np.full(n, 1 / n), variant != "plain",
-                                                      stage="noisy samples")
+
+    def noise(k):
+        return smoothgrad_noise(job.sample, n, job.params["noise_level"], job.params["seed"], chunk=k)
+
+    mean, mean_sq = yield from weighted_gradient_sums(job, job.sample, noise, np.ones(n), np.full(n, 1 / n),
+                                                      variant != "plain", stage="noisy samples")
     if variant == "plain":
         attribution = mean
     elif variant == "squared":
@@ -172,14 +219,11 @@ def baseline_for(job: Job) -> np.ndarray:
 
 
 def run_integrated_gradients(job: Job) -> Iterator[Event]:
-    steps = job.params["steps"]
-    alphas, weights = quadrature(job.params["method"], steps)
+    alphas, weights = quadrature(job.params["method"], job.params["steps"])
     baseline = baseline_for(job)
     delta = job.sample - baseline
-    alphas = alphas.astype(np.float32).reshape(-1, *[1] * delta.ndim)
-    size = _chunk(job)
-    path = ((baseline[None] + alphas[i:i + size] * delta[None]).astype(np.float32) for i in range(0, steps, size))
-    integral, _ = yield from weighted_gradient_sums(job, path, weights, False, stage="path points")
+    integral, _ = yield from weighted_gradient_sums(job, baseline, delta, alphas, weights, False,
+                                                    stage="path points")
     attribution = (delta[None] * integral).astype(np.float32)
     targets = len(job.targets)
     ends = job.runner.scores(np.stack([job.sample, baseline]), job.passes)[:, job.targets]

@@ -164,3 +164,30 @@ def test_served_with_its_gradient_graph_and_refused_without_or_with_a_wrong_one(
             assert "Elu" in err.value.details()
     finally:
         server.stop(0)
+
+
+def test_integrated_gradients_and_smoothgrad_run_around_the_supplied_graph(models):
+    """The methods that compose their inputs and sums around the gradient graph compose them around the supplied
+    one too: on the ELU model (which the engine refuses), integrated gradients against the same sum written out
+    with torch autograd at every path point."""
+    from onnxplain.kernels.methods import METHODS, Job, Maps
+
+    model, _, path = models
+    runner = Runner(model, "logits", "input", max_batch=4, providers=["CPUExecutionProvider"])
+    runner.supplied.append(load(path, runner, (3, 16, 16)))
+    x = np.random.default_rng(2).standard_normal((3, 16, 16)).astype(np.float32)
+    targets = np.array([1, 4])
+
+    def final(method, params):
+        job = Job(runner, x, targets, METHODS[method].resolve(params, (16, 16)), "NCHW")
+        return [e for e in METHODS[method].run(job) if isinstance(e, Maps) and e.final][-1], job
+
+    ig, job = final("integrated_gradients", {"steps": 5, "method": "riemann_right", "baseline": "zero"})
+    assert job.passes.backward_samples == 10
+    alphas = np.arange(1, 6) / 5
+    for i, target in enumerate(targets):
+        expected = x * sum(torch_gradient((a * x)[None].astype(np.float32), int(target))[0] for a in alphas) / 5
+        np.testing.assert_allclose(ig.attribution[i], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    smooth, job = final("smoothgrad", {"samples": 3, "noise_level": 0.1})
+    assert job.passes.backward_samples == 6 and np.isfinite(smooth.attribution).all()
+    assert np.abs(smooth.attribution).max() > 0
