@@ -8,7 +8,9 @@ class, the default layer, max_batch 32:
                   beforehand in numpy (the model passes alone); also the same Score-CAM with numpy doing the
                   upsampling, normalisation and masking (instead of a torch implementation: Captum has no
                   Score-CAM, and a torch rebuild of the ONNX model would time another network)
-  * ablationcam : the method / the head on the K ablated copies prepared beforehand, plus one body run
+  * ablationcam : the method / the head on the K ablated copies prepared beforehand, plus one body run (the
+                  method zeroes channels after the head's pooling, so it runs less than these passes:
+                  below 1 where the head starts with global pooling)
   * rise        : the method / the plain model on masked images of one batch, run N / 32 times
   * opticam     : both dF/du paths: seconds per image, passes (samples through the model) per second, and
                   the method / the same passes alone (autodiff-augmented model's forward+backward for the

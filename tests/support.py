@@ -91,3 +91,40 @@ def sample_png(name: str = "star") -> bytes:
     from importlib.resources import files
 
     return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
+
+
+def nhwc_model(final="Softmax"):
+    """What tf2onnx produces for a Keras CNN: NHWC input, Transpose to NCHW around Convs, NHWC head."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name, arr):
+        return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Sub", ["input", "mean"], ["centred"]),  # in-graph preprocessing: no layer
+        helper.make_node("Transpose", ["centred"], ["x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x_nchw", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Transpose", ["c2"], ["c2_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Mul", ["c2_nhwc", "bn_scale"], ["scaled"]),  # a folded BatchNorm, channels last
+        helper.make_node("Add", ["scaled", "bn_shift"], ["shifted"]),
+        helper.make_node("Relu", ["shifted"], ["r2_nhwc"]),
+        helper.make_node("ReduceMean", ["r2_nhwc"], ["pooled"], axes=[1, 2], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "wd"], ["mm"]),
+        helper.make_node("Add", ["mm", "bd"], ["logits"]),
+        helper.make_node(final, ["logits"], ["probs"], axis=-1),
+    ]
+    inits = [
+        init("mean", [0.5, 0.4, 0.3]),
+        init("w1", rng.standard_normal((8, 3, 3, 3)) * 0.3), init("b1", rng.standard_normal(8) * 0.1),
+        init("w2", rng.standard_normal((16, 8, 3, 3)) * 0.3), init("b2", rng.standard_normal(16) * 0.1),
+        init("bn_scale", rng.uniform(0.5, 1.5, 16)), init("bn_shift", rng.standard_normal(16) * 0.1),
+        init("wd", rng.standard_normal((16, 5))), init("bd", rng.standard_normal(5)),
+    ]
+    graph = helper.make_graph(
+        nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 24, 32, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

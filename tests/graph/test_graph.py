@@ -15,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import zoo
 from onnxplain.kernels import graph as G
 
+from support import nhwc_model
+
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 EFFNET = SHARED / "models" / "efficientnet_lite0_imagenet.onnx"
 needs_shared = pytest.mark.skipif(not EFFNET.exists(), reason="../shared (EfficientNet-Lite0) is absent")
@@ -237,43 +239,8 @@ def test_efficientnet_cut_at_default():
 # ------------------------------------------------------------------------------------- hand-built graphs
 
 
-def _init(name, arr):
-    return numpy_helper.from_array(np.asarray(arr, np.float32), name)
-
-
-def _nhwc_model(final="Softmax") -> onnx.ModelProto:
-    """What tf2onnx produces for a Keras CNN: NHWC input, Transpose to NCHW around Convs, NHWC head."""
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Sub", ["input", "mean"], ["centred"]),  # in-graph preprocessing: no layer
-        helper.make_node("Transpose", ["centred"], ["x_nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["x_nchw", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Transpose", ["c2"], ["c2_nhwc"], perm=[0, 2, 3, 1]),
-        helper.make_node("Mul", ["c2_nhwc", "bn_scale"], ["scaled"]),  # a folded BatchNorm, channels last
-        helper.make_node("Add", ["scaled", "bn_shift"], ["shifted"]),
-        helper.make_node("Relu", ["shifted"], ["r2_nhwc"]),
-        helper.make_node("ReduceMean", ["r2_nhwc"], ["pooled"], axes=[1, 2], keepdims=0),
-        helper.make_node("MatMul", ["pooled", "wd"], ["mm"]),
-        helper.make_node("Add", ["mm", "bd"], ["logits"]),
-        helper.make_node(final, ["logits"], ["probs"], axis=-1),
-    ]
-    inits = [
-        _init("mean", [0.5, 0.4, 0.3]),
-        _init("w1", rng.standard_normal((8, 3, 3, 3)) * 0.3), _init("b1", rng.standard_normal(8) * 0.1),
-        _init("w2", rng.standard_normal((16, 8, 3, 3)) * 0.3), _init("b2", rng.standard_normal(16) * 0.1),
-        _init("bn_scale", rng.uniform(0.5, 1.5, 16)), _init("bn_shift", rng.standard_normal(16) * 0.1),
-        _init("wd", rng.standard_normal((16, 5))), _init("bd", rng.standard_normal(5)),
-    ]
-    graph = helper.make_graph(
-        nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 24, 32, 3])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_nhwc_graph_layout_layers_and_scores():
-    model = G.load_model(_nhwc_model().SerializeToString())
+    model = G.load_model(nhwc_model().SerializeToString())
     assert G.input_spec(model) == ("input", (None, 24, 32, 3), "NHWC")
     assert G.score_tensor(model) == "logits"
     layers = G.candidate_layers(model)
@@ -289,7 +256,7 @@ def test_nhwc_graph_layout_layers_and_scores():
 
 @pytest.mark.parametrize("final", ["Softmax", "LogSoftmax", "Identity"])
 def test_score_tensor_skips_softmax(final):
-    model = _nhwc_model(final)
+    model = nhwc_model(final)
     if final == "Identity":
         model.graph.node[-1].ClearField("attribute")
     assert G.score_tensor(model) == ("logits" if final != "Identity" else "probs")
@@ -331,7 +298,7 @@ def test_corrupt_and_oversized_models_are_rejected(tmp_path, zoo_model):
 
 
 def test_checker_failure_and_non_float_input_are_rejected():
-    bad = _nhwc_model()
+    bad = nhwc_model()
     bad.graph.node[2].input[1] = "undefined_weight"
     with pytest.raises(ValueError, match="checker"):
         G.load_model(bad.SerializeToString())

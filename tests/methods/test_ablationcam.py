@@ -4,6 +4,8 @@ net (token layer whose residual bypasses it), and through the real server with s
 
 from __future__ import annotations
 
+import dataclasses
+import io
 
 import numpy as np
 import onnx
@@ -17,7 +19,7 @@ from onnxplain.kernels import graph
 from onnxplain.kernels.methods import METHODS, Job, Maps, Progress
 from onnxplain.kernels.runtime import Runner
 
-from support import ROOT, SHARED, needs_shared, png_bytes, shapes_input
+from support import ROOT, SHARED, needs_shared, nhwc_model, png_bytes, shapes_input
 
 SHAPES_MODEL = ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx"
 
@@ -28,21 +30,22 @@ def runner_for(path) -> Runner:
                   providers=["CPUExecutionProvider"])
 
 
-def reference_ablationcam(path, x, layer, targets):
+def reference_ablationcam(path, x, layer, targets, channel_axis=1):
     """w_k = (y_c - y_c^k) / y_c with each ablated copy of the layer made in numpy and run through the model's
-    head (extracted by onnx.utils.Extractor), 16 copies at a time."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    head (extracted by onnx.utils.Extractor), 16 copies at a time. `path`: a file or a model."""
+    model = onnx.shape_inference.infer_shapes(path if isinstance(path, onnx.ModelProto) else onnx.load(str(path)))
     extractor = onnx.utils.Extractor(model)
     body = ort.InferenceSession(extractor.extract_model(["input"], [layer, "logits"]).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     head = ort.InferenceSession(extractor.extract_model([layer], ["logits"]).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     activations, logits = body.run(None, {"input": x[None]})
+    activations = np.moveaxis(activations, channel_axis, 1)              # [1, K, h, w]
     copies = []
     for k in range(activations.shape[1]):
         ablated = activations.copy()
         ablated[:, k] = 0
-        copies.append(ablated[0])
+        copies.append(np.moveaxis(ablated, 1, channel_axis)[0])
     scores = np.concatenate([head.run(None, {layer: np.stack(copies[i:i + 16])})[0]
                              for i in range(0, len(copies), 16)])
     maps = []
@@ -51,6 +54,65 @@ def reference_ablationcam(path, x, layer, targets):
         w = (y - scores[:, c].astype(np.float64)) / y
         maps.append(np.maximum((w[:, None, None] * activations[0]).sum(0), 0))
     return np.stack(maps)
+
+
+class PooledHead(torch.nn.Module):
+    """conv -> (the layer) -> ReLU -> spatial mean -> linear; with `bypass`, the layer also feeds a second
+    pooled branch, so it has two consumers."""
+
+    def __init__(self, bypass: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.fc, self.fc2 = torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.Linear(12, 6), torch.nn.Linear(12, 6)
+        self.bypass = bypass
+
+    def forward(self, x):
+        a = self.conv(x)
+        out = self.fc(torch.relu(a).mean((2, 3)))
+        return out + self.fc2(a.amax((2, 3))) if self.bypass else out
+
+
+def exported(module) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(module.eval(), torch.zeros(1, 3, 10, 10), buffer, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False, opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("case", ["pooled head", "layer with two consumers", "nhwc head", "earlier shapes layer"])
+def test_the_ablation_moves_past_ops_it_commutes_with(case):
+    """Zeroing a channel commutes with ReLU, global pooling and spatial reductions, so the copies are made after
+    them (only what follows runs per copy); where the layer has another consumer, or the next op is a
+    convolution, the copies are the layer's own. Each case against the numpy reference."""
+    from onnxplain.kernels.methods.ablationcam import ablation_graphs
+
+    rng = np.random.default_rng(0)
+    if case == "earlier shapes layer":
+        model = graph.load_model(SHAPES_MODEL)
+        layer = graph.candidate_layers(model)[-3]
+        x, axis, moved_past = shapes_input(shapes.generate(1, seed=9_000_122, size=96).images[0]), 1, None
+    elif case == "nhwc head":
+        model = graph.load_model(nhwc_model().SerializeToString())
+        model = graph.expose(model, ["logits"])           # as the registry serves it: the logits as an output
+        layer = graph.default_layer(model)
+        x, axis, moved_past = rng.standard_normal((24, 32, 3)).astype(np.float32), 3, "ReduceMean"
+    else:     # the convolution's output: followed by ReLU (and, with the bypass, by a max too)
+        model = graph.load_model(exported(PooledHead(case != "pooled head")))
+        layer = dataclasses.replace(graph.default_layer(model), name="/conv/Conv_output_0", op_type="Conv")
+        x, axis = rng.standard_normal((3, 10, 10)).astype(np.float32), 1
+        moved_past = "ReduceMean" if case == "pooled head" else None
+    runner = Runner(model, graph.score_tensor(model), "input", max_batch=8, providers=["CPUExecutionProvider"])
+    _, head, _ = ablation_graphs(runner, layer)
+    produced = {o: n.op_type for n in head.graph.node for o in n.output}
+    mul = next(n for n in head.graph.node if n.op_type == "Mul" and n.input[1].startswith("onnxplain__unsqueeze"))
+    assert produced.get(mul.input[0], "Identity") == (moved_past or "Identity") or \
+        (moved_past is None and mul.input[0] == "onnxplain__act")
+    targets = np.array([0, 2])
+    job = Job(runner, x, targets, {}, "NHWC" if axis == 3 else "NCHW", layer)
+    final = [e for e in METHODS["ablationcam"].run(job) if isinstance(e, Maps)][-1]
+    expected = reference_ablationcam(model, x, layer.name, targets, channel_axis=axis)
+    assert expected.max() > 0
+    np.testing.assert_allclose(final.maps, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_ablationcam_matches_numpy_reference_for_several_targets():
