@@ -168,14 +168,13 @@ class Runner:
         if samples is None:
             first = next(iter(feeds.values()))
             samples = first.shape()[0] if isinstance(first, ort.OrtValue) else len(first)
-        size = samples
         passes.runs += 1
         if backward:
-            passes.backward_samples += size
+            passes.backward_samples += samples
         else:
-            passes.forward_samples += size
+            passes.forward_samples += samples
         if passes.observer is not None:
-            passes.observer(size, backward, seconds)
+            passes.observer(samples, backward, seconds)
         return out
 
 
