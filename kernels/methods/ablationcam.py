@@ -22,10 +22,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..compose import PREFIX
-from ..graph import cut
+from ..graph import _Graph, cut
 from .base import Event, Job, Maps, Method, ParamError, Progress
 from .layers import as_maps
 from .perturb import Builder, batches, compose_front, value_info
@@ -41,17 +41,11 @@ _REDUCTIONS = ("ReduceMean", "ReduceMax", "ReduceSum")
 def _commuting_chain(head, start: str, channel_axis: int, rank: int) -> tuple[str, int, int]:
     """The last tensor of the chain of single-consumer commuting ops that starts at `start`, with its channel
     axis and rank (start itself when the first consumer does not commute)."""
-    consumers: dict[str, list] = {}
-    for node in head.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    values = {t.name: numpy_helper.to_array(t) for t in head.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in head.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    index = _Graph(head)          # consumers, and the constant value of a reduction's axes input
     outputs = {o.name for o in head.graph.output}
     tensor = start
-    while tensor not in outputs and len(consumers.get(tensor, [])) == 1:
-        node = consumers[tensor][0]
+    while tensor not in outputs and len(index.consumers.get(tensor, [])) == 1:
+        node = index.consumers[tensor][0]
         if node.input[0] != tensor or len(node.output) != 1:
             break
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -59,8 +53,8 @@ def _commuting_chain(head, start: str, channel_axis: int, rank: int) -> tuple[st
             pass
         elif node.op_type in _REDUCTIONS:
             axes = attrs.get("axes")
-            if axes is None and len(node.input) > 1 and node.input[1] in values:
-                axes = values[node.input[1]].tolist()
+            if axes is None and len(node.input) > 1 and index.const(node.input[1]) is not None:
+                axes = index.const(node.input[1]).tolist()
             axes = sorted(a % rank for a in axes or [])
             if not axes or 0 in axes or channel_axis in axes:
                 break
