@@ -839,9 +839,9 @@ def _resize(c):
     x, y, g = c.x(0), c.y(0), c.g
     if c.attr("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         c.fail("tf_crop_and_resize is not supported")
-    ins, outs = c.static_dims(x), c.static_dims(y)
+    ins, outs = c.dims(x), c.dims(y)
     if ins is None or outs is None:
-        c.fail("needs static input and output shapes")
+        c.fail("needs the ranks of its input and output")
     r = len(ins)
     scales = c.value(c.x(2)) if c.x(2) is not None else None
     if scales is not None and scales.size == 0:
@@ -853,18 +853,21 @@ def _resize(c):
         scales = full
     attrs = {k: v for k, v in c.attrs.items() if k not in ("axes", "keep_aspect_ratio_policy")}
     for a in range(r):
-        if ins[a] == outs[a] and (scales is None or scales[a] == 1.0):
+        if (scales[a] == 1.0) if scales is not None else (ins[a] is not None and ins[a] == outs[a]):
+            continue   # not resized (a symbolic batch axis, say): only resized axes need static sizes
+        if not isinstance(ins[a], int) or not isinstance(outs[a], int):
+            c.fail(f"needs static sizes on the resized axis {a} (got {ins[a]} -> {outs[a]})")
+        if ins[a] == outs[a] and scales is None:
             continue
-        m = _resize_matrix(ins[a], outs[a], None if scales is None else float(scales[a]), attrs)
-        mat = c.const(m, like=x)  # (out, in)
+        m = _resize_matrix(ins[a], outs[a], None if scales is None else float(scales[a]), attrs)  # (out, in)
         if a == r - 1:
-            g = c("MatMul", g, mat)
+            g = c("MatMul", g, c.const(m, like=x))
         elif a == r - 2:
             g = c("MatMul", c.const(m.T, like=x), g)
         else:
             perm = list(range(r))
             perm[a], perm[-1] = perm[-1], perm[a]
-            g = c("Transpose", c("MatMul", c("Transpose", g, perm=perm), mat), perm=perm)
+            g = c("Transpose", c("MatMul", c("Transpose", g, perm=perm), c.const(m, like=x)), perm=perm)
     return [g, None, None, None]
 
 

@@ -44,4 +44,10 @@ class CNBlock(nn.Module):
 class TinyConvNeXt(nn.Module):
     def __init__(s): super().__init__(); s.stem=nn.Conv2d(3,8,2,2); s.b=CNBlock(8); s.n=nn.LayerNorm(8); s.fc=nn.Linear(8,5)
     def forward(s,x): return s.fc(s.n(s.b(s.stem(x)).mean((-2,-1))))
-NETS={"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
+class TinyUpsample(nn.Module):
+    """Resize in the body of a dynamic-batch export: only the resized axes have static sizes."""
+    def __init__(s): super().__init__(); s.c1=nn.Conv2d(3,6,3,2,1); s.up=nn.Upsample(scale_factor=2, mode="bilinear"); s.c2=nn.Conv2d(6,6,3,2,1); s.fc=nn.Linear(6,5)
+    def forward(s,x):
+        x=s.c2(s.up(F.relu(s.c1(x)))); x=F.interpolate(F.relu(x), scale_factor=2, mode="nearest")
+        return s.fc(x.mean((2,3)))
+NETS={"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
