@@ -193,19 +193,26 @@ def run(job: Job) -> Iterator[Event]:
     def objective(scores: np.ndarray) -> np.ndarray:
         return scores if p["loss"] == "max" else -np.abs(reference - scores)
 
-    def evaluate(u_rows: np.ndarray, rows_target: np.ndarray) -> np.ndarray:
-        """Target scores of x ⊙ S(u) for many rows of u, batched (forward only)."""
-        out = np.empty(len(u_rows))
+    def run_rows(session, names: list[str], u_rows: np.ndarray, seeds: np.ndarray | None = None) -> list[np.ndarray]:
+        """`names` for many rows of u, in batches of max_batch (one row per run for a model whose batch is fixed
+        to 1); with `seeds`, forward+backward."""
+        chunks = []
         for start, stop in batches(len(u_rows), runner.max_batch):
-            scores = runner.run(forward, [runner.score_name], {**feeds, U: u_rows[start:stop]}, job.passes,
-                                samples=stop - start)[0]
-            out[start:stop] = scores[np.arange(stop - start), rows_target[start:stop]]
-        return out
+            rows = {**feeds, U: u_rows[start:stop].astype(np.float32)}
+            if seeds is not None:
+                rows[SEED] = seeds[start:stop]
+            chunks.append(runner.run(session, names, rows, job.passes, samples=stop - start,
+                                     backward=seeds is not None))
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+    def evaluate(u_rows: np.ndarray, rows_target: np.ndarray) -> np.ndarray:
+        """Target scores of x ⊙ S(u) for many rows of u (forward only)."""
+        scores = run_rows(forward, [runner.score_name], u_rows)[0]
+        return scores[np.arange(len(u_rows)), rows_target]
 
     def at(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores and maps at u (one forward per target)."""
-        scores, mask = runner.run(forward, [runner.score_name, MASK], {**feeds, U: u.astype(np.float32)},
-                                  job.passes, samples=count_t)
+        scores, mask = run_rows(forward, [runner.score_name, MASK], u)
         return scores[np.arange(count_t), targets].astype(np.float64), mask[:, 0]
 
     u = np.full((count_t, acts.shape[1]), 0.5)
@@ -216,9 +223,8 @@ def run(job: Job) -> Iterator[Event]:
         partial = bool(job.partial_every) and it % job.partial_every == 0
         mask = None
         if session is not None:       # the map itself is fetched only when it is streamed
-            out = runner.run(session, [runner.score_name, f"{U}__grad", *([MASK] if partial else [])], {
-                **feeds, U: u.astype(np.float32), SEED: one_hot(targets, runner.num_classes)}, job.passes,
-                samples=count_t, backward=True)
+            out = run_rows(session, [runner.score_name, f"{U}__grad", *([MASK] if partial else [])], u,
+                           one_hot(targets, runner.num_classes))
             score = out[0][np.arange(count_t), targets].astype(np.float64)
             grad = out[1].astype(np.float64)
             if p["loss"] == "diff":      # d(-|r - s|)/du = sign(r - s) ds/du

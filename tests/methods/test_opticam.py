@@ -182,6 +182,23 @@ def test_finite_differences_for_several_targets_match_one_target_at_a_time(shape
         assert together.stats[t]["objective"] == pytest.approx(alone.stats[0]["objective"], rel=5e-3)
 
 
+@pytest.mark.parametrize("gradient", ["gradient_graph", "finite_differences"])
+def test_a_model_with_a_fixed_batch_of_one_runs_one_target_per_call(shapes_runner, sample, gradient):
+    """A model whose batch dimension is fixed to 1 is served with max_batch 1: the targets' rows (and the
+    finite differences' directions) go one per run, with the same maps as the dynamic-batch model's batches."""
+    x, targets = sample
+    model = onnx.load(str(SHAPES_MODEL))
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    model = graph.load_model(model.SerializeToString())
+    fixed = Runner(model, graph.score_tensor(model), "input", max_batch=1, providers=["CPUExecutionProvider"])
+    job, events = run_opticam(fixed, x, targets, iterations=3, gradient=gradient, directions=8)
+    want = run_opticam(shapes_runner, x, targets, iterations=3, gradient=gradient, directions=8)[1][-1]
+    # finite differences divide batch-size-dependent rounding (~1e-6 of a score) by the step
+    np.testing.assert_allclose(events[-1].maps, want.maps, atol=1e-5 if gradient == "gradient_graph" else 1e-3)
+    assert job.passes.runs >= 3 * len(targets)
+
+
 def test_auto_falls_back_to_finite_differences_when_the_engine_cannot_differentiate(sample, tmp_path):
     x, targets = sample
     model = onnx.load(str(SHAPES_MODEL))
