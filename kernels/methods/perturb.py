@@ -52,6 +52,8 @@ class Builder:
         return self.op(op_type, x, axes=axes, keepdims=keepdims)
 
     def unsqueeze(self, x: str, axes: list[int]) -> str:
+        if not axes:
+            return x
         if self.opset >= 13:
             return self.op("Unsqueeze", x, self.const(axes, np.int64))
         return self.op("Unsqueeze", x, axes=axes)

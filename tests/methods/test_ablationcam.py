@@ -79,7 +79,7 @@ def exported(module, opset=17) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-@pytest.mark.parametrize("case", ["pooled head", "pooled head, axes as input", "layer with two consumers", "nhwc head",
+@pytest.mark.parametrize("case", ["pooled head", "pooled head, axes as input", "pooled head, opset 11", "layer with two consumers", "nhwc head",
                                   "earlier shapes layer"])
 def test_the_ablation_moves_past_ops_it_commutes_with(case):
     """Zeroing a channel commutes with ReLU, global pooling and spatial reductions, so the copies are made after
@@ -99,7 +99,8 @@ def test_the_ablation_moves_past_ops_it_commutes_with(case):
         x, axis, moved_past = rng.standard_normal((24, 32, 3)).astype(np.float32), 3, "ReduceMean"
     else:     # the convolution's output: followed by ReLU (and, with the bypass, by a max too)
         pooled = case.startswith("pooled head")
-        model = graph.load_model(exported(PooledHead(not pooled), opset=18 if "axes" in case else 17))
+        opset = 18 if "axes" in case else 11 if "opset 11" in case else 17    # 11: Unsqueeze's axes attribute
+        model = graph.load_model(exported(PooledHead(not pooled), opset=opset))
         if "axes" in case:      # opset 18: ReduceMean takes its axes as a constant input
             assert any(n.op_type == "ReduceMean" and len(n.input) == 2 for n in model.graph.node)
         layer = dataclasses.replace(graph.default_layer(model), name="/conv/Conv_output_0", op_type="Conv")
@@ -108,7 +109,8 @@ def test_the_ablation_moves_past_ops_it_commutes_with(case):
     runner = Runner(model, graph.score_tensor(model), "input", max_batch=8, providers=["CPUExecutionProvider"])
     _, head, _ = ablation_graphs(runner, layer)
     produced = {o: n.op_type for n in head.graph.node for o in n.output}
-    mul = next(n for n in head.graph.node if n.op_type == "Mul" and n.input[1].startswith("onnxplain__unsqueeze"))
+    mul = next(n for n in head.graph.node if n.op_type == "Mul" and n.input[1].startswith(
+        ("onnxplain__unsqueeze", "onnxplain__keep")))
     assert produced.get(mul.input[0], "Identity") == (moved_past or "Identity") or \
         (moved_past is None and mul.input[0] == "onnxplain__act")
     targets = np.array([0, 2])
