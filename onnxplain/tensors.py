@@ -17,6 +17,10 @@ DTYPES = {
 _CODES = {dt.newbyteorder("<") if dt.itemsize > 1 else dt: code for code, dt in DTYPES.items()}
 
 MAX_DIMS = 8
+# A Tensor's bytes travel in one protobuf message (< 2 GiB), so no real tensor holds more elements than this. The
+# cap also bounds shapes whose zero dimension makes the byte count 0 however large the others are: numpy cannot
+# make an array whose non-zero dimensions multiply past its index range ([2^62, 2^62, 0]).
+MAX_ELEMENTS = 2 ** 31 - 1
 
 
 class TensorError(ValueError):
@@ -42,10 +46,14 @@ def from_proto(tensor: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
         raise TensorError(f"{field}.shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
     if any(d < 0 for d in shape):
         raise TensorError(f"{field}.shape must have dimensions >= 0, got {shape}")
-    dtype = DTYPES[tensor.dtype]
-    count = 1
+    nonzero = 1
     for d in shape:
-        count *= d
+        nonzero *= d or 1
+    if nonzero > MAX_ELEMENTS:
+        raise TensorError(f"{field}.shape {shape}: its non-zero dimensions multiply to {nonzero}; at most "
+                          f"{MAX_ELEMENTS} elements are allowed")
+    dtype = DTYPES[tensor.dtype]
+    count = 0 if 0 in shape else nonzero
     if count * dtype.itemsize != len(tensor.data):
         raise TensorError(f"{field}.data has {len(tensor.data)} bytes; shape {shape} of "
                           f"{tensor_pb2.DType.Name(tensor.dtype)} needs {count * dtype.itemsize}")

@@ -154,6 +154,13 @@ def _tensor_image(array) -> tensor_pb2.Image:
 
 
 GOOD_X = np.zeros((3, 96, 96), np.float32)
+HUGE_EMPTY = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2**62, 2**62, 0])
+
+
+def integrated_gradients(**params) -> methods_pb2.MethodSpec:
+    return methods_pb2.MethodSpec(integrated_gradients=methods_pb2.IntegratedGradientsParams(**params))
+
+
 ERRORS = {
     "unknown model": (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "models: ["),
     "unknown method": (dict(methods=[methods_pb2.MethodSpec(method="magic")]), grpc.StatusCode.NOT_FOUND, "occlusion"),
@@ -195,6 +202,12 @@ ERRORS = {
     "huge baseline": (dict(methods=[occlusion(baseline=1e30)]), grpc.StatusCode.INVALID_ARGUMENT, "1e+06"),
     "layer for a method without layers": (dict(methods=[methods_pb2.MethodSpec(method="occlusion", layer="x")]),
                                           grpc.StatusCode.INVALID_ARGUMENT, "uses no layer"),
+    # 0 elements and 0 bytes, but numpy cannot make an array of it: refused before the reshape
+    "overflowing tensor shape": (dict(images=[tensor_pb2.Image(tensor=HUGE_EMPTY)]), grpc.StatusCode.INVALID_ARGUMENT,
+                                 "images[0].tensor.shape"),
+    "overflowing baseline shape": (dict(methods=[integrated_gradients(baseline="custom", baseline_tensor=HUGE_EMPTY)]),
+                                   grpc.StatusCode.INVALID_ARGUMENT,
+                                   "methods[0].integrated_gradients.baseline_tensor.shape"),
 }
 
 
@@ -205,6 +218,19 @@ def test_bad_request_gets_its_status_and_the_server_keeps_serving(client, case):
         drain(client, explain_request(**overrides))
     assert err.value.code() == code, err.value.details()
     assert fragment in err.value.details()
+    assert_still_serving(client)
+
+
+def test_overflowing_tensor_shapes_are_invalid_in_predict_and_evaluate(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Predict(service_pb2.PredictRequest(model="shapes", images=[tensor_pb2.Image(tensor=HUGE_EMPTY)]),
+                            timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "images[0].tensor.shape" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Evaluate(service_pb2.EvaluateRequest(
+            model="shapes", images=[tensor_pb2.Image(encoded=sample_png())], metrics=[methods_pb2.DELETION],
+            maps=[methods_pb2.Map(class_id=0, map=HUGE_EMPTY)]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maps[0].map.shape" in err.value.details()
     assert_still_serving(client)
 
 
