@@ -47,9 +47,13 @@ class Param:
         return int(value) if self.type == "int" else float(value)
 
     def _range(self) -> str:
-        lo = "-inf" if self.minimum is None else f"{self.minimum:g}"
-        hi = "inf" if self.maximum is None else f"{self.maximum:g}"
-        return f" in [{lo}, {hi}]"
+        return f" in [{self._bound(self.minimum, '-inf')}, {self._bound(self.maximum, 'inf')}]"
+
+    def _bound(self, value: float | None, unbounded: str) -> str:
+        if value is None:
+            return unbounded
+        # integer bounds exactly (%g would print 2^31 - 1 as 2.14748e+09); float bounds short, as declared
+        return str(int(value)) if self.type == "int" else f"{value:g}"
 
 
 @dataclass

@@ -208,6 +208,9 @@ ERRORS = {
     "overflowing baseline shape": (dict(methods=[integrated_gradients(baseline="custom", baseline_tensor=HUGE_EMPTY)]),
                                    grpc.StatusCode.INVALID_ARGUMENT,
                                    "methods[0].integrated_gradients.baseline_tensor.shape"),
+    # integer bounds are printed exactly, not as 2.14748e+09
+    "seed above bounds": (dict(methods=[methods_pb2.MethodSpec(smoothgrad=methods_pb2.SmoothGradParams(seed=2**31))]),
+                          grpc.StatusCode.INVALID_ARGUMENT, "[0, 2147483647]"),
 }
 
 
