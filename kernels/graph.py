@@ -291,6 +291,9 @@ def input_spec(model: onnx.ModelProto) -> tuple[str, tuple, str]:
     if not floats:
         raise ValueError("model has no floating-point input")
     vi = floats[0]
+    if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ValueError(f"input {vi.name!r} is {_type_name(vi)}; onnxplain feeds images as float32: give the model a "
+                         "float32 input (a Cast to the model's own precision inside the graph is fine)")
     shape = _dims(vi)
     if shape is None or len(shape) != 4:
         raise ValueError(f"input {vi.name!r} has shape {shape}; an image classifier takes a 4-D NCHW or NHWC tensor")
@@ -380,9 +383,11 @@ def _attr(node, name, default=None):
 
 
 def score_tensor(model: onnx.ModelProto) -> str:
-    """The tensor to explain: the pre-softmax logits when the first output comes out of (Log)Softmax."""
+    """The tensor to explain: the first floating-point output (a model may output its predicted label first), or
+    the pre-softmax logits when that output comes out of (Log)Softmax."""
     gi = _Graph(model)
-    first = model.graph.output[0].name
+    outputs = model.graph.output
+    first = next((o.name for o in outputs if o.type.tensor_type.elem_type in _FLOAT_TYPES), outputs[0].name)
     name = first
     while True:
         n = gi.producer.get(name)

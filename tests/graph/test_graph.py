@@ -265,6 +265,21 @@ def test_score_tensor_skips_softmax(final):
     assert G.score_tensor(model) == "logits"
 
 
+def test_score_tensor_is_the_first_float_output():
+    """A model that outputs its predicted label (int64) before its probabilities is explained on the logits."""
+    model = nhwc_model("Softmax")
+    model.graph.node.append(helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0))
+    model.graph.output.insert(0, helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    assert G.score_tensor(model) == "logits"
+
+
+def test_a_float16_input_is_refused_naming_it():
+    model = nhwc_model()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    with pytest.raises(ValueError, match=r"input 'input' is float16; onnxplain feeds images as float32"):
+        G.input_spec(model)
+
+
 def test_layout_detection_from_shape():
     assert G._layout_of((None, 3, 224, 224)) == "NCHW"
     assert G._layout_of((None, 1, 28, 28)) == "NCHW"
