@@ -134,7 +134,7 @@ def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:
         if method is None:
             raise not_found(f"methods[{i}]: method {name!r} is not known; methods: {sorted(METHODS)}")
         try:
-            params = method.resolve(given, spatial)
+            params = method.resolve(given, spatial, entry.preprocessing.sample_shape)
         except ParamError as exc:
             raise invalid(f"methods[{i}].{exc}") from None
         for param, limit in WORK_CAPS.items():

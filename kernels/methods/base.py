@@ -122,13 +122,20 @@ class Method:
     check_for_input: Callable[[dict[str, Any], tuple[int, int]], None] | None = None
     # Checks that depend on the model's graph around the layer (e.g. CAM's head): (runner, layer) -> None.
     check_for_layer: Callable[[Runner, Any], None] | None = None
+    # Checks that need the whole shape of one input sample, [C, H, W] or [H, W, C] (e.g. a baseline tensor):
+    # (params, sample_shape) -> None.
+    check_for_sample: Callable[[dict[str, Any], tuple[int, ...]], None] | None = None
 
-    def resolve(self, given: dict[str, Any], spatial: tuple[int, int]) -> dict[str, Any]:
-        """Defaults for what is not given, every value checked against its declaration."""
+    def resolve(self, given: dict[str, Any], spatial: tuple[int, int],
+                sample_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """Defaults for what is not given, every value checked against its declaration (and against the model's
+        sample shape when it is given: the server always gives it, so that nothing is refused mid-run)."""
         unknown = set(given) - {p.name for p in self.params}
         if unknown:
             raise ParamError(f"{self.name} has no parameter {sorted(unknown)}; it takes {[p.name for p in self.params]}")
         params = {p.name: p.check(self.name, given[p.name]) if p.name in given else p.default for p in self.params}
         if self.check_for_input:
             self.check_for_input(params, spatial)
+        if self.check_for_sample and sample_shape is not None:
+            self.check_for_sample(params, tuple(sample_shape))
         return params

@@ -211,10 +211,9 @@ def baseline_for(job: Job) -> np.ndarray:
     custom = job.params["baseline_tensor"]
     if custom is None:
         raise ParamError("integrated_gradients.baseline = custom needs baseline_tensor")
+    # The server checked the shape before the call was accepted (_check_ig_sample); this guards direct callers.
+    _check_ig_sample(job.params, sample.shape)
     custom = custom[0] if custom.shape == (1, *sample.shape) else custom
-    if custom.shape != sample.shape:
-        raise ParamError(f"integrated_gradients.baseline_tensor has shape {list(custom.shape)}; "
-                         f"the model takes {list(sample.shape)}")
     return custom.astype(np.float32)
 
 
@@ -237,6 +236,19 @@ def _check_ig(params: dict, spatial: tuple[int, int]) -> None:
         raise ParamError(f"integrated_gradients.steps must be in [2, 1000] for riemann_trapezoid, got {params['steps']}")
     if params["baseline"] == "custom" and params["baseline_tensor"] is None:
         raise ParamError("integrated_gradients.baseline_tensor must be set when baseline = custom")
+    # A tensor that would be ignored is refused: the caller most likely forgot baseline = custom.
+    if params["baseline"] != "custom" and params["baseline_tensor"] is not None:
+        raise ParamError(f"integrated_gradients.baseline_tensor is set but baseline is {params['baseline']!r}; "
+                         "set baseline = custom to use it, or leave baseline_tensor unset")
+
+
+def _check_ig_sample(params: dict, sample_shape: tuple[int, ...]) -> None:
+    """The custom baseline is one sample of the model input, with or without a batch dimension of 1."""
+    custom = params["baseline_tensor"]
+    shape = list(sample_shape)
+    if custom is not None and list(custom.shape) not in (shape, [1, *shape]):
+        raise ParamError(f"integrated_gradients.baseline_tensor has shape {list(custom.shape)}; it must be one "
+                         f"sample of the model input: {shape} (or {[1, *shape]})")
 
 
 GRADIENT = Method(
@@ -269,7 +281,7 @@ INTEGRATED_GRADIENTS = Method(
      Param("blur_sigma", "float", 10.0, "blur of the blurred baseline, in input pixels", 0.1, 1000.0),
      Param("method", "enum", "gausslegendre", "quadrature rule (Captum's names)", choices=QUADRATURES),
      Param("baseline_tensor", "tensor", None, "custom baseline: one preprocessed input sample")),
-    run_integrated_gradients, uses_gradients=True, check_for_input=_check_ig)
+    run_integrated_gradients, uses_gradients=True, check_for_input=_check_ig, check_for_sample=_check_ig_sample)
 
 GUIDED_BACKPROP = Method(
     "guided_backprop", "gradient", "The gradient with ReLU-like units passing only positive gradients where "

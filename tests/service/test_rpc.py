@@ -154,6 +154,7 @@ def _tensor_image(array) -> tensor_pb2.Image:
 
 
 GOOD_X = np.zeros((3, 96, 96), np.float32)
+SMALL_X = tensors.to_proto(np.zeros((3, 8, 8), np.float32))
 HUGE_EMPTY = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2**62, 2**62, 0])
 
 
@@ -208,6 +209,12 @@ ERRORS = {
     "overflowing baseline shape": (dict(methods=[integrated_gradients(baseline="custom", baseline_tensor=HUGE_EMPTY)]),
                                    grpc.StatusCode.INVALID_ARGUMENT,
                                    "methods[0].integrated_gradients.baseline_tensor.shape"),
+    "baseline of the wrong shape": (dict(methods=[integrated_gradients(baseline="custom", baseline_tensor=SMALL_X)]),
+                                    grpc.StatusCode.INVALID_ARGUMENT,
+                                    "methods[0].integrated_gradients.baseline_tensor has shape [3, 8, 8]"),
+    "baseline_tensor without baseline custom": (dict(methods=[integrated_gradients(baseline="zero",
+                                                                                   baseline_tensor=SMALL_X)]),
+                                                grpc.StatusCode.INVALID_ARGUMENT, "baseline = custom"),
     # integer bounds are printed exactly, not as 2.14748e+09
     "seed above bounds": (dict(methods=[methods_pb2.MethodSpec(smoothgrad=methods_pb2.SmoothGradParams(seed=2**31))]),
                           grpc.StatusCode.INVALID_ARGUMENT, "[0, 2147483647]"),
@@ -234,6 +241,20 @@ def test_overflowing_tensor_shapes_are_invalid_in_predict_and_evaluate(client):
             model="shapes", images=[tensor_pb2.Image(encoded=sample_png())], metrics=[methods_pb2.DELETION],
             maps=[methods_pb2.Map(class_id=0, map=HUGE_EMPTY)]), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "maps[0].map.shape" in err.value.details()
+    assert_still_serving(client)
+
+
+def test_a_bad_baseline_is_refused_before_any_event(client):
+    """The baseline's shape is a parameter check: no `accepted`, no map of an earlier method, then a failure."""
+    events = []
+    with pytest.raises(grpc.RpcError) as err:
+        for event in client.explain_call(explain_request(methods=[
+                methods_pb2.MethodSpec(method="gradcam"),
+                integrated_gradients(steps=4, baseline="custom", baseline_tensor=SMALL_X)])):
+            events.append(event)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "methods[1].integrated_gradients.baseline_tensor" in err.value.details()
+    assert "[3, 96, 96]" in err.value.details() and events == []
     assert_still_serving(client)
 
 
