@@ -300,6 +300,21 @@ def input_spec(model: onnx.ModelProto) -> tuple[str, tuple, str]:
     return vi.name, shape, _layout_of(shape)
 
 
+def with_input_size(model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
+    """A copy of the model whose input has the given height and width where they were symbolic, its shapes
+    inferred again. A model exported with dynamic H and W is served at one size; layer discovery needs the
+    feature maps' sizes, which only a fixed input size gives."""
+    name, _, layout = input_spec(model)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]       # inferred for the symbolic size
+    dims = next(vi for vi in fixed.graph.input if vi.name == name).type.tensor_type.shape.dim
+    for axis, size in zip((2, 3) if layout == "NCHW" else (1, 2), (height, width)):
+        if not dims[axis].HasField("dim_value"):
+            dims[axis].dim_value = size
+    return infer_shapes(fixed)
+
+
 def _layout_of(shape) -> str:
     if shape[1] in (1, 3):
         return "NCHW"

@@ -193,11 +193,16 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
     `roots`: the model directories (None: the model's own directory)."""
     roots = [pathlib.Path(os.path.abspath(config.path)).parent] if roots is None else roots
     model = read_model(config, limits, roots, allowed_domains)
-    input_name, shape, layout = graph.input_spec(model)
+    try:
+        input_name, shape, layout = graph.input_spec(model)
+    except ValueError as exc:
+        raise ConfigError(f"model {config.name}: {exc}") from None
     if len(shape) != 4:
         raise ConfigError(f"model {config.name}: input {input_name} has shape {shape}; an image classifier "
                           "takes a 4-D batch (NCHW or NHWC)")
     pre = _preprocessing(config.preprocessing, shape, layout, config.name)
+    if None in shape[1:]:     # served at the configured size: fixed, so that layer discovery sees map sizes
+        model = graph.with_input_size(model, pre.height, pre.width)
     score = graph.score_tensor(model)
     served = model if score in {o.name for o in model.graph.output} else graph.expose(model, [score])
     max_batch = 1 if shape[0] == 1 else limits.max_batch   # a fixed batch of 1 cannot be batched

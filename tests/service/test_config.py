@@ -47,6 +47,35 @@ def test_model_directory_detects_nhwc_and_the_logits_before_softmax(tmp_path):
     assert entry.runner.score_name == "logits" and entry.labels == ["a", "b", "c", "d"]
 
 
+def test_a_model_with_dynamic_height_and_width_is_served_at_the_configured_size(tmp_path):
+    """Layer discovery needs the maps' sizes: the model is fixed to the configured input size (it found no layer
+    at all, so no CAM method could run), and a layer method runs on it."""
+    from onnxplain.kernels.methods import METHODS, Job
+
+    model = onnx.load(nhwc_classifier(tmp_path / "dyn.onnx"))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_param, dims[2].dim_param = "h", "w"
+    onnx.save(model, tmp_path / "dyn.onnx")
+    (tmp_path / "dyn.toml").write_text('name = "dyn"\npath = "dyn.onnx"\n'
+                                       '[preprocessing]\ninput_height = 24\ninput_width = 40\n')
+    cfg = config.load(None, [tmp_path])
+    entry = load_entry(cfg.models[0], cfg.limits)
+    assert [(layer.name, layer.grid) for layer in entry.layers] == [("relu", (24, 40))]
+    assert entry.default_layer.name == "relu"
+    sample = np.random.default_rng(0).standard_normal((24, 40, 3)).astype(np.float32)
+    job = Job(entry.runner, sample, np.array([1]), METHODS["gradcam"].resolve({}, (24, 40)), "NHWC",
+              entry.default_layer)
+    assert list(METHODS["gradcam"].run(job))[-1].maps.shape == (1, 24, 40)
+
+
+def test_a_float16_input_is_a_clear_start_up_error(tmp_path):
+    model = onnx.load(nhwc_classifier(tmp_path / "half.onnx"))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, tmp_path / "half.onnx")
+    with pytest.raises(ConfigError, match="model half: input 'image' is float16"):
+        load_entry(config.load(None, [tmp_path]).models[0], config.Limits())
+
+
 def test_toml_config_with_limits_and_preprocessing(tmp_path):
     nhwc_classifier(tmp_path / "m.onnx")
     (tmp_path / "server.toml").write_text('''
@@ -84,6 +113,9 @@ std = [4, 5, 6]
     ('[[models]]\npath = "m.onnx"\n[models.preprocessing]\nfit = "zoom"', "fit must be one of"),
     ('[[models]]\npath = "m.onnx"\nlabels = "three.txt"', "3 names for 4 classes"),
     ('[[models]]\npath = "m.onnx"\n[[models]]\npath = "m.onnx"', "unique"),
+    ('[[models]]\nname = "a\\nb"\npath = "m.onnx"', "models[0].name must be"),
+    ('[[models]]\nname = "../m"\npath = "m.onnx"', "[A-Za-z0-9._-]"),
+    ('[[models]]\npath = ["m.onnx"]', "path must be"),
 ])
 def test_bad_configuration_is_reported_clearly(tmp_path, toml, message):
     nhwc_classifier(tmp_path / "m.onnx")
