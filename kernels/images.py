@@ -8,7 +8,7 @@ one sample of the model's input with it, and reports where that sample lies in t
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,9 @@ from PIL import Image
 FITS = ("stretch", "center_crop", "shorter_side")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The encoded formats decode reads: common raster formats whose Pillow decoders run no external program (EPS
+# would run Ghostscript). WEBP only where Pillow was built with libwebp.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 class ImageError(ValueError):
@@ -90,26 +93,50 @@ class Prepared:
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an encoded image; refuse it before decoding the pixels if it has more than max_pixels."""
+    """Decode an encoded image; refuse it from its header, before any pixel is decoded, if it has more than
+    max_pixels."""
     if not data:
         raise ImageError("image is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise ImageError(f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise ImageError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-            img.load()
+        img = open_header(data)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image is too large: {exc}") from None
     except Exception as exc:  # Pillow raises many types for corrupt data (OSError, SyntaxError, ValueError...)
         raise ImageError(f"image cannot be decoded: {type(exc).__name__}: {exc}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+                         "(limits.max_image_pixels)")
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:  # the TIFF decoder checks Pillow's own limit again when it loads
+        raise ImageError(f"image is too large for the {img.format} decoder: {exc}") from None
+    except Exception as exc:
+        raise ImageError(f"image cannot be decoded: {type(exc).__name__}: {exc}") from None
     return img
+
+
+def open_header(data: bytes) -> Image.Image:
+    """The image's header, identified among FORMATS as Image.open does (no pixel is decoded yet), but without
+    Image.open's decompression-bomb check: that one compares against Pillow's process-wide MAX_IMAGE_PIXELS,
+    while the limit that applies is decode's max_pixels."""
+    Image.init()
+    readable = [fmt for fmt in FORMATS if fmt in Image.OPEN]
+    refused = None
+    for fmt in readable:
+        factory, accept = Image.OPEN[fmt]
+        matched = not accept or accept(data[:16])
+        if not matched or isinstance(matched, str):  # a string says why the format cannot be read here
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error) as exc:  # Image.open's "not this format"
+            refused = f"not a valid {fmt} file ({exc})"
+    formats = ", ".join(readable)
+    raise ImageError(f"image cannot be decoded: {refused}; the formats read are {formats}" if refused else
+                     f"image cannot be decoded: its format is not one of {formats}")
 
 
 def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:

@@ -1,9 +1,11 @@
 """Decoding and preprocessing: geometry of each fit, normalisation, channel order, layout, refusal of bad
-images, and the bilinear upsampling of maps against PyTorch."""
+images, the server's pixel limit (not Pillow's), and the bilinear upsampling of maps against PyTorch."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -12,11 +14,21 @@ from PIL import Image
 from onnxplain.kernels import images
 from onnxplain.kernels.images import ImageError, Preprocessing
 
+IDENTITY = dict(scale=1.0, mean=(0, 0, 0), std=(1, 1, 1))   # the sample is the 8-bit pixels themselves
 
-def encoded(array, fmt="PNG") -> bytes:
+
+def encoded(array, fmt="PNG", **options) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt)
+    Image.fromarray(array).save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def png_header(width, height) -> bytes:
+    """A greyscale PNG that claims width x height pixels and holds almost none: only its header is valid."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
 
 
 def gradient_image(height, width):
@@ -73,6 +85,33 @@ def test_too_many_pixels_are_refused_before_decoding():
     data = encoded(np.zeros((3000, 3000), np.uint8))
     with pytest.raises(ImageError, match="limit is 1000000"):
         images.decode(data, 1_000_000)
+
+
+def test_undecodable_image_message_lists_the_formats_and_no_object_address():
+    for data in (b"hello", b"GIF89a-not-really"):
+        with pytest.raises(ImageError, match="cannot be decoded") as refused:
+            images.decode(data, 10 ** 6)
+        message = str(refused.value)
+        assert "PNG, JPEG" in message and "0x" not in message and "object at" not in message, message
+
+
+def test_the_servers_pixel_limit_applies_not_pillows(monkeypatch):
+    # Pillow refuses images over 2 * Image.MAX_IMAGE_PIXELS in Image.open (and warns over it): a header of
+    # 60000x60000 got Pillow's "exceeds limit of 178956970 pixels", never the server's limit.
+    with pytest.raises(ImageError, match="60000x60000 = 3600000000 pixels; the limit is 40000000"):
+        images.decode(png_header(60000, 60000), 40_000_000)
+    # An image under the server's limit but over Pillow's decodes (Pillow's limit lowered so that the
+    # images stay small), without touching Pillow's process-wide limit.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    pre = Preprocessing(16, 16, fit="stretch", **IDENTITY)
+    for shape, fmt in (((40, 40), "PNG"), ((64, 64), "PNG"), ((64, 64, 3), "JPEG"), ((64, 64), "GIF")):
+        array = np.full(shape, 100, np.uint8)
+        decoded = images.decode(encoded(array, fmt), 10 ** 6)
+        assert decoded.size == (shape[1], shape[0])
+        np.testing.assert_allclose(images.preprocess(decoded, pre).sample, 100, atol=2)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageError, match="64x64 = 4096 pixels; the limit is 4000"):
+        images.decode(encoded(np.zeros((64, 64), np.uint8)), 4000)
 
 
 def test_check_sample():
