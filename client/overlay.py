@@ -31,7 +31,7 @@ def overlay(original: Image.Image, saliency: np.ndarray, crop: tuple[float, floa
             alpha: float = 0.55) -> Image.Image:
     """The map, computed over the model input, resized onto the region `crop` of the original image that
     became that input, blended with the picture; outside the region the picture is dimmed."""
-    base = original.convert("RGB")
+    base = displayed(original)
     x0, y0, x1, y1 = (int(round(v)) for v in crop)
     x0, y0 = max(x0, 0), max(y0, 0)
     x1, y1 = min(max(x1, x0 + 1), base.width), min(max(y1, y0 + 1), base.height)
@@ -40,3 +40,12 @@ def overlay(original: Image.Image, saliency: np.ndarray, crop: tuple[float, floa
     region = np.asarray(base.crop((x0, y0, x1, y1)), dtype=np.float32)
     out[y0:y1, x0:x1] = (1 - alpha) * region + alpha * np.asarray(heat, dtype=np.float32)
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def displayed(original: Image.Image) -> Image.Image:
+    """The picture in RGB as the server decoded it (kernels/images.py): 16-bit greyscale scaled to 8 bits
+    (v / 257, rounded) where Image.convert would clip it at 255."""
+    picture = original
+    if original.mode.startswith("I;16") or (original.mode == "I" and original.format == "PNG"):
+        picture = Image.fromarray(((np.asarray(original).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    return picture.convert("RGB")

@@ -94,7 +94,7 @@ class Prepared:
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode an encoded image; refuse it from its header, before any pixel is decoded, if it has more than
-    max_pixels."""
+    max_pixels or pixels that cannot be made 8-bit."""
     if not data:
         raise ImageError("image is empty")
     try:
@@ -109,6 +109,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageError(f"image has {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
                          "(limits.max_image_pixels)")
+    check_depth(img)
     try:
         img.load()
     except Image.DecompressionBombError as exc:  # the TIFF decoder checks Pillow's own limit again when it loads
@@ -139,6 +140,33 @@ def open_header(data: bytes) -> Image.Image:
                      f"image cannot be decoded: its format is not one of {formats}")
 
 
+def check_depth(img: Image.Image) -> None:
+    """Refuse 32-bit integer and float pixels: they have no standard range to scale to 8 bits by."""
+    if img.mode in ("I", "F") and not sixteen_bit(img):
+        kind = "signed or 32-bit integer" if img.mode == "I" else "floating-point"
+        raise ImageError(f"image has mode {img.mode} ({kind} pixels), which has no range to scale to 8 bits; "
+                         "send 8- or 16-bit images, or a preprocessed tensor")
+
+
+def sixteen_bit(img: Image.Image) -> bool:
+    # A PNG sample has at most 16 bits: mode I from the PNG decoder is 16-bit greyscale.
+    return img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
+
+
+def eight_bit(img: Image.Image, mode: str) -> Image.Image:
+    """img in 8-bit `mode` (L or RGB). Image.convert clips 16-bit greyscale at 255 (a white picture): it is
+    scaled here, v / 257 rounded, which maps 0..65535 onto 0..255."""
+    if img.mode == mode:
+        return img
+    check_depth(img)
+    if sixteen_bit(img):
+        img = Image.fromarray(((np.asarray(img).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    try:
+        return img.convert(mode)
+    except ValueError as exc:
+        raise ImageError(f"image has mode {img.mode}, which cannot be converted to {mode}: {exc}") from None
+
+
 def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
     """The region of a width x height image that `pre` maps onto the model input."""
     if pre.fit == "stretch":
@@ -155,10 +183,7 @@ def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float,
 
 def preprocess(img: Image.Image, pre: Preprocessing, name: str = "") -> Prepared:
     """One decoded image -> one float32 model input sample, by the model's declared preprocessing."""
-    if pre.channels == 1:
-        img = img.convert("L")
-    elif img.mode != "RGB":
-        img = img.convert("RGB")
+    img = eight_bit(img, "L" if pre.channels == 1 else "RGB")
     box = crop_box(img.width, img.height, pre)
     resized = img.resize((pre.width, pre.height), Image.Resampling.BILINEAR, box=box)
     pixels = np.asarray(resized, dtype=np.float32)

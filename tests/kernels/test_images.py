@@ -1,5 +1,6 @@
 """Decoding and preprocessing: geometry of each fit, normalisation, channel order, layout, refusal of bad
-images, the server's pixel limit (not Pillow's), and the bilinear upsampling of maps against PyTorch."""
+images, the server's pixel limit (not Pillow's), 16-bit and 32-bit pixels (in decoding and in the client's
+overlay), and the bilinear upsampling of maps against PyTorch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from onnxplain.client.overlay import overlay
 from onnxplain.kernels import images
 from onnxplain.kernels.images import ImageError, Preprocessing
 
@@ -112,6 +114,42 @@ def test_the_servers_pixel_limit_applies_not_pillows(monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == 1000
     with pytest.raises(ImageError, match="64x64 = 4096 pixels; the limit is 4000"):
         images.decode(encoded(np.zeros((64, 64), np.uint8)), 4000)
+
+
+def sixteen_bit_gradient():
+    y, x = np.mgrid[0:48, 0:64]
+    return (x * 1024 + y * 20 + (x * y) % 97).clip(0, 65535).astype(np.uint16)   # 0..65535, not multiples of 257
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(fmt):
+    array = sixteen_bit_gradient()
+    expected = np.floor(array / 257 + 0.5)
+    decoded = images.decode(encoded(array, fmt), 10 ** 6)
+    for pre in (Preprocessing(48, 64, fit="stretch", **IDENTITY),
+                Preprocessing(48, 64, fit="stretch", scale=1.0, mean=(0,), std=(1,), channels=1)):
+        x = images.preprocess(decoded, pre).sample
+        np.testing.assert_array_equal(x, np.broadcast_to(expected, x.shape))
+    x = images.preprocess(Image.fromarray(array), Preprocessing(48, 64, fit="stretch", **IDENTITY)).sample
+    np.testing.assert_array_equal(x, np.broadcast_to(expected, x.shape))
+
+
+@pytest.mark.parametrize("array, mode", [(np.arange(64, dtype=np.int32).reshape(8, 8) * 1000, "mode I"),
+                                         (np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "mode F")])
+def test_32_bit_integer_and_float_images_are_refused_by_mode(array, mode):
+    with pytest.raises(ImageError, match=mode):
+        images.decode(encoded(array, "TIFF"), 10 ** 6)
+    with pytest.raises(ImageError, match=mode):
+        images.preprocess(Image.fromarray(array), Preprocessing(8, 8))
+
+
+def test_overlay_of_a_16_bit_picture_is_not_white():
+    array = sixteen_bit_gradient()
+    with Image.open(io.BytesIO(encoded(array))) as original:
+        drawn = np.asarray(overlay(original, np.zeros((8, 8), np.float32), (0, 0, 8, 8)), np.float32)
+    dimmed = np.repeat(np.floor(array / 257 + 0.5)[..., None] * 0.5, 3, -1)     # outside the crop
+    np.testing.assert_allclose(drawn[8:], dimmed[8:], atol=1)
+    np.testing.assert_allclose(drawn[:, 8:], dimmed[:, 8:], atol=1)
 
 
 def test_check_sample():
