@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # viridis (van der Walt & Smith, matplotlib's default), sampled at 9 evenly spaced points; linear
 # interpolation between them stays within a few levels of the full table and keeps it perceptually ordered.
@@ -43,9 +43,11 @@ def overlay(original: Image.Image, saliency: np.ndarray, crop: tuple[float, floa
 
 
 def displayed(original: Image.Image) -> Image.Image:
-    """The picture in RGB as the server decoded it (kernels/images.py): 16-bit greyscale scaled to 8 bits
-    (v / 257, rounded) where Image.convert would clip it at 255."""
-    picture = original
-    if original.mode.startswith("I;16") or (original.mode == "I" and original.format == "PNG"):
-        picture = Image.fromarray(((np.asarray(original).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    """The picture in RGB as it displays and as the server decoded it (kernels/images.py), whose pixels a map's
+    crop refers to: its EXIF orientation applied, 16-bit greyscale scaled to 8 bits (v / 257, rounded) where
+    Image.convert would clip it at 255."""
+    sixteen_bit = original.mode.startswith("I;16") or (original.mode == "I" and original.format == "PNG")
+    picture = ImageOps.exif_transpose(original)
+    if sixteen_bit:
+        picture = Image.fromarray(((np.asarray(picture).astype(np.uint32) + 128) // 257).astype(np.uint8))
     return picture.convert("RGB")

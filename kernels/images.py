@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 FITS = ("stretch", "center_crop", "shorter_side")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,8 +93,9 @@ class Prepared:
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an encoded image; refuse it from its header, before any pixel is decoded, if it has more than
-    max_pixels or pixels that cannot be made 8-bit."""
+    """Decode an encoded image as it displays (its EXIF orientation applied, so that geometry and boxes in
+    original-image pixels mean the displayed picture); refuse it from its header, before any pixel is decoded,
+    if it has more than max_pixels or pixels that cannot be made 8-bit."""
     if not data:
         raise ImageError("image is empty")
     try:
@@ -112,6 +113,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     check_depth(img)
     try:
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)
     except Image.DecompressionBombError as exc:  # the TIFF decoder checks Pillow's own limit again when it loads
         raise ImageError(f"image is too large for the {img.format} decoder: {exc}") from None
     except Exception as exc:

@@ -1,6 +1,6 @@
 """Decoding and preprocessing: geometry of each fit, normalisation, channel order, layout, refusal of bad
-images, the server's pixel limit (not Pillow's), 16-bit and 32-bit pixels (in decoding and in the client's
-overlay), and the bilinear upsampling of maps against PyTorch."""
+images, the server's pixel limit (not Pillow's), 16-bit and 32-bit pixels, EXIF orientation (in decoding and
+in the client's overlay), and the bilinear upsampling of maps against PyTorch."""
 
 from __future__ import annotations
 
@@ -141,6 +141,59 @@ def test_32_bit_integer_and_float_images_are_refused_by_mode(array, mode):
         images.decode(encoded(array, "TIFF"), 10 ** 6)
     with pytest.raises(ImageError, match=mode):
         images.preprocess(Image.fromarray(array), Preprocessing(8, 8))
+
+
+# EXIF orientation -> the transpose that turns the displayed picture into the stored one (the inverse of the
+# one that displays it).
+STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+          7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def with_orientation(displayed: np.ndarray, orientation: int, fmt="PNG") -> bytes:
+    stored = Image.fromarray(displayed)
+    if STORED[orientation] is not None:
+        stored = stored.transpose(STORED[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_to_pixels_and_geometry(orientation):
+    displayed = gradient_image(40, 96)                       # 96 wide, 40 high as it displays
+    decoded = images.decode(with_orientation(displayed, orientation), 10 ** 6)
+    np.testing.assert_array_equal(np.asarray(decoded), displayed)
+    prepared = images.preprocess(decoded, Preprocessing(32, 32, fit="center_crop"))
+    g = prepared.geometry
+    assert (g.original_width, g.original_height) == (96, 40)
+    assert g.crop == pytest.approx((28, 0, 68, 40))          # the centre square of the displayed picture
+
+
+def test_exif_orientation_of_a_jpeg_and_its_overlay():
+    # The repro's phone photo: stored 64x128, EXIF orientation 6, displays 128x64 with a white left half.
+    displayed = np.zeros((64, 128, 3), np.uint8)
+    displayed[:, :64] = 255
+    data = with_orientation(displayed, 6, "JPEG")
+    assert Image.open(io.BytesIO(data)).size == (64, 128)
+    decoded = images.decode(data, 10 ** 6)
+    assert decoded.size == (128, 64)
+    assert np.asarray(decoded)[:, :60].min() > 240 and np.asarray(decoded)[:, 68:].max() < 15
+    g = images.preprocess(decoded, Preprocessing(32, 32, fit="center_crop")).geometry
+    assert (g.original_width, g.original_height, g.crop) == (128, 64, (32.0, 0.0, 96.0, 64.0))
+    # The client draws the map over the picture as it displays, where the geometry's crop lies: the map's
+    # hot left half lands on the picture's white half, the dimmed margins on the displayed sides.
+    saliency = np.zeros((32, 32), np.float32)
+    saliency[:, :16] = 1
+    with Image.open(io.BytesIO(data)) as original:
+        drawn = np.asarray(overlay(original, saliency, g.crop), np.float32)
+    assert drawn.shape == (64, 128, 3)
+    np.testing.assert_allclose(drawn[:, :28], 127.5, atol=8)        # white, dimmed outside the crop
+    np.testing.assert_allclose(drawn[:, 100:], 0, atol=8)           # black, dimmed
+    hot = np.array([253, 231, 37], np.float32)                      # viridis at 1
+    np.testing.assert_allclose(drawn[8:56, 36:60], np.broadcast_to(0.45 * 255 + 0.55 * hot, (48, 24, 3)), atol=8)
 
 
 def test_overlay_of_a_16_bit_picture_is_not_white():
