@@ -18,6 +18,12 @@ from .registry import ModelEntry, ModelExists, Registry, RegistryBusy
 log = logging.getLogger("onnxplain.server")
 
 
+def loggable(text: str) -> str:
+    """An error message that may quote an admin's path, with unprintable characters escaped: a newline in it must
+    not start a forged log line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def summary(entry: ModelEntry) -> service_pb2.ModelSummary:
     return service_pb2.ModelSummary(name=entry.name, num_classes=entry.num_classes, description=entry.description,
                                     execution_provider=entry.runner.provider)
@@ -38,7 +44,7 @@ class Admin(admin_pb2_grpc.AdminServicer):
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"model {exc.args[0]!r} is not served; models: {self.registry.names}")
         except ConfigError as exc:
-            log.warning("%s refused: %s", what, exc)
+            log.warning("%s refused: %s", what, loggable(str(exc)))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a fault while loading must fail this call only
             log.exception("%s failed", what)

@@ -309,14 +309,20 @@ class Registry:
         directory (the first where it exists) or absolute; confined to the model directories."""
         if not path:
             raise ConfigError("path is empty: give an .onnx or model .toml file inside a model directory")
+        if "\0" in path:   # the OS cannot take it (ValueError deep in pathlib)
+            raise ConfigError(f"path {path[:200]!r} contains a NUL byte; give an .onnx or model .toml file name")
         roots = self.roots or sorted({pathlib.Path(os.path.abspath(c.path)).parent for c in self.configs.values()})
         if not roots:
             raise ConfigError("no model directory is configured (model_dirs / --model-dir)")
-        candidate = pathlib.Path(path)
-        if not candidate.is_absolute():
-            candidate = next((r / path for r in roots if (r / path).exists()), roots[0] / path)
-        resolved = confined(candidate, roots, "path")
-        if not resolved.is_file():
+        try:
+            candidate = pathlib.Path(path)
+            if not candidate.is_absolute():
+                candidate = next((r / path for r in roots if (r / path).exists()), roots[0] / path)
+            resolved = confined(candidate, roots, "path")
+            is_file = resolved.is_file()
+        except OSError as exc:    # e.g. a name too long for the file system
+            raise ConfigError(f"path {path[:200]!r} cannot be used: {exc.strerror or exc}") from None
+        if not is_file:
             raise ConfigError(f"path {path!r} is not a file in the model directories")
         if resolved.suffix == ".toml":
             try:

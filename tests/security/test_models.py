@@ -96,6 +96,14 @@ def test_symlink_escape_is_refused(server, layout):
     assert served(server) == ["shapes"]
 
 
+def test_a_path_the_file_system_cannot_take_is_invalid(server, caplog):
+    refused(server, "shapes\0.onnx", "NUL")
+    refused(server, "x" * 5000 + ".onnx", "path")     # ENAMETOOLONG
+    refused(server, "m.onnx\n2026-01-01 00:00:00,000 INFO onnxplain.server []: forged", "not a file")
+    assert served(server) == ["shapes"]
+    assert "\n2026-01-01" not in caplog.text and "m.onnx\\n2026" in caplog.text   # logged escaped
+
+
 def test_a_symlink_inside_the_directory_is_followed(server, layout):
     models, _ = layout
     (models / "alias.onnx").symlink_to(models / "shapes.onnx")
