@@ -18,7 +18,12 @@ A model's TOML (a `[[models]]` table of the server config, or a `<name>.toml` fi
     layout = "NCHW"                       # or NHWC; detected from the input shape when omitted
 
 A directory serves every `*.toml` model file in it, and every `*.onnx` that no TOML names, with default
-preprocessing (ImageNet's mean/std, centre crop) and the labels in `<stem>.txt` when that file exists.
+preprocessing (ImageNet's mean/std, centre crop) and the labels in `<stem>.txt` when that file exists. A model
+file there that cannot be read (TOML syntax, a missing path, a bad name) is a model that cannot be loaded: the
+registry reports it and serves the others (or stops the server with fail_fast), as for a corrupt ONNX file.
+
+Model names (a TOML's `name`, else the file's stem) are 1 to 128 characters of [A-Za-z0-9._-], starting with a
+letter or digit (MODEL_NAME): they are written into log lines, metric labels and file names.
 
 Model files are confined to the model directories (`ServerConfig.model_dirs`: `model_dirs` and `--model-dir`,
 plus the server TOML's own directory when it lists `[[models]]`, plus its `model_roots` — directories its
@@ -41,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import pathlib
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +61,19 @@ DEFAULT_MODEL_TOML = pathlib.Path(str(importlib.resources.files("onnxplain.defau
 
 class ConfigError(ValueError):
     pass
+
+
+# Names end up in text log lines, Prometheus labels, file names and URLs: a newline in one forged log lines.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_NAME_RULE = "1 to 128 characters of [A-Za-z0-9._-], starting with a letter or digit"
+
+
+def check_model_name(name: Any, field: str) -> str:
+    """`name` when it follows MODEL_NAME; ConfigError naming `field` and the rule otherwise."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        shown = name[:64] + "..." if isinstance(name, str) and len(name) > 64 else name
+        raise ConfigError(f"{field} must be {MODEL_NAME_RULE}, got {shown!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,8 @@ class ModelConfig:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     gradient_graph: pathlib.Path | None = None   # user-supplied gradient graph (kernels/supplied.py)
     gradient_rule: str = "standard"              # the backward rule that graph implements
+    # Set for a model file that could not be read: the registry reports this as the model's load failure.
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,29 +139,61 @@ def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> 
         raise ConfigError(f"{origin}: unknown model keys {sorted(unknown)}")
     if "path" not in table:
         raise ConfigError(f"{origin}: a model needs a path")
+    for key in ("path", "labels", "gradient_graph", "description", "gradient_rule"):
+        if key in table and not isinstance(table[key], str):
+            raise ConfigError(f"{origin}: {key} must be a string, got {table[key]!r}")
+    if not table["path"]:
+        raise ConfigError(f"{origin}: path must be a file name, got an empty string")
+    if not isinstance(table.get("preprocessing", {}), dict):
+        raise ConfigError(f"{origin}: preprocessing must be a table, got {table['preprocessing']!r}")
     # Not resolved here: the registry resolves (symlinks, `..`) and checks the result against the model directories.
     path = base / table["path"]
     labels = base / table["labels"] if table.get("labels") else None
     gradient_graph = base / table["gradient_graph"] if table.get("gradient_graph") else None
-    return ModelConfig(name=str(table.get("name") or path.stem), path=path, labels=labels,
-                       description=str(table.get("description", "")),
+    name = check_model_name(table.get("name") or path.stem,
+                            f"{origin}: name" if "name" in table else f"{origin}: name (the stem of path)")
+    return ModelConfig(name=name, path=path, labels=labels, description=table.get("description", ""),
                        preprocessing=dict(table.get("preprocessing", {})), gradient_graph=gradient_graph,
-                       gradient_rule=str(table.get("gradient_rule", "standard")))
+                       gradient_rule=table.get("gradient_rule", "standard"))
+
+
+def unreadable(path: pathlib.Path, reason: str) -> ModelConfig:
+    """A model file that could not be read, named after its file (made to follow the name rule, so that the
+    report of it cannot forge log lines either)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:128]
+    return ModelConfig(name if MODEL_NAME.fullmatch(name) else f"model_{name}"[:128], path, error=reason)
 
 
 def models_in_directory(directory: pathlib.Path) -> list[ModelConfig]:
+    """The models a directory serves. A file that cannot be read is kept as a ModelConfig with `error` set, so
+    that it is reported like any model that cannot be loaded and the directory's other models are served."""
     if not directory.is_dir():
         raise ConfigError(f"model directory {directory} does not exist")
-    models, named = [], set()
+    models, named, broken = [], set(), set()
     for toml_path in sorted(directory.glob("*.toml")):
-        with open(toml_path, "rb") as f:
-            model = model_from_table(tomllib.load(f), directory, str(toml_path))
+        try:
+            with open(toml_path, "rb") as f:
+                table = tomllib.load(f)
+            model = model_from_table(table, directory, str(toml_path))
+            named.add(model.path.resolve())
+        except ConfigError as exc:
+            model = unreadable(toml_path, str(exc))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            model = unreadable(toml_path, f"{toml_path}: {exc}")
+        if model.error:
+            # its ONNX file (most likely <stem>.onnx) must not be served with default preprocessing instead
+            broken.add(toml_path.stem)
         models.append(model)
-        named.add(model.path.resolve())
     for onnx_path in sorted(directory.glob("*.onnx")):
-        if onnx_path.resolve() not in named:
-            labels = onnx_path.with_suffix(".txt")
-            models.append(ModelConfig(onnx_path.stem, onnx_path, labels if labels.exists() else None))
+        if onnx_path.resolve() in named or onnx_path.stem in broken:
+            continue
+        labels = onnx_path.with_suffix(".txt")
+        try:
+            name = check_model_name(onnx_path.stem, f"{onnx_path}: name (the file's stem)")
+        except ConfigError as exc:
+            models.append(unreadable(onnx_path, f"{exc}; rename the file or give it a model TOML with a name"))
+            continue
+        models.append(ModelConfig(name, onnx_path, labels if labels.exists() else None))
     return models
 
 

@@ -27,7 +27,7 @@ from onnxplain.kernels import graph
 from onnxplain.kernels.images import Preprocessing
 from onnxplain.kernels.runtime import Passes, Runner, pick_providers
 
-from .config import ConfigError, Limits, ModelConfig, model_from_table, tomllib
+from .config import ConfigError, Limits, ModelConfig, check_model_name, model_from_table, tomllib
 
 log = logging.getLogger("onnxplain.server")
 
@@ -282,6 +282,8 @@ class Registry:
         return self.roots or [pathlib.Path(os.path.abspath(config.path)).parent]
 
     def _build(self, config: ModelConfig) -> ModelEntry:
+        if config.error:   # its file could not be read (config.models_in_directory): fails like a bad model
+            raise ConfigError(config.error)
         return load_entry(config, self.limits, self.provider, self.threads, roots=self._roots(config),
                           allowed_domains=self.allowed_domains)
 
@@ -311,6 +313,8 @@ class Registry:
             raise ConfigError("path is empty: give an .onnx or model .toml file inside a model directory")
         if "\0" in path:   # the OS cannot take it (ValueError deep in pathlib)
             raise ConfigError(f"path {path[:200]!r} contains a NUL byte; give an .onnx or model .toml file name")
+        if name:
+            check_model_name(name, "name")
         roots = self.roots or sorted({pathlib.Path(os.path.abspath(c.path)).parent for c in self.configs.values()})
         if not roots:
             raise ConfigError("no model directory is configured (model_dirs / --model-dir)")
@@ -333,7 +337,8 @@ class Registry:
             config = model_from_table(table, resolved.parent, path)
         else:
             labels = candidate.with_suffix(".txt")
-            config = ModelConfig(candidate.stem, candidate, labels if labels.exists() else None)
+            stem = name or check_model_name(candidate.stem, f"name (the stem of {path!r}; or give a name)")
+            config = ModelConfig(stem, candidate, labels if labels.exists() else None)
         return dataclasses.replace(config, name=name) if name else config
 
     def load(self, config: ModelConfig, replace: bool = False) -> ModelEntry:

@@ -104,6 +104,27 @@ def test_a_path_the_file_system_cannot_take_is_invalid(server, caplog):
     assert "\n2026-01-01" not in caplog.text and "m.onnx\\n2026" in caplog.text   # logged escaped
 
 
+@pytest.mark.parametrize("name", ["evil\n2026-01-01 00:00:00,000 INFO onnxplain.server []: forged", "a/b", "a b",
+                                  "-flag", ".hidden", "x" * 129, "caf\u00e9"])
+def test_a_model_name_outside_the_rule_is_refused(server, name):
+    """Model names are written into log lines, metric labels and file names: a newline forged log lines."""
+    with pytest.raises(grpc.RpcError) as info:
+        admin_load(server, "shapes.onnx", name=name)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "[A-Za-z0-9._-]" in info.value.details() and "\n" not in info.value.details()
+    assert served(server) == ["shapes"]
+    assert admin_load(server, "shapes.onnx", name="Shapes-2_v1.0").model.name == "Shapes-2_v1.0"
+
+
+def test_a_file_whose_stem_breaks_the_name_rule_needs_a_name(server, layout):
+    models, _ = layout
+    shutil.copy(SHAPES.path, models / "my model.onnx")
+    refused(server, "my model.onnx", "[A-Za-z0-9._-]")
+    assert admin_load(server, "my model.onnx", name="mine").model.name == "mine"
+    (models / "bad.toml").write_text('name = "a:b"\npath = "shapes.onnx"\n')
+    refused(server, "bad.toml", "a:b")
+
+
 def test_a_symlink_inside_the_directory_is_followed(server, layout):
     models, _ = layout
     (models / "alias.onnx").symlink_to(models / "shapes.onnx")
@@ -226,6 +247,41 @@ def test_corrupt_and_missing_models_at_start_up_leave_the_others_serving(layout,
         srv.stop(0)
     logs = caplog.text
     assert "not serving model corrupt" in logs and "not serving model missing" in logs
+
+
+def test_bad_toml_files_in_a_model_directory_are_reported_and_the_others_served(layout, caplog):
+    """A model TOML that cannot be read (syntax, no path, a bad name) is a model that cannot be loaded, named
+    after its file; an ONNX of the same stem is not served with default preprocessing in its place."""
+    from onnxplain.server import config
+
+    models, _ = layout
+    shutil.copy(SHAPES.path, models / "other.onnx")
+    (models / "syntax.toml").write_text('name = "x"\npath = \n')
+    (models / "nopath.toml").write_text('name = "nopath"\n')
+    (models / "badname.toml").write_text('name = "evil\\nname"\npath = "shapes.onnx"\n')
+    (models / "other.toml").write_text('path = 5\n')
+    cfg = config.load(None, [models])
+    srv = start(cfg.models, model_dirs=cfg.model_dirs)
+    try:
+        assert served(srv) == ["shapes"]
+        assert sorted(srv.registry.failed) == ["badname", "nopath", "other", "syntax"]
+        assert "syntax.toml" in srv.registry.failed["syntax"] and "line 2" in srv.registry.failed["syntax"]
+        assert "needs a path" in srv.registry.failed["nopath"]
+        assert "[A-Za-z0-9._-]" in srv.registry.failed["badname"]
+        assert "path must be" in srv.registry.failed["other"]
+    finally:
+        srv.stop(0)
+    assert "not serving model syntax" in caplog.text and "not serving model nopath" in caplog.text
+    assert "evil\nname" not in caplog.text
+
+
+def test_server_command_fail_fast_stops_at_a_bad_toml(layout, capsys):
+    from onnxplain.server.main import main
+
+    models, _ = layout
+    (models / "syntax.toml").write_text('name = "x"\npath = \n')
+    assert main(["--model-dir", str(models), "--port", "0", "--fail-fast"]) == 2
+    assert "syntax.toml" in capsys.readouterr().err
 
 
 def test_fail_fast_stops_at_a_bad_model(layout):
