@@ -2,6 +2,7 @@
 typed parameter messages agree with the methods' declarations in kernels."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -81,3 +82,28 @@ def test_every_parameter_message_has_a_declared_method_or_is_listed_as_not_serve
     oneof = methods_pb2.MethodSpec.DESCRIPTOR.oneofs_by_name["params"]
     assert {f.name for f in oneof.fields} - set(METHODS) == NOT_YET_SERVED - set(METHODS)
     assert not NOT_YET_SERVED & set(METHODS), "a served method is still listed as not served"
+
+
+def test_documented_parameter_defaults_are_the_declared_ones(tmp_path):
+    """Each typed parameter's comment says "Default X": X is the default the server uses (OptiCamParams.directions
+    said 16 while the server used 128)."""
+    methods_file = next(f for f in _descriptor_set(tmp_path).file if f.name == "onnxplain/v1/methods.proto")
+    comments = {tuple(loc.path): " ".join((loc.leading_comments + loc.trailing_comments).split())
+                for loc in methods_file.source_code_info.location}
+    index = {m.name: i for i, m in enumerate(methods_file.message_type)}
+    wrong, checked = [], 0
+    for name, method in METHODS.items():
+        message = methods_pb2.MethodSpec.DESCRIPTOR.fields_by_name[name].message_type
+        for fi, fd in enumerate(methods_file.message_type[index[message.name]].field):
+            documented = re.search(r'Default "?([-+\w.]+?)"?(?:;|\.\s|\.?$)',
+                                   comments.get((4, index[message.name], 2, fi), ""))
+            default = next(p.default for p in method.params if p.name == fd.name)
+            if documented is None:
+                assert default is None, f"{name}.{fd.name}: its comment gives no default"
+                continue
+            value = documented.group(1)
+            same = value == default if isinstance(default, str) else float(value) == default
+            checked += 1
+            if not same:
+                wrong.append(f"{name}.{fd.name}: documented {value}, declared {default}")
+    assert wrong == [] and checked > 10
