@@ -14,6 +14,8 @@ Rule variants for ReLU-like activations (`c.rule`), after Springenberg et al. 20
   backward signal, as in the paper's definition, and we do not invent a gate the model does not have.
 - "deconvnet": dx = max(g, 0), ignoring x entirely (Zeiler & Fergus's backward ReLU). The same holds for
   Clip/ReLU6, LeakyRelu, PRelu, HardSwish and GELU: each is treated as the rectifier it approximates.
+  Elu, Selu, Celu, Mish and ThresholdedRelu are ReLU-like too and follow the same two variants (guided: their
+  own local derivative times max(g, 0)).
 Other operators (sigmoid, tanh, softmax, ...) use their true gradient under every variant, as captum does.
 """
 from __future__ import annotations
@@ -166,9 +168,9 @@ def _identity(c):
     return [c.g]
 
 
-@rule("Cast")
+@rule("Cast", "CastLike")
 def _cast(c):
-    return [c("Cast", c.g, to=c.dtype(c.x(0)))]
+    return [c("Cast", c.g, to=c.dtype(c.x(0))), None]
 
 
 @rule("Add")
@@ -359,6 +361,40 @@ def _hard_swish(c):
     local = c("Where", c("Less", x, _k(c, -3.0)), _k(c, 0.0),
               c("Where", c("Greater", x, _k(c, 3.0)), _k(c, 1.0), slope))
     return [_rectify(c, lambda g: c("Mul", g, local))]
+
+
+@rule("Elu", "Selu", "Celu")
+def _elu_family(c):
+    # Elu: alpha (e^x - 1) below 0; Selu: gamma times that (its own alpha); Celu: alpha (e^(x/alpha) - 1).
+    # Below 0 the slope is alpha e^x (times gamma) or e^(x/alpha); above 0 it is 1 (gamma for Selu).
+    x, op = c.x(0), c.node.op_type
+    alpha = c.attr("alpha", {"Elu": 1.0, "Celu": 1.0, "Selu": 1.67326319217681884765625}[op])
+    gamma = c.attr("gamma", 1.05070102214813232421875) if op == "Selu" else 1.0
+    below = (c("Exp", c("Mul", x, _k(c, 1.0 / alpha))) if op == "Celu"
+             else c("Mul", c("Exp", x), _k(c, alpha * gamma)))
+    local = c("Where", c("Greater", x, _k(c, 0)), _k(c, gamma), below)
+    return [_rectify(c, lambda g: c("Mul", g, local))]
+
+
+@rule("ThresholdedRelu")
+def _thresholded_relu(c):
+    x = c.x(0)
+    return [_rectify(c, lambda g: _mask(c, c("Greater", x, _k(c, c.attr("alpha", 1.0))), g))]
+
+
+@rule("Mish")
+def _mish(c):
+    # x tanh(softplus(x)): tanh(sp) + x (1 - tanh(sp)^2) sigmoid(x)
+    x = c.x(0)
+    t = c("Tanh", c("Softplus", x))
+    local = c("Add", t, c("Mul", c("Mul", x, c("Sub", _k(c, 1.0), c("Mul", t, t))), c("Sigmoid", x)))
+    return [_rectify(c, lambda g: c("Mul", g, local))]
+
+
+@rule("Softsign")
+def _softsign(c):
+    d = c("Add", _k(c, 1.0), c("Abs", c.x(0)))
+    return [c("Div", c.g, c("Mul", d, d))]
 
 
 @rule("Gelu")

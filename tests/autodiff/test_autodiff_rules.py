@@ -76,6 +76,8 @@ CASES = {
     "Identity": unary("Identity"),
     "Dropout": case([node("Dropout", ["x"], ["y", "mask"])], {"x": away(2, 3)}),
     "Cast-same-type": case([node("Cast", ["x"], "t", to=11), node("Mul", ["t", "t"], "y")], {"x": away(2, 3)}),
+    "CastLike": case([node("CastLike", ["x", "like"], "t"), node("Mul", ["t", "t"], "y")], {"x": away(2, 3)},
+                     {"like": np.array(0.0)}),
     # activations
     "Relu": unary("Relu"),
     "LeakyRelu": unary("LeakyRelu", alpha=0.1),
@@ -87,6 +89,13 @@ CASES = {
                        {"lo": np.array(0.0), "hi": np.array(6.0)}),
     "HardSigmoid": unary("HardSigmoid", away(3, 4, lo=0.1, hi=5), alpha=0.3, beta=0.4),
     "HardSwish": unary("HardSwish", np.concatenate([away(12, lo=0.1, hi=2.9), away(12, lo=3.1, hi=6)])),
+    "Elu": unary("Elu", alpha=0.7),
+    "Selu": unary("Selu"),
+    "Selu-attrs": unary("Selu", alpha=1.2, gamma=0.9),
+    "Celu": unary("Celu", alpha=1.5),
+    "ThresholdedRelu": unary("ThresholdedRelu", away(2, 3, 4) + 0.5, alpha=0.5),
+    "Mish": unary("Mish", opset=18),
+    "Softsign": unary("Softsign"),
     "Gelu-erf": unary("Gelu", opset=20),
     "Gelu-tanh": unary("Gelu", opset=20, approximate="tanh"),
     "Softmax-last": unary("Softmax", axis=-1),
@@ -270,7 +279,7 @@ CASES = {
 
 
 # ORT's float64 GroupNormalization computes in float32 (forward off by ~1e-7): check it in float32.
-FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21"}
+FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21", "Celu"}   # Celu: onnxruntime has float only
 # Conv outputs feeding a ReLU-like kink are not kept away from 0 by the input sampling: use a smaller step.
 SMALL_STEP = {"tf2onnx-NHWC-block"}
 
@@ -281,7 +290,7 @@ def test_rule_matches_finite_differences(name):
               h32=1e-3 if name in SMALL_STEP else 1e-2)
 
 
-GUIDED_CASES = ["Relu", "LeakyRelu", "Clip-relu6", "HardSwish", "Gelu-erf"]
+GUIDED_CASES = ["Relu", "LeakyRelu", "Clip-relu6", "HardSwish", "Gelu-erf", "Elu", "Selu", "Mish", "ThresholdedRelu"]
 
 
 @pytest.mark.parametrize("name", GUIDED_CASES)
