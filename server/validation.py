@@ -77,6 +77,31 @@ def prepared_images(entry: ModelEntry, request_images, limits: Limits) -> list[i
     return prepared
 
 
+# Image.name is echoed in Accepted and in every MapResult of the call: uncapped, a 1 MB name turned a 1 MB request
+# into a 134 MB stream (16 methods x 8 targets). File names fit easily.
+MAX_IMAGE_NAME = 256
+
+
+def image_name(image, index: int) -> str:
+    """The name results carry for request image `index`: its own (at most MAX_IMAGE_NAME characters), else
+    image<index>."""
+    if len(image.name) > MAX_IMAGE_NAME:
+        raise invalid(f"images[{index}].name has {len(image.name)} characters; at most {MAX_IMAGE_NAME} are allowed")
+    return image.name or f"image{index}"
+
+
+def output_options(output: methods_pb2.OutputOptions) -> None:
+    """Enum values this server does not define are refused: proto3 keeps an unknown value as a plain number,
+    which would otherwise read as the default (a client built against a newer contract would get raw maps
+    where it asked for a normalisation it believes exists)."""
+    for field, enum in (("normalization", methods_pb2.OutputOptions.Normalization),
+                        ("resolution", methods_pb2.OutputOptions.Resolution)):
+        value = getattr(output, field)
+        if value not in enum.values():
+            allowed = ", ".join(f"{name} ({number})" for name, number in enum.items())
+            raise invalid(f"output.{field} must be one of {allowed}; got {value}")
+
+
 def class_ids(entry: ModelEntry, targets, limits: Limits) -> tuple[list[int], int]:
     """(explicit class ids, top_k): explicit ids when any class is named, else top_k (default 1)."""
     ids = []

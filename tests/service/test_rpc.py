@@ -258,6 +258,32 @@ def test_a_bad_baseline_is_refused_before_any_event(client):
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize("field, value", [("normalization", 99), ("normalization", -3), ("resolution", 99)])
+def test_unknown_output_enum_values_are_refused(field, value):
+    """proto3 keeps an unknown enum value as a number, which read as the default (validation.output_options)."""
+    from onnxplain.server import validation
+
+    with pytest.raises(validation.RequestError) as err:
+        validation.output_options(methods_pb2.OutputOptions(**{field: value}))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"output.{field} must be one of" in err.value.message and f"got {value}" in err.value.message
+    assert "MINMAX (2)" in err.value.message if field == "normalization" else "LAYER (2)" in err.value.message
+    validation.output_options(methods_pb2.OutputOptions(normalization=methods_pb2.OutputOptions.MAX_ABS,
+                                                        resolution=methods_pb2.OutputOptions.LAYER))
+
+
+def test_image_names_are_capped():
+    """Image.name is repeated in every event of the call (validation.image_name)."""
+    from onnxplain.server import validation
+
+    with pytest.raises(validation.RequestError) as err:
+        validation.image_name(tensor_pb2.Image(name="n" * 257), 3)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message == "images[3].name has 257 characters; at most 256 are allowed"
+    assert validation.image_name(tensor_pb2.Image(name="n" * 256), 3) == "n" * 256
+    assert validation.image_name(tensor_pb2.Image(), 3) == "image3"
+
+
 def test_predict_errors(client):
     with pytest.raises(grpc.RpcError) as err:
         client.predict("shapes", [sample_png()], top_k=100)
