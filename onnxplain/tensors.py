@@ -50,8 +50,8 @@ def from_proto(tensor: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     for d in shape:
         nonzero *= d or 1
     if nonzero > MAX_ELEMENTS:
-        raise TensorError(f"{field}.shape {shape}: its non-zero dimensions multiply to {nonzero}; at most "
-                          f"{MAX_ELEMENTS} elements are allowed")
+        raise TensorError(f"{field}.shape {shape} is too large: its non-zero dimensions must multiply to at most "
+                          f"{MAX_ELEMENTS} elements")
     dtype = DTYPES[tensor.dtype]
     count = 0 if 0 in shape else nonzero
     if count * dtype.itemsize != len(tensor.data):
