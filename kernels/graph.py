@@ -449,6 +449,8 @@ def _layouts(gi: _Graph, input_name: str, input_layout: str) -> dict:
                     out = "".join(src[p] for p in perm)
                     if out in ("NCHW", "NHWC"):
                         lay[o] = out
+            elif n.op_type == "Reshape" and _reshaped_back(gi, n, lay):
+                lay[o] = _reshaped_back(gi, n, lay)
             elif n.op_type in _LAYOUT_BREAKERS:
                 continue
             elif n.op_type == "MatMul":
@@ -463,6 +465,27 @@ def _layouts(gi: _Graph, input_name: str, input_layout: str) -> dict:
                         lay[o] = src
                         break
     return lay
+
+
+_REGROUPING = {"Reshape", "InstanceNormalization", "LayerNormalization"} | _POINTWISE
+
+
+def _reshaped_back(gi: _Graph, node, lay: dict) -> str | None:
+    """The layout of the map a Reshape restores: exporters write GroupNorm as Reshape [N, G, -1] ->
+    InstanceNormalization -> Reshape back to the map's shape. Followed back through ops that regroup or act
+    pointwise but never permute axes, up to a tensor with a layout of exactly the Reshape's output shape."""
+    out = gi.shapes.get(node.output[0])
+    if out is None or any(d is None for d in out[1:]):
+        return None
+    name, seen = node.input[0], 0
+    while seen < 8:
+        if name in lay:
+            return lay[name] if gi.shapes.get(name) == out else None
+        producer = gi.producer.get(name)
+        if producer is None or producer.op_type not in _REGROUPING or not producer.input:
+            return None
+        name, seen = producer.input[0], seen + 1
+    return None
 
 
 def _on_path(gi: _Graph, input_name: str, score: str) -> set:

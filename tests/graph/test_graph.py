@@ -280,6 +280,40 @@ def test_a_float16_input_is_refused_naming_it():
         G.input_spec(model)
 
 
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_group_norm_written_as_reshapes_keeps_its_map(exporter):
+    """Exporters write GroupNorm as Reshape [N, G, -1] -> InstanceNormalization -> Reshape back: the map after it
+    (and its ReLU) is the same layer layout as the convolution's, so the default layer is the last ReLU (it was
+    the last convolution's raw output, before normalisation and ReLU)."""
+    import contextlib
+    import io
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, 2, 1)
+            self.norm = torch.nn.GroupNorm(2, 8)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+    x = torch.zeros(1, 3, 16, 24)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if exporter == "legacy":
+            buffer = io.BytesIO()
+            torch.onnx.export(Net().eval(), (x,), buffer, dynamo=False, opset_version=17, input_names=["input"],
+                              dynamic_axes={"input": {0: "n"}})
+            model = onnx.load_from_string(buffer.getvalue())
+        else:
+            model = torch.onnx.export(Net().eval(), (x,), dynamo=True, input_names=["input"], opset_version=18,
+                                      dynamic_shapes={"x": {0: torch.export.Dim("n")}}).model_proto
+    model = G.load_model(model)
+    assert any(n.op_type == "InstanceNormalization" for n in model.graph.node)   # the written-out form
+    default = G.default_layer(model)
+    assert default.op_type == "Relu" and default.grid == (8, 12) and default.kind == "spatial"
+
+
 def test_layout_detection_from_shape():
     assert G._layout_of((None, 3, 224, 224)) == "NCHW"
     assert G._layout_of((None, 1, 28, 28)) == "NCHW"
