@@ -116,9 +116,6 @@ std = [4, 5, 6]
     ('[[models]]\nname = "a\\nb"\npath = "m.onnx"', "models[0]: name must be"),
     ('[[models]]\nname = "../m"\npath = "m.onnx"', "[A-Za-z0-9._-]"),
     ('[[models]]\npath = ["m.onnx"]', "path must be"),
-    ('[[models]]\nname = "a\\nb"\npath = "m.onnx"', "models[0].name must be"),
-    ('[[models]]\nname = "../m"\npath = "m.onnx"', "[A-Za-z0-9._-]"),
-    ('[[models]]\npath = ["m.onnx"]', "path must be"),
 ])
 def test_bad_configuration_is_reported_clearly(tmp_path, toml, message):
     nhwc_classifier(tmp_path / "m.onnx")
