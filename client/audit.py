@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from . import client as client_module
 from .client import METRICS, Client, Evaluation
-from .overlay import overlay
+from .overlay import displayed, overlay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METRIC_ALIASES = {"ad": "average_drop", "ag": "average_gain", "ai": "average_increase", "ins": "insertion",
@@ -403,7 +403,7 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 
 
 def _data_uri(image: Image.Image, side: int = 200) -> str:
-    image = image.convert("RGB")
+    image = displayed(image)       # as the server decoded it: EXIF orientation, 16-bit greyscale
     image.thumbnail((side, side), Image.Resampling.BILINEAR)
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 

@@ -241,3 +241,22 @@ def test_usage_errors(server, tmp_path, shapes_dataset):
     from onnxplain.client.audit import channel_target
     assert channel_target(["127.0.0.1:1", "localhost:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert channel_target(["dns:///svc:50051"]) == "dns:///svc:50051"
+
+
+def test_report_thumbnails_show_the_picture_as_it_displays():
+    """A photo stored sideways with EXIF orientation 6 is thumbnailed upright, as the server explains it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from onnxplain.client.audit import _data_uri
+
+    stored = Image.new("RGB", (64, 128), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif)
+    uri = _data_uri(Image.open(io.BytesIO(buffer.getvalue())))
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert thumbnail.size == (128, 64)      # stored 64 x 128; thumbnail() never enlarges
