@@ -180,7 +180,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 # loading allocate much.
 _FOLDABLE = {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Squeeze",
              "Unsqueeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Expand", "Tile", "Range",
-             "Flatten", "Shape", "Size"}
+             "Flatten", "Shape", "Size", "Equal", "Where", "Not", "Less", "Greater"}
 _FOLD_MAX = 1 << 16
 
 

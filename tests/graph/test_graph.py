@@ -314,6 +314,37 @@ def test_a_group_norm_written_as_reshapes_keeps_its_map(exporter):
     assert default.op_type == "Relu" and default.grid == (8, 12) and default.kind == "spatial"
 
 
+def test_vit_without_position_embedding_fixed_batch_finds_its_token_layers():
+    """With a fixed batch, the legacy exporter writes cls_token.expand(batch, -1, -1) and torch's
+    MultiheadAttention shapes with Equal and Where: folding them gives the token count, so the layers after the
+    CLS concat are found (the default was the patch tokens before any attention)."""
+    import io
+
+    class ViT(torch.nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            torch.manual_seed(0)
+            self.pe, self.cls = torch.nn.Conv2d(3, d, 8, 8), torch.nn.Parameter(torch.randn(1, 1, d))
+            self.ln1, self.attn = torch.nn.LayerNorm(d), torch.nn.MultiheadAttention(d, 2, batch_first=True)
+            self.ln, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, 5)
+
+        def forward(self, x):
+            t = self.pe(x).flatten(2).transpose(1, 2)
+            t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+            h = self.ln1(t)
+            t = t + self.attn(h, h, h, need_weights=False)[0]
+            return self.head(self.ln(t)[:, 0])
+
+    buffer = io.BytesIO()
+    torch.onnx.export(ViT().eval(), torch.zeros(1, 3, 32, 64), buffer, dynamo=False, opset_version=17,
+                      input_names=["input"])
+    model = G.load_model(buffer.getvalue())
+    assert any(n.op_type == "Where" for n in model.graph.node)
+    default = G.default_layer(model)
+    assert (default.kind, default.grid, default.prefix_tokens, default.op_type) == ("tokens", (4, 8), 1,
+                                                                                   "LayerNormalization")
+
+
 def test_layout_detection_from_shape():
     assert G._layout_of((None, 3, 224, 224)) == "NCHW"
     assert G._layout_of((None, 1, 28, 28)) == "NCHW"
