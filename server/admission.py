@@ -13,6 +13,12 @@ class Exhausted(Exception):
     pass
 
 
+class Gone(Exception):
+    """The caller went away (cancelled, or its deadline passed) before the call was done. The servicer asks the
+    call's context which of the two it was: this code cannot tell, and the status recorded must be the one the
+    client saw (DEADLINE_EXCEEDED or CANCELLED)."""
+
+
 class Admission:
     def __init__(self, running: int, queued: int):
         self.max_running = running
@@ -32,7 +38,7 @@ class Admission:
     @contextlib.contextmanager
     def slot(self, still_wanted: Callable[[], bool]) -> Iterator[float]:
         """Hold a compute slot for the body; yields the seconds spent waiting. Raises Exhausted when the queue
-        is full, and TimeoutError when the caller went away (cancelled, deadline) while waiting."""
+        is full, and Gone when the caller went away (cancelled, deadline) while waiting."""
         start = time.perf_counter()
         with self._cond:
             if self.running >= self.max_running:
@@ -44,7 +50,7 @@ class Admission:
                     while self.running >= self.max_running:
                         self._cond.wait(timeout=0.05)
                         if not still_wanted():
-                            raise TimeoutError("the call ended while waiting for a slot")
+                            raise Gone("the call ended while waiting for a slot")
                 finally:
                     self.queued -= 1
             self.running += 1

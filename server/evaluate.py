@@ -22,6 +22,7 @@ from onnxplain.kernels.methods import Job, Maps
 from onnxplain.v1 import methods_pb2, service_pb2
 
 from . import validation
+from .admission import Gone
 from .validation import RequestError, invalid
 
 METRIC_NAMES = {
@@ -163,6 +164,20 @@ def memory_budget(entry, plans, images: int, targets: int, sent: list[ScoredMap]
                            "or maps")
 
 
+def response_budget(entry, plans, images: int, targets: int, return_maps: bool, limits) -> None:
+    """Refuse before any work a response that cannot be sent: with return_maps it carries every map the server
+    computes, each height x width float32 values, and gRPC refuses a message over max_message_bytes."""
+    pre = entry.preprocessing
+    maps = images * len(plans) * targets if return_maps else 0
+    size = maps * 4 * pre.height * pre.width
+    if size > limits.max_message_bytes:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the response would carry {maps} maps of {pre.height}x{pre.width} float32 values "
+                           f"(at least {size} bytes: {images} images x {len(plans)} methods x {targets} targets); "
+                           f"limits.max_message_bytes is {limits.max_message_bytes}: send fewer images, methods or "
+                           "targets, or leave return_maps off")
+
+
 def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     started = time.perf_counter()
     limits = explainer.limits
@@ -176,6 +191,7 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     if not plans and not sent:
         raise invalid("an Evaluate call needs maps to score: set methods (maps the server computes) or maps")
     memory_budget(entry, plans, len(prepared), len(explicit) or k, sent, opts, limits)
+    response_budget(entry, plans, len(prepared), len(explicit) or k, request.return_maps, limits)
     preprocess_ms = (time.perf_counter() - started) * 1e3
     record = explainer._record("Evaluate", entry)
     context.add_callback(record.rpc_ended)
@@ -183,15 +199,15 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     def check():
         if not context.is_active():
             record.status = "cancelled"
-            raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
+            raise Gone("the call was cancelled or its deadline passed")
 
-    from .service import class_score, geometry, map_results   # the servicer module imports this one lazily
+    from .service import class_score, finite_scores, geometry, map_results   # service imports this module lazily
 
     pre = entry.preprocessing
     response = service_pb2.EvaluateResponse()
     with explainer.admission_for(entry).slot(context.is_active) as waited:
         compute_start = time.perf_counter()
-        scores = entry.runner.scores(validation.stack(prepared), record.passes)
+        scores = finite_scores(entry.runner.scores(validation.stack(prepared), record.passes))
         targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]
         for i, (p, s, t) in enumerate(zip(prepared, scores, targets)):
             response.images.append(service_pb2.ImageTargets(

@@ -28,7 +28,7 @@ from onnxplain.kernels.runtime import Passes
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from . import logs, validation
-from .admission import Admission, Exhausted
+from .admission import Admission, Exhausted, Gone
 from .config import Limits
 from .metrics import Metrics
 from .registry import ModelEntry, Registry
@@ -73,8 +73,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, Exhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.CANCELLED, str(exc)
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, MemoryError) or (isinstance(exc, ORT_ERRORS) and "alloc" in str(exc).lower()):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the model run ran out of memory: {text}"
@@ -104,13 +102,23 @@ class Call:
         self.sent = 0
 
     def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, Gone):   # the client saw its own deadline or cancel, which only the context knows
+            self.code = self.gone()
+            return self.code, str(exc)
         self.code, message = status_of(exc)
         if self.code == grpc.StatusCode.INTERNAL:
             log.error("%s failed: %s", self.rpc, message, exc_info=exc)
         return self.code, message
 
     def sending(self, message):
-        self.sent += message.ByteSize()
+        """Count a response message, refusing it when gRPC would: a message over max_message_bytes fails the
+        call with RESOURCE_EXHAUSTED on the client's side, so it is recorded as such here, not as OK."""
+        size = message.ByteSize()
+        limit = self.explainer.limits.max_message_bytes
+        if size > limit:
+            raise Exhausted(f"a {type(message).__name__} of {size} bytes is over limits.max_message_bytes "
+                            f"({limit}); ask for fewer images, methods, targets or maps per call")
+        self.sent += size
         return message
 
     def gone(self) -> grpc.StatusCode:
@@ -281,7 +289,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         prepared = validation.prepared_images(entry, request.images, self.limits)
         record = self._record("Predict", entry)
         with self.admission_for(entry).slot(context.is_active):
-            scores = entry.runner.scores(validation.stack(prepared), record.passes)
+            scores = finite_scores(entry.runner.scores(validation.stack(prepared), record.passes))
         record.status = "ok"
         return service_pb2.PredictResponse(predictions=[
             service_pb2.Prediction(image_index=i, image_name=p.name, geometry=geometry(p.geometry),
@@ -298,6 +306,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         prepared = validation.prepared_images(entry, request.images, self.limits)
         validation.memory_budget(entry, plans, len(prepared), len(explicit) or k, request.output.return_attribution,
                                  self.limits)
+        map_message_budget(entry, request.output, self.limits)
         preprocess_ms = (time.perf_counter() - started) * 1e3
         record = self._record("Explain", entry)
         if not logs.REQUEST_ID.get():
@@ -314,7 +323,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         output = request.output
         with self.admission_for(entry).slot(context.is_active) as waited:
             compute_start = time.perf_counter()
-            scores = entry.runner.scores(validation.stack(prepared), record.passes)
+            scores = finite_scores(entry.runner.scores(validation.stack(prepared), record.passes))
             targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]
             total = sum(len(t) for t in targets) * len(plans)
             yield service_pb2.ExplainEvent(accepted=service_pb2.Accepted(
@@ -359,6 +368,28 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         record.passes.observer = self.metrics.observer(entry.name)
         self.jobs.append(record)
         return record
+
+
+def map_message_budget(entry: ModelEntry, output, limits: Limits) -> None:
+    """Refuse before any work an Explain whose every map message is over max_message_bytes: a map at the input's
+    resolution is height x width float32 values (an attribution adds more, but not every method has one)."""
+    pre = entry.preprocessing
+    size = 4 * pre.height * pre.width
+    if output.resolution != Norm.LAYER and size > limits.max_message_bytes:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"each map is {pre.height}x{pre.width} float32 values ({size} bytes), over "
+                           f"limits.max_message_bytes ({limits.max_message_bytes}); a layer method can answer at "
+                           "output.resolution = LAYER")
+
+
+def finite_scores(scores: np.ndarray) -> np.ndarray:
+    """The model's scores, refused when an image's are not finite: such an input drives the model out of float
+    range, and every probability, target and map computed from those scores would be NaN."""
+    for i, s in enumerate(scores):
+        if not np.isfinite(s).all():
+            raise validation.invalid(f"images[{i}]: the model's scores for this image are not finite (NaN or Inf): "
+                                     "its values drive the model out of float32 range")
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -198,3 +198,22 @@ def test_sigterm_drains_then_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_image_that_drives_the_model_out_of_float_range_is_invalid(faulty_server):
+    stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(faulty_server.address))
+    huge = tensor_pb2.Image(tensor=tensors.to_proto(np.full((3, 96, 96), 3e38, np.float32)))   # finite; logits NaN
+    images = [tensor_pb2.Image(encoded=sample_png()), huge]
+    calls = {
+        "Predict": lambda: stub.Predict(service_pb2.PredictRequest(model="shapes", images=images), timeout=60),
+        "Explain": lambda: list(stub.Explain(service_pb2.ExplainRequest(
+            model="shapes", images=images, methods=[methods_pb2.MethodSpec(method="gradcam")]), timeout=60)),
+        "Evaluate": lambda: stub.Evaluate(service_pb2.EvaluateRequest(
+            model="shapes", images=images, methods=[methods_pb2.MethodSpec(method="cam")],
+            metrics=[methods_pb2.AVERAGE_DROP]), timeout=60),
+    }
+    for rpc, call in calls.items():
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+        assert caught.value.details().startswith("images[1]: ") and "not finite" in caught.value.details(), rpc

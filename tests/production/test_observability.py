@@ -150,3 +150,66 @@ def test_unparsable_requests_are_counted(server):
         assert metric(after, "onnxplain_calls_total", **labels) - metric(before, "onnxplain_calls_total", **labels) == 1
         assert (metric(after, "onnxplain_call_seconds_count", rpc=rpc, model="")
                 - metric(before, "onnxplain_call_seconds_count", rpc=rpc, model="")) == 1
+
+
+def test_a_call_whose_deadline_passes_in_the_queue_is_recorded_as_deadline_exceeded():
+    srv = start([default_model_config()], max_batch=BATCH, max_concurrent_jobs=1, max_queued_jobs=3)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        busy = stub.Explain(long_request(), timeout=120)
+        next(busy)   # accepted: the job holds the only slot
+        image = tensor_pb2.Image(encoded=sample_png())
+        queued = {
+            "Predict": lambda: stub.Predict(service_pb2.PredictRequest(model="shapes", images=[image]), timeout=1),
+            "Explain": lambda: list(stub.Explain(service_pb2.ExplainRequest(
+                model="shapes", images=[image], methods=[methods_pb2.MethodSpec(method="gradcam")]), timeout=1)),
+            "Evaluate": lambda: stub.Evaluate(service_pb2.EvaluateRequest(
+                model="shapes", images=[image], methods=[methods_pb2.MethodSpec(method="cam")],
+                metrics=[methods_pb2.AVERAGE_DROP]), timeout=1),
+        }
+        for rpc, call in queued.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, rpc
+        busy.cancel()
+        deadline = time.monotonic() + 10
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="CANCELLED") < 1:   # the busy call
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        samples = scrape(srv)
+        for rpc in queued:
+            assert metric(samples, "onnxplain_calls_total", rpc=rpc, code="DEADLINE_EXCEEDED") == 1, rpc
+        assert metric(samples, "onnxplain_calls_total", code="CANCELLED") == 1, "only the call the client cancelled"
+    finally:
+        srv.stop(0)
+
+
+def test_a_response_over_max_message_bytes_is_refused_and_recorded_as_such():
+    # 100 kB: a 96x96 map (37 kB) fits, three of them in one Evaluate response do not, nor a map message that also
+    # carries its 3x96x96 attribution (147 kB)
+    srv = start([default_model_config()], max_message_bytes=100_000)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        image = tensor_pb2.Image(encoded=sample_png())
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Evaluate(service_pb2.EvaluateRequest(
+                model="shapes", images=[image], methods=[methods_pb2.MethodSpec(method="cam")],
+                targets=service_pb2.Targets(top_k=3), metrics=[methods_pb2.AVERAGE_DROP], return_maps=True), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_message_bytes is 100000" in caught.value.details()
+        assert metric(scrape(srv), "onnxplain_model_samples_total") == 0, "refused before any work"
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Explain(service_pb2.ExplainRequest(
+                model="shapes", images=[image], methods=[methods_pb2.MethodSpec(method="gradient")],
+                output=methods_pb2.OutputOptions(return_attribution=True)), timeout=60))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_message_bytes" in caught.value.details()
+        samples = scrape(srv)
+        for rpc in ("Evaluate", "Explain"):
+            assert metric(samples, "onnxplain_calls_total", rpc=rpc, code="RESOURCE_EXHAUSTED") == 1, rpc
+            assert metric(samples, "onnxplain_calls_total", rpc=rpc, code="OK") == 0, rpc
+        done = list(stub.Explain(service_pb2.ExplainRequest(
+            model="shapes", images=[image], methods=[methods_pb2.MethodSpec(method="gradient")]), timeout=60))[-1]
+        assert done.done.maps == 1, "maps without attributions still fit"
+    finally:
+        srv.stop(0)
