@@ -2,8 +2,9 @@
 (request.methods, run exactly as Explain runs them) or that the client sends (request.maps).
 
 Everything is validated before any work (the same checks as Explain for the model, images, targets and
-methods, plus the maps, metrics, options and boxes), the call is admitted under the same limits, and the
-metrics of all the maps of one image run together, batched, on the model's runner.
+methods, plus the maps, metrics, options and boxes), the call is admitted under the same limits, decodes its
+images in its compute slot (boxes given in original-image pixels are checked then), and the metrics of all the
+maps of one image run together, batched, on the model's runner.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def _enum_names() -> list[str]:
     return [methods_pb2.Metric.Name(n) for n in METRIC_NAMES]
 
 
-def options(entry, request, prepared) -> Options:
+def options(entry, request, images: int, geometries=None) -> Options:
+    """The metric options. Before the images are decoded (geometries None) a box in original-image pixels is
+    checked only for its own coordinates; once they are, it is mapped to model-input pixels and checked there."""
     opts = request.options
     pre = entry.preprocessing
     height, width = pre.height, pre.width
@@ -87,15 +90,17 @@ def options(entry, request, prepared) -> Options:
     boxes: dict[int, list] = {}
     for i, box in enumerate(opts.boxes):
         where = f"options.boxes[{i}]"
-        if not 0 <= box.image_index < len(prepared):
-            raise invalid(f"{where}.image_index must be in [0, {len(prepared) - 1}], got {box.image_index}")
+        if not 0 <= box.image_index < images:
+            raise invalid(f"{where}.image_index must be in [0, {images - 1}], got {box.image_index}")
         coords = (box.x0, box.y0, box.x1, box.y1)
         if not all(math.isfinite(v) for v in coords):
             raise invalid(f"{where} must have finite coordinates, got {list(coords)}")
         if not (box.x0 < box.x1 and box.y0 < box.y1):
             raise invalid(f"{where} must have x0 < x1 and y0 < y1, got {list(coords)}")
         if box.original_pixels:
-            g = prepared[box.image_index].geometry
+            if geometries is None:
+                continue
+            g = geometries[box.image_index]
             if g.original_width == 0:
                 raise invalid(f"{where}.original_pixels needs an encoded image; images[{box.image_index}] is a "
                               "tensor (give the box in model-input pixels)")
@@ -112,7 +117,7 @@ def options(entry, request, prepared) -> Options:
     return Options(names, steps, float(blur), opts.return_curves, boxes)
 
 
-def client_maps(entry, request, prepared, limits) -> list[ScoredMap]:
+def client_maps(entry, request, images: int, limits) -> list[ScoredMap]:
     most = limits.max_images * limits.max_methods * limits.max_targets
     if len(request.maps) > most:
         raise invalid(f"maps holds {len(request.maps)} maps; at most {most} are allowed")
@@ -120,8 +125,8 @@ def client_maps(entry, request, prepared, limits) -> list[ScoredMap]:
     result = []
     for i, m in enumerate(request.maps):
         where = f"maps[{i}]"
-        if not 0 <= m.image_index < len(prepared):
-            raise invalid(f"{where}.image_index must be in [0, {len(prepared) - 1}], got {m.image_index}")
+        if not 0 <= m.image_index < images:
+            raise invalid(f"{where}.image_index must be in [0, {images - 1}], got {m.image_index}")
         if not 0 <= m.class_id < entry.num_classes:
             raise invalid(f"{where}.class_id must be in [0, {entry.num_classes - 1}], got {m.class_id}")
         try:
@@ -185,14 +190,15 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
     explainer.admission_for(entry).refuse_if_full()
     plans = validation.method_plans(entry, request.methods, limits) if request.methods else []
     explicit, k = validation.class_ids(entry, request.targets, limits)
-    prepared = validation.prepared_images(entry, request.images, limits)
-    opts = options(entry, request, prepared)
-    sent = client_maps(entry, request, prepared, limits)
+    validation.prepared_images(entry, request.images, limits)
+    count = len(request.images)
+    opts = options(entry, request, count)   # again once decoded, for boxes in original-image pixels
+    sent = client_maps(entry, request, count, limits)
     if not plans and not sent:
         raise invalid("an Evaluate call needs maps to score: set methods (maps the server computes) or maps")
-    memory_budget(entry, plans, len(prepared), len(explicit) or k, sent, opts, limits)
-    response_budget(entry, plans, len(prepared), len(explicit) or k, request.return_maps, limits)
-    preprocess_ms = (time.perf_counter() - started) * 1e3
+    memory_budget(entry, plans, count, len(explicit) or k, sent, opts, limits)
+    response_budget(entry, plans, count, len(explicit) or k, request.return_maps, limits)
+    checked_ms = (time.perf_counter() - started) * 1e3
     record = explainer._record("Evaluate", entry)
     context.add_callback(record.rpc_ended)
 
@@ -205,7 +211,11 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
 
     pre = entry.preprocessing
     response = service_pb2.EvaluateResponse()
-    with explainer.admission_for(entry).slot(context.is_active) as waited:
+    admission = explainer.admission_for(entry)
+    with admission.slot(context.is_active) as waited:
+        decode_start = time.perf_counter()
+        prepared = validation.prepared_images(entry, request.images, limits, admission.decoder, context.is_active)
+        opts = options(entry, request, count, [p.geometry for p in prepared])
         compute_start = time.perf_counter()
         scores = finite_scores(entry.runner.scores(validation.stack(prepared), record.passes))
         targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]
@@ -255,7 +265,8 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
         record.status = "ok"
         finished = time.perf_counter()
         response.done.CopyFrom(service_pb2.Done(
-            timings=service_pb2.Timings(queue_ms=waited * 1e3, preprocess_ms=preprocess_ms,
+            timings=service_pb2.Timings(queue_ms=waited * 1e3,
+                                        preprocess_ms=checked_ms + (compute_start - decode_start) * 1e3,
                                         compute_ms=(finished - compute_start) * 1e3,
                                         total_ms=(finished - started) * 1e3, model_ms=record.passes.seconds * 1e3),
             forward_samples=record.passes.forward_samples, backward_samples=record.passes.backward_samples,

@@ -1,13 +1,19 @@
 """The Explainer servicer: plain code over the registry and the kernels; Explain streams as a generator.
 
 Every call is validated before any work (validation.py), admitted under the concurrency limits
-(admission.py), and then runs its methods batch by batch: between two batches the servicer checks that the
-caller is still there, so a cancelled or expired call stops within one model batch.
+(admission.py), decodes its images and then runs its methods batch by batch: between two images and between two
+batches the servicer checks that the caller is still there, so a cancelled or expired call stops within one image
+or one model batch.
+
+An Explain job computes in its own thread and hands its events to the stream through an EventBuffer: a client
+that reads slowly, or stops reading, holds its stream (until its deadline or cancellation) but not the compute
+slot, which is released as soon as the job's last batch ends.
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import functools
 import inspect
 import logging
@@ -286,9 +292,12 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         entry = validation.model(self.registry, request.model)
         self.admission_for(entry).refuse_if_full()
         k = validation.top_k(entry, request.top_k)
-        prepared = validation.prepared_images(entry, request.images, self.limits)
+        validation.prepared_images(entry, request.images, self.limits)
         record = self._record("Predict", entry)
-        with self.admission_for(entry).slot(context.is_active):
+        admission = self.admission_for(entry)
+        with admission.slot(context.is_active):
+            prepared = validation.prepared_images(entry, request.images, self.limits, admission.decoder,
+                                                  context.is_active)
             scores = finite_scores(entry.runner.scores(validation.stack(prepared), record.passes))
         record.status = "ok"
         return service_pb2.PredictResponse(predictions=[
@@ -303,25 +312,41 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         self.admission_for(entry).refuse_if_full()
         plans = validation.method_plans(entry, request.methods, self.limits)
         explicit, k = validation.class_ids(entry, request.targets, self.limits)
-        prepared = validation.prepared_images(entry, request.images, self.limits)
-        validation.memory_budget(entry, plans, len(prepared), len(explicit) or k, request.output.return_attribution,
-                                 self.limits)
-        map_message_budget(entry, request.output, self.limits)
-        preprocess_ms = (time.perf_counter() - started) * 1e3
+        validation.prepared_images(entry, request.images, self.limits)
+        count, output = len(request.images), request.output
+        validation.memory_budget(entry, plans, count, len(explicit) or k, output.return_attribution, self.limits)
+        map_message_budget(entry, output, self.limits)
+        checked_ms = (time.perf_counter() - started) * 1e3
         record = self._record("Explain", entry)
         if not logs.REQUEST_ID.get():
             logs.REQUEST_ID.set(record.job_id)
         context.add_callback(record.rpc_ended)
+        buffer = EventBuffer(held_map_bytes(entry, len(plans), count, len(explicit) or k, output.return_attribution))
+
+        def wanted() -> bool:
+            return context.is_active() and not buffer.abandoned
+
+        job = self._explain(request, wanted, entry, plans, explicit, k, record, started, checked_ms)
+        # the job's thread runs in a copy of this context, so that its log lines carry the call's request id
+        threading.Thread(target=contextvars.copy_context().run, args=(buffer.fill, job), daemon=True,
+                         name=f"explain-{record.job_id}").start()
         try:
-            yield from self._explain(request, context, entry, plans, explicit, k, prepared, record, started,
-                                     preprocess_ms)
+            for message in buffer.drain():
+                if message.WhichOneof("event") == "map" and message.map.final:
+                    self.metrics.maps.labels(entry.name, message.map.method).inc()
+                yield message
         finally:
+            buffer.abandon()
             if record.status == "running":   # the caller went away (or the stream was closed) mid-way
                 record.status = "cancelled"
 
-    def _explain(self, request, context, entry, plans, explicit, k, prepared, record, started, preprocess_ms):
+    def _explain(self, request, wanted, entry, plans, explicit, k, record, started, checked_ms):
+        """The job: runs in its own thread, and its events go to the stream's EventBuffer."""
         output = request.output
-        with self.admission_for(entry).slot(context.is_active) as waited:
+        admission = self.admission_for(entry)
+        with admission.slot(wanted) as waited:
+            decode_start = time.perf_counter()
+            prepared = validation.prepared_images(entry, request.images, self.limits, admission.decoder, wanted)
             compute_start = time.perf_counter()
             scores = finite_scores(entry.runner.scores(validation.stack(prepared), record.passes))
             targets = [np.array(explicit) if explicit else np.argsort(-s, kind="stable")[:k] for s in scores]
@@ -340,7 +365,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
                               plan.layer, record.passes, partial_every=4 if output.partial_maps else 0,
                               preprocessing=entry.preprocessing, scores=s)
                     for event in plan.method.run(job):
-                        if not context.is_active():
+                        if not wanted():
                             record.status = "cancelled"
                             return
                         if isinstance(event, Progress):
@@ -350,13 +375,12 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
                         elif isinstance(event, Maps) and (event.final or output.partial_maps):
                             for result in map_results(entry, i, p.name, plan, t, event, output):
                                 sent += result.final
-                                if result.final:
-                                    self.metrics.maps.labels(entry.name, plan.method.name).inc()
                                 yield service_pb2.ExplainEvent(map=result)
             record.status = "ok"
             finished = time.perf_counter()
             yield service_pb2.ExplainEvent(done=service_pb2.Done(
-                timings=service_pb2.Timings(queue_ms=waited * 1e3, preprocess_ms=preprocess_ms,
+                timings=service_pb2.Timings(queue_ms=waited * 1e3,
+                                            preprocess_ms=checked_ms + (compute_start - decode_start) * 1e3,
                                             compute_ms=(finished - compute_start) * 1e3,
                                             total_ms=(finished - started) * 1e3,
                                             model_ms=record.passes.seconds * 1e3),
@@ -368,6 +392,75 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         record.passes.observer = self.metrics.observer(entry.name)
         self.jobs.append(record)
         return record
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+_END = object()
+
+
+class EventBuffer:
+    """The events of one Explain job, from the job's thread to its stream. The job never waits for the reader:
+    a stream blocked by gRPC flow control (a client that stops reading) must not hold the compute slot. What it
+    holds instead is bounded: every essential event (accepted, final maps, done) is kept, and those are the maps
+    that validation.job_bytes already counts for the job (held_map_bytes); progress events and partial maps, mere
+    previews of what comes next, are dropped while the buffer already holds that many bytes, so a reader that
+    keeps up sees them all and a stalled one costs no more than the job's counted maps."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.abandoned = False   # the stream ended before the job: the job stops at its next batch
+        self._events: collections.deque = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    def put(self, message) -> None:
+        kind = message.WhichOneof("event")
+        preview = kind == "progress" or (kind == "map" and not message.map.final)
+        size = message.ByteSize()
+        with self._cond:
+            if preview and self._bytes >= self.budget:
+                return
+            self._events.append((message, size))
+            self._bytes += size
+            self._cond.notify()
+
+    def fill(self, events) -> None:
+        """Run the job (a generator of events) into the buffer; its exception, if any, goes to the stream."""
+        end = _END
+        try:
+            for message in events:
+                self.put(message)
+        except BaseException as exc:   # handed to the stream, which turns it into the call's status
+            end = exc
+        finally:
+            with self._cond:
+                self._events.append((end, 0))
+                self._cond.notify()
+
+    def drain(self):
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                item, size = self._events.popleft()
+                self._bytes -= size
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+def held_map_bytes(entry: ModelEntry, methods: int, images: int, targets: int, attributions: bool) -> int:
+    """The maps one Explain job holds, as validation.job_bytes counts them (float32 maps at the input's size,
+    and input-sized attributions when asked)."""
+    pre = entry.preprocessing
+    return images * methods * targets * 4 * (pre.height * pre.width + (int(np.prod(pre.sample_shape)) if attributions
+                                                                        else 0))
 
 
 def map_message_budget(entry: ModelEntry, output, limits: Limits) -> None:

@@ -14,6 +14,7 @@ from onnxplain.kernels import images
 from onnxplain.kernels.methods import METHODS, Method, ParamError
 from onnxplain.v1 import methods_pb2, tensor_pb2
 
+from .admission import Gone
 from .config import Limits
 from .registry import ModelEntry, Registry
 
@@ -51,20 +52,33 @@ def model(registry: Registry, name: str) -> ModelEntry:
     return entry
 
 
-def prepared_images(entry: ModelEntry, request_images, limits: Limits) -> list[images.Prepared]:
+def prepared_images(entry: ModelEntry, request_images, limits: Limits, decoder=None,
+                    still_wanted=None) -> list[images.Prepared]:
+    """The request's images as model input samples. The servicer calls this twice: before admission without a
+    decoder, for the checks that need no decoding (count, each image's source, tensors; nothing returned), so that
+    such errors are answered without queueing; then inside the compute slot with the device's decoder (an
+    executor): a legal 40-Mpx PNG takes ~120 MB and up to a second to decode, so decoding is work that admission
+    bounds, not validation. `still_wanted` is asked before each image: a call whose caller went away stops
+    decoding (admission.Gone)."""
     if not request_images:
         raise invalid("images must hold at least 1 image")
     if len(request_images) > limits.max_images:
         raise invalid(f"images holds {len(request_images)} images; at most {limits.max_images} are allowed")
+
+    def decoded(data: bytes, name: str) -> images.Prepared:
+        return images.preprocess(images.decode(data, limits.max_image_pixels), entry.preprocessing, name)
+
     prepared = []
     for i, image in enumerate(request_images):
+        if still_wanted is not None and not still_wanted():
+            raise Gone(f"the call ended while its images were decoded ({i} of {len(request_images)} done)")
         name = image.name or f"image{i}"
         where = f"images[{i}]"
         try:
             kind = image.WhichOneof("source")
             if kind == "encoded":
-                decoded = images.decode(image.encoded, limits.max_image_pixels)
-                prepared.append(images.preprocess(decoded, entry.preprocessing, name))
+                if decoder is not None:
+                    prepared.append(decoder.submit(decoded, image.encoded, name).result())
             elif kind == "tensor":
                 sample = images.check_sample(tensors.from_proto(image.tensor, f"{where}.tensor"), entry.preprocessing)
                 pre = entry.preprocessing
@@ -74,7 +88,7 @@ def prepared_images(entry: ModelEntry, request_images, limits: Limits) -> list[i
                 raise invalid(f"{where} needs `encoded` bytes or a `tensor`")
         except (images.ImageError, tensors.TensorError) as exc:
             raise invalid(f"{where}: {exc}") from None
-    return prepared
+    return prepared if decoder is not None else []
 
 
 # Image.name is echoed in Accepted and in every MapResult of the call: uncapped, a 1 MB name turned a 1 MB request

@@ -200,6 +200,131 @@ def test_sigterm_drains_then_exits_0(tmp_path):
             proc.wait()
 
 
+# ------------------------------------------------------------------------------------------- slow readers, decoding
+
+def test_a_client_that_stops_reading_does_not_hold_the_compute_slot():
+    # one compute slot; the stalled stream carries 256 maps with their attributions (~38 MB), far more than HTTP/2
+    # flow control lets through unread: its job must still end and free the slot, and its maps wait for the reader
+    srv = start([default_model_config()], max_concurrent_jobs=1, max_queued_jobs=1)
+    try:
+        request = service_pb2.ExplainRequest(
+            model="shapes", images=[tensor_pb2.Image(encoded=sample_png())] * 2,
+            methods=[methods_pb2.MethodSpec(method="gradient")] * 16, targets=service_pb2.Targets(top_k=8),
+            output=methods_pb2.OutputOptions(return_attribution=True))
+        stalled = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address)).Explain(request, timeout=60)
+        accepted = next(stalled).accepted
+        other = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))   # its own connection
+        prediction = other.Predict(service_pb2.PredictRequest(
+            model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
+        assert prediction.predictions[0].top[0].label == "ring"
+        assert next(r for r in srv.explainer.jobs if r.job_id == accepted.job_id).status == "ok", \
+            "the stalled stream's job ended while its client read nothing"
+        rest = list(stalled)
+        finals = [e.map for e in rest if e.WhichOneof("event") == "map" and e.map.final]
+        assert len(finals) == accepted.total_maps == 2 * 16 * 8 and rest[-1].done.maps == len(finals)
+        assert all(tensors.from_proto(m.attribution).shape == (3, 96, 96) for m in finals)
+    finally:
+        srv.stop(0)
+
+
+def test_a_stalled_stream_keeps_every_final_map_and_drops_previews_past_the_jobs_maps():
+    from onnxplain.server.service import EventBuffer
+
+    def map_event(final: bool, index: int):
+        return service_pb2.ExplainEvent(map=service_pb2.MapResult(
+            final=final, step=index, map=tensors.to_proto(np.zeros((32, 32), np.float32))))
+
+    size = map_event(True, 0).ByteSize()
+    buffer = EventBuffer(budget=4 * size)
+    sent = ([map_event(False, i) for i in range(50)] + [map_event(True, 50)]
+            + [service_pb2.ExplainEvent(progress=service_pb2.Progress(done=i)) for i in range(50)]
+            + [map_event(True, i) for i in range(51, 60)])
+    buffer.fill(iter(sent))   # nobody reads while the job runs
+    got = list(buffer.drain())
+    assert [e.map.step for e in got if e.map.final] == [50, *range(51, 60)], "every final map, in order"
+    previews = [e.map.step for e in got if e.WhichOneof("event") == "map" and not e.map.final]
+    # kept while the buffer held less than its budget: at most the budget and one message
+    assert previews == list(range(len(previews))) and 4 <= len(previews) <= 5, previews
+    assert not any(e.WhichOneof("event") == "progress" for e in got), "the buffer was over its budget by then"
+
+    def faulty_job():
+        yield map_event(True, 0)
+        raise ZeroDivisionError("a fault inside the job")
+
+    failing = EventBuffer(budget=size)
+    failing.fill(faulty_job())
+    drained = failing.drain()
+    assert next(drained).map.final
+    with pytest.raises(ZeroDivisionError):
+        next(drained)
+
+
+def slow_decoding(monkeypatch, seconds: float) -> dict:
+    """Make every image decode take `seconds` more, and count decodes: how many ran, and the most at once."""
+    from onnxplain.kernels import images
+
+    decode, lock = images.decode, threading.Lock()
+    counts = {"now": 0, "most": 0, "done": 0}
+
+    def slow(data, max_pixels):
+        with lock:
+            counts["now"] += 1
+            counts["most"] = max(counts["most"], counts["now"])
+        try:
+            time.sleep(seconds)
+            return decode(data, max_pixels)
+        finally:
+            with lock:
+                counts["now"] -= 1
+                counts["done"] += 1
+
+    monkeypatch.setattr(images, "decode", slow)
+    return counts
+
+
+def test_images_are_decoded_inside_the_compute_slot(monkeypatch):
+    # a decoded 40-Mpx image holds ~120 MB: decoding is bounded by the compute slots (one here), not by the
+    # threads that calls can occupy
+    srv = start([default_model_config()], max_concurrent_jobs=1, max_queued_jobs=8)
+    try:
+        counts = slow_decoding(monkeypatch, 0.1)
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        answers = []
+
+        def predict():
+            answers.append(stub.Predict(service_pb2.PredictRequest(
+                model="shapes", images=[tensor_pb2.Image(encoded=sample_png())] * 2, top_k=1), timeout=60))
+
+        callers = [threading.Thread(target=predict) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(60)
+        assert len(answers) == 4 and counts["done"] == 8
+        assert counts["most"] == 1, f"{counts['most']} images decoded at once with one compute slot"
+    finally:
+        srv.stop(0)
+
+
+def test_decoding_stops_when_the_caller_is_gone(monkeypatch):
+    srv = start([default_model_config()])
+    try:
+        counts = slow_decoding(monkeypatch, 0.25)
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(service_pb2.PredictRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())] * 20),
+                         timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED") < 1:
+            assert time.monotonic() < deadline, "the call was not recorded as DEADLINE_EXCEEDED"
+            time.sleep(0.05)
+        # ~2 images fit in the 0.5 s deadline, and the one being decoded when it passed ends; not all 20
+        assert counts["done"] <= 6, f"{counts['done']} of 20 images decoded for a caller that had gone"
+    finally:
+        srv.stop(0)
+
+
 def test_an_image_that_drives_the_model_out_of_float_range_is_invalid(faulty_server):
     stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(faulty_server.address))
     huge = tensor_pb2.Image(tensor=tensors.to_proto(np.full((3, 96, 96), 3e38, np.float32)))   # finite; logits NaN
