@@ -13,6 +13,7 @@ import grpc
 from onnxplain.v1 import admin_pb2, admin_pb2_grpc, service_pb2
 
 from .config import ConfigError
+from .logs import status_detail
 from .registry import ModelEntry, ModelExists, Registry, RegistryBusy
 
 log = logging.getLogger("onnxplain.server")
@@ -37,18 +38,19 @@ class Admin(admin_pb2_grpc.AdminServicer):
         try:
             return action()
         except ModelExists as exc:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            code, message = grpc.StatusCode.ALREADY_EXISTS, str(exc)
         except RegistryBusy as exc:
-            context.abort(grpc.StatusCode.ABORTED, str(exc))
+            code, message = grpc.StatusCode.ABORTED, str(exc)
         except KeyError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"model {exc.args[0]!r} is not served; models: {self.registry.names}")
+            code = grpc.StatusCode.NOT_FOUND
+            message = f"model {exc.args[0]!r} is not served; models: {self.registry.names}"
         except ConfigError as exc:
             log.warning("%s refused: %s", what, loggable(str(exc)))
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception as exc:  # a fault while loading must fail this call only
             log.exception("%s failed", what)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        context.abort(code, status_detail(message))
 
     def LoadModel(self, request, context):
         def load():

@@ -23,6 +23,19 @@ _SECRET = re.compile(r"token|authorization|password|secret|credential|key", re.I
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+STATUS_DETAIL_CHARS = 1024
+
+
+def status_detail(message: str) -> str:
+    """A status message short enough for gRPC's metadata limit: messages quote the client's own values (a model or
+    layer name, a path), and a 20,000-character one made the status itself fail in transport (the client saw
+    RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit' instead of the real code). Percent-encoding
+    makes a character up to 12 bytes, so 1024 characters stay under 16 kB."""
+    if len(message) <= STATUS_DETAIL_CHARS:
+        return message
+    return f"{message[:STATUS_DETAIL_CHARS - 40]}... ({len(message)} characters, cut)"
+
+
 def clean_request_id(value: str) -> str:
     """A client-supplied id made safe to log and echo: at most 128 characters of [A-Za-z0-9._:/+=@-]."""
     return _ALLOWED.sub("_", value[:128])

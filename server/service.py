@@ -110,11 +110,11 @@ class Call:
     def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, Gone):   # the client saw its own deadline or cancel, which only the context knows
             self.code = self.gone()
-            return self.code, str(exc)
+            return self.code, logs.status_detail(str(exc))
         self.code, message = status_of(exc)
         if self.code == grpc.StatusCode.INTERNAL:
             log.error("%s failed: %s", self.rpc, message, exc_info=exc)
-        return self.code, message
+        return self.code, logs.status_detail(message)
 
     def sending(self, message):
         """Count a response message, refusing it when gRPC would: a message over max_message_bytes fails the
@@ -189,7 +189,7 @@ class MalformedRequests(grpc.ServerInterceptor):
             def run(request, context):
                 if isinstance(request, Malformed):
                     self.refused(method, request.started)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, logs.status_detail(request.message))
                 return behaviour(request, context)
             return run
 
@@ -311,6 +311,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         entry = validation.model(self.registry, request.model)
         self.admission_for(entry).refuse_if_full()
         plans = validation.method_plans(entry, request.methods, self.limits)
+        validation.output_options(request.output)
         explicit, k = validation.class_ids(entry, request.targets, self.limits)
         validation.prepared_images(entry, request.images, self.limits)
         count, output = len(request.images), request.output

@@ -72,7 +72,7 @@ def prepared_images(entry: ModelEntry, request_images, limits: Limits, decoder=N
     for i, image in enumerate(request_images):
         if still_wanted is not None and not still_wanted():
             raise Gone(f"the call ended while its images were decoded ({i} of {len(request_images)} done)")
-        name = image.name or f"image{i}"
+        name = image_name(image, i)
         where = f"images[{i}]"
         try:
             kind = image.WhichOneof("source")
@@ -86,8 +86,10 @@ def prepared_images(entry: ModelEntry, request_images, limits: Limits, decoder=N
                 prepared.append(images.Prepared(sample, geometry, name))
             else:
                 raise invalid(f"{where} needs `encoded` bytes or a `tensor`")
-        except (images.ImageError, tensors.TensorError) as exc:
+        except images.ImageError as exc:
             raise invalid(f"{where}: {exc}") from None
+        except tensors.TensorError as exc:     # names its field (images[i].tensor...) itself
+            raise invalid(str(exc)) from None
     return prepared if decoder is not None else []
 
 

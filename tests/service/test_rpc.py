@@ -215,6 +215,14 @@ ERRORS = {
     "baseline_tensor without baseline custom": (dict(methods=[integrated_gradients(baseline="zero",
                                                                                    baseline_tensor=SMALL_X)]),
                                                 grpc.StatusCode.INVALID_ARGUMENT, "baseline = custom"),
+    "unknown normalization": (dict(output=methods_pb2.OutputOptions(normalization=99)),
+                              grpc.StatusCode.INVALID_ARGUMENT, "output.normalization must be one of"),
+    "image name too long": (dict(images=[tensor_pb2.Image(encoded=sample_png(), name="n" * 257)]),
+                            grpc.StatusCode.INVALID_ARGUMENT, "images[0].name has 257 characters"),
+    # the client's value is quoted, cut so that the status fits gRPC's metadata limit (the real code arrives)
+    "20,000-character model name": (dict(model="m" * 20_000), grpc.StatusCode.NOT_FOUND, "characters, cut"),
+    "20,000-character layer name": (dict(methods=[methods_pb2.MethodSpec(method="gradcam", layer="l" * 20_000)]),
+                                    grpc.StatusCode.NOT_FOUND, "characters, cut"),
     # integer bounds are printed exactly, not as 2.14748e+09
     "seed above bounds": (dict(methods=[methods_pb2.MethodSpec(smoothgrad=methods_pb2.SmoothGradParams(seed=2**31))]),
                           grpc.StatusCode.INVALID_ARGUMENT, "[0, 2147483647]"),
@@ -229,6 +237,15 @@ def test_bad_request_gets_its_status_and_the_server_keeps_serving(client, case):
     assert err.value.code() == code, err.value.details()
     assert fragment in err.value.details()
     assert_still_serving(client)
+
+
+def test_a_tensor_error_names_its_field_once(client):
+    bad = tensors.to_proto(np.zeros((1, 3, 96, 96), np.float32))
+    bad.data = bad.data[:-3]
+    with pytest.raises(grpc.RpcError) as err:
+        drain(client, explain_request(images=[tensor_pb2.Image(tensor=bad)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("images[0].tensor"), err.value.details()   # not "images[0]: images[0]..."
 
 
 def test_overflowing_tensor_shapes_are_invalid_in_predict_and_evaluate(client):
