@@ -112,8 +112,9 @@ def options(entry, request, images: int, geometries=None) -> Options:
                           f"(in input pixels: {[round(v, 2) for v in coords]})")
         boxes.setdefault(box.image_index, []).append(tuple(float(v) for v in coords))
     pointing = [m for m in names if m in km.POINTING]
-    if pointing and not boxes:
-        raise invalid(f"options.boxes must hold at least 1 box for {[methods_pb2.Metric.Name(METRIC_ENUMS[m]) for m in pointing]}")
+    if pointing and not opts.boxes:   # (before decoding, boxes in original pixels are not in `boxes` yet)
+        wanted = [methods_pb2.Metric.Name(METRIC_ENUMS[m]) for m in pointing]
+        raise invalid(f"options.boxes must hold at least 1 box for {wanted}")
     return Options(names, steps, float(blur), opts.return_curves, boxes)
 
 
