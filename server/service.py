@@ -322,7 +322,8 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         if not logs.REQUEST_ID.get():
             logs.REQUEST_ID.set(record.job_id)
         context.add_callback(record.rpc_ended)
-        buffer = EventBuffer(held_map_bytes(entry, len(plans), count, len(explicit) or k, output.return_attribution))
+        buffer = EventBuffer(validation.map_bytes(entry, len(plans), count, len(explicit) or k,
+                                                  output.return_attribution))
 
         def wanted() -> bool:
             return context.is_active() and not buffer.abandoned
@@ -404,7 +405,7 @@ class EventBuffer:
     """The events of one Explain job, from the job's thread to its stream. The job never waits for the reader:
     a stream blocked by gRPC flow control (a client that stops reading) must not hold the compute slot. What it
     holds instead is bounded: every essential event (accepted, final maps, done) is kept, and those are the maps
-    that validation.job_bytes already counts for the job (held_map_bytes); progress events and partial maps, mere
+    that validation.job_bytes already counts for the job (validation.map_bytes); progress events and partial maps, mere
     previews of what comes next, are dropped while the buffer already holds that many bytes, so a reader that
     keeps up sees them all and a stalled one costs no more than the job's counted maps."""
 
@@ -454,14 +455,6 @@ class EventBuffer:
 
     def abandon(self) -> None:
         self.abandoned = True
-
-
-def held_map_bytes(entry: ModelEntry, methods: int, images: int, targets: int, attributions: bool) -> int:
-    """The maps one Explain job holds, as validation.job_bytes counts them (float32 maps at the input's size,
-    and input-sized attributions when asked)."""
-    pre = entry.preprocessing
-    return images * methods * targets * 4 * (pre.height * pre.width + (int(np.prod(pre.sample_shape)) if attributions
-                                                                        else 0))
 
 
 def map_message_budget(entry: ModelEntry, output, limits: Limits) -> None:

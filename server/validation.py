@@ -221,10 +221,16 @@ def job_bytes(entry: ModelEntry, plans: list[MethodPlan], images: int, targets: 
     (forward; forward+backward when a method uses gradients, whose graph also holds the input gradient), and
     the maps it holds (input-sized attributions when asked). Activations inside the model are not counted."""
     sample = 4 * int(np.prod(entry.preprocessing.sample_shape))
-    pixels = entry.preprocessing.height * entry.preprocessing.width
     kinds = 1 + 2 * any(plan.method.uses_gradients for plan in plans)
-    maps = images * len(plans) * targets * 4 * (pixels + (sample // 4 if attributions else 0))
-    return images * sample + entry.runner.max_batch * sample * kinds + maps
+    return images * sample + entry.runner.max_batch * sample * kinds + map_bytes(entry, len(plans), images, targets,
+                                                                                attributions)
+
+
+def map_bytes(entry: ModelEntry, methods: int, images: int, targets: int, attributions: bool) -> int:
+    """The maps one job holds: float32 maps at the input's size, and input-sized attributions when asked."""
+    pre = entry.preprocessing
+    return images * methods * targets * 4 * (pre.height * pre.width + (int(np.prod(pre.sample_shape))
+                                                                      if attributions else 0))
 
 
 def memory_budget(entry: ModelEntry, plans: list[MethodPlan], images: int, targets: int, attributions: bool,
