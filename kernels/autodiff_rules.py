@@ -678,9 +678,11 @@ def _global_max_pool(c):
     return [_max_mask_grad(c, x, c.y(0), c.g, axes)]
 
 
-@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin")
+@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+      "ReduceLogSumExp")
 def _reduce(c):
     x, g, y = c.x(0), c.g, c.y(0)
+    op = c.node.op_type
     axes = _reduce_axes(c)
     if axes is not None and not axes and c.attr("noop_with_empty_axes", 0):
         return [g, None]
@@ -688,16 +690,71 @@ def _reduce(c):
         axes = None
     if not c.attr("keepdims", 1) and axes is not None:
         g = c("Unsqueeze", g, c.i64(axes))
-        y = c("Unsqueeze", y, c.i64(axes)) if c.node.op_type in ("ReduceMax", "ReduceMin") else y
+        y = c("Unsqueeze", y, c.i64(axes)) if op in ("ReduceMax", "ReduceMin", "ReduceL2", "ReduceLogSumExp") else y
     elif not c.attr("keepdims", 1):  # all axes reduced to a scalar, which broadcasts as is
         pass
-    if c.node.op_type == "ReduceSum":
+    if op == "ReduceSum":
         return [c("Expand", g, c.shape(x)), None]
-    if c.node.op_type == "ReduceMean":
+    if op == "ReduceMean":
         n_out = c("Size", c.y(0))
         count = c("CastLike", c("Div", c("Size", x), n_out), x)
         return [c("Expand", c("Div", g, count), c.shape(x)), None]
+    # The rest are elementwise local derivatives times g, which broadcasts back over the reduced axes.
+    if op == "ReduceSumSquare":
+        return [c("Mul", c("Mul", x, _k(c, 2.0)), g), None]
+    if op == "ReduceL1":
+        return [c("Mul", c("Sign", x), g), None]
+    if op == "ReduceL2":   # x * g / |x|, and 0 where the norm is 0 (then x is 0 too; torch's norm does the same)
+        return [c("Mul", x, _safe_div(c, g, y)), None]
+    if op == "ReduceLogSumExp":
+        return [c("Mul", c("Exp", c("Sub", x, y)), g), None]
     return [_max_mask_grad(c, x, y, g, c.i64(axes) if axes is not None else None), None]
+
+
+def _safe_div(c, a, b):
+    """a / b where b > 0, else 0 (b a norm)."""
+    zero = _k(c, 0.0)   # (the node's input x sets the type: a and b may be emitted tensors)
+    return c("Where", c("Greater", b, zero), c("Div", a, b), zero)
+
+
+@rule("LpNormalization")
+def _lp_normalization(c):
+    # y = x / |x|_p along `axis`: dx = (g - s(x) * sum(g * y)) / |x|_p, s(x) = y for p = 2 and sign(x) for p = 1.
+    x, y, g = c.x(0), c.y(0), c.g
+    axis, p = c.attr("axis", -1), c.attr("p", 2)
+    if p not in (1, 2):
+        c.fail(f"p={p} (the operator defines p = 1 or 2)")
+    axes = [axis % c.need_rank(x)]
+    norm = c.reduce("ReduceL2" if p == 2 else "ReduceL1", x, axes)
+    dot = c.reduce("ReduceSum", c("Mul", g, y), axes)
+    return [_safe_div(c, c("Sub", g, c("Mul", y if p == 2 else c("Sign", x), dot)), norm)]
+
+
+def _channel_window_sum(c, t, x, size, before, after):
+    """sum of t over channels c - before .. c + after (zero beyond the ends), for t shaped like x (N, C, ...)."""
+    channels = c.static_dims(x, [1])
+    if channels is None:
+        c.fail(f"needs the static channel count of {x!r}")
+    flat = c("Reshape", t, c.i64([0, 1, channels[0], -1]))
+    ones = c.const(np.ones((1, 1, size, 1)), like=x)
+    return c("Reshape", c("Conv", flat, ones, pads=[before, 0, after, 0]), c.shape(x))
+
+
+@rule("LRN")
+def _lrn(c):
+    # y = x * d^-beta, d = bias + alpha / size * (sum of x^2 over channels c - lo .. c + hi),
+    # lo = floor((size - 1) / 2), hi = ceil((size - 1) / 2). Channel j's window holds i when i - hi <= j <= i + lo,
+    # so the backward sums over the mirrored window:
+    # dx_i = g_i d_i^-beta - 2 alpha beta / size * x_i * sum_j (g_j y_j / d_j).
+    x, y, g = c.x(0), c.y(0), c.g
+    size = int(c.attr("size"))
+    alpha, beta, bias = c.attr("alpha", 1e-4), c.attr("beta", 0.75), c.attr("bias", 1.0)
+    lo, hi = (size - 1) // 2, size // 2
+    d = c("Add", c("Mul", _channel_window_sum(c, c("Mul", x, x), x, size, lo, hi), _k(c, alpha / size)),
+          _k(c, bias))
+    back = _channel_window_sum(c, c("Div", c("Mul", g, y), d), x, size, hi, lo)
+    return [c("Sub", c("Mul", g, c("Pow", d, _k(c, -beta))), c("Mul", c("Mul", x, back),
+                                                                _k(c, 2.0 * alpha * beta / size)))]
 
 
 # --- normalisation -----------------------------------------------------------------------------------------

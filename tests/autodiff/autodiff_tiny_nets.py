@@ -50,4 +50,8 @@ class TinyUpsample(nn.Module):
     def forward(s,x):
         x=s.c2(s.up(F.relu(s.c1(x)))); x=F.interpolate(F.relu(x), scale_factor=2, mode="nearest")
         return s.fc(x.mean((2,3)))
-NETS={"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
+class TinyCosine(nn.Module):
+    """A cosine-similarity head (CLIP-style zero-shot classifiers): F.normalize exports as ReduceL2 or its parts."""
+    def __init__(s): super().__init__(); s.c=nn.Conv2d(3,8,3,2,1); s.w=nn.Parameter(torch.randn(5,8))
+    def forward(s,x): return 10*F.normalize(F.relu(s.c(x)).mean((2,3)),dim=1)@F.normalize(s.w,dim=1).t()
+NETS={"cosine":TinyCosine,"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}

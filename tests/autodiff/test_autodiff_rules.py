@@ -202,6 +202,19 @@ CASES = {
                                opset=18),
     "ReduceMin-nokeep-attr": unary("ReduceMin", distinct(2, 3, 4), opset=13, axes=[-1], keepdims=0),
     "ReduceMax-all": unary("ReduceMax", distinct(2, 3), opset=13, keepdims=0),
+    "ReduceL2-axes-input-nokeep": case([node("ReduceL2", ["x", "ax"], "y", keepdims=0)], {"x": away(2, 3, 4)},
+                                       {"ax": i64(-1, 1)}, opset=18),
+    "ReduceL2-all-attr": unary("ReduceL2", opset=13, keepdims=1),
+    "ReduceL1": unary("ReduceL1", opset=13, axes=[1]),
+    "ReduceSumSquare-nokeep": unary("ReduceSumSquare", opset=13, axes=[0, 2], keepdims=0),
+    "ReduceLogSumExp": case([node("ReduceLogSumExp", ["x", "ax"], "y", keepdims=0)], {"x": away(2, 3, 4) * 3},
+                            {"ax": i64(1)}, opset=18),
+    "LpNormalization-p2-last": unary("LpNormalization", away(2, 3, 4)),
+    "LpNormalization-p1-axis1": unary("LpNormalization", away(2, 3, 4), axis=1, p=1),
+    # LRN (onnxruntime runs 4-D inputs and odd window sizes only), also with a window wider than the channels
+    "LRN-size3": unary("LRN", away(2, 5, 3, 2), size=3, alpha=0.5, beta=0.75, bias=1.5),
+    "LRN-size7-wide": unary("LRN", away(1, 6, 2, 3), size=7, alpha=2.0, beta=0.5, bias=1.0),
+    "LRN-defaults": unary("LRN", away(2, 4, 3, 3) * 30, size=5),
     # normalisation
     "BatchNormalization": case([node("BatchNormalization", ["x", "s", "b", "m", "v"], "y", epsilon=1e-3)],
                                {"x": away(2, 3, 2, 2)}, {"s": W(3), "b": W(3), "m": W(3), "v": pos(3)}),
@@ -311,3 +324,17 @@ def test_rectifier_variants_follow_their_definition(name, variant):
     else:
         want = g_pos
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["ReduceL2", "LpNormalization"])
+def test_norms_give_a_zero_gradient_where_the_norm_is_zero(op):
+    """An all-zero row has a zero gradient (as torch's norm backward gives), not NaN; the other row is unchanged."""
+    from adcheck import session
+    from onnxplain.kernels.autodiff import augment
+
+    attrs = {"axes": [1]} if op == "ReduceL2" else {"axis": 1}
+    x = np.stack([np.zeros(4), away(4)]).astype(np.float32)
+    model, feeds, out = case([node(op, ["x"], "y", **attrs)], {"x": x}, opset=13)(np.float32)
+    seed = np.ones(session(model).run([out], feeds)[0].shape, np.float32)
+    grad = session(augment(model, scores=out)).run(["x__grad"], {**feeds, "seed": seed})[0]
+    assert np.isfinite(grad).all() and not grad[0].any() and grad[1].any()
