@@ -294,12 +294,36 @@ def _lift_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if v < 13:
         from onnx import version_converter
 
-        return version_converter.convert_version(model, _MIN_OPSET)
+        return _restore_names(model, version_converter.convert_version(model, _MIN_OPSET))
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = _MIN_OPSET
     model.ir_version = max(model.ir_version, 8)
     return model
+
+
+def _restore_names(before: onnx.ModelProto, after: onnx.ModelProto) -> onnx.ModelProto:
+    """Give tensors the version converter renamed their old names back: it writes a replaced node's output under a
+    new name (opset 9's Upsample becomes a Resize writing `_v_17`), and the layers callers list, found on the model as
+    loaded, must still name tensors of the converted graph. Old and new names are paired where a node that kept its
+    name and type reads a new name at the input position where it read the old one, or at a graph output."""
+    def names(m):
+        return {t for n in m.graph.node for t in [*n.input, *n.output]} | {i.name for i in m.graph.input}
+
+    gone = names(before) - names(after)
+    if not gone:
+        return after
+    old_nodes = {(n.name, n.op_type): n for n in before.graph.node if n.name}
+    pairs = [zip(old_nodes[n.name, n.op_type].input, n.input) for n in after.graph.node
+             if (n.name, n.op_type) in old_nodes]
+    pairs.append((o.name, a.name) for o, a in zip(before.graph.output, after.graph.output))
+    back = {new: old for group in pairs for old, new in group if old != new and old in gone}
+    for n in after.graph.node:
+        n.input[:] = [back.get(t, t) for t in n.input]
+        n.output[:] = [back.get(t, t) for t in n.output]
+    for vi in [*after.graph.output, *after.graph.value_info]:
+        vi.name = back.get(vi.name, vi.name)
+    return after
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -192,3 +192,38 @@ def test_export_cli_writes_an_augmented_model(tmp_path, capsys):
     assert [i.name for i in out.graph.input] == ["x", "seed"]
     assert main([str(src), "--layer", "nope", "-o", str(tmp_path / "bad.onnx")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_an_opset9_model_keeps_its_layer_names_through_the_opset_lift():
+    """augment lifts opsets below 13 with onnx's version converter, which writes opset 9's Upsample as a Resize
+    under a new output name; the layer named on the model as loaded is still differentiated (against torch)."""
+    from onnxplain.kernels import graph
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c, self.d = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            self.f = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            self.up = F.interpolate(F.relu(self.c(x)), scale_factor=2, mode="nearest")
+            self.up.retain_grad()
+            return self.f(F.relu(self.d(self.up)).mean((2, 3)))
+
+    net = Net().eval()
+    f = io.BytesIO()
+    torch.onnx.export(net, torch.zeros(1, 3, 8, 8), f, opset_version=9, dynamo=False, input_names=["x"],
+                      output_names=["logits"])
+    model = graph.load_model(f.getvalue())
+    layer = next(n.output[0] for n in model.graph.node if n.op_type == "Upsample")
+    assert layer in [lay.name for lay in graph.candidate_layers(model)]
+    aug = augment(model, layers=[layer], scores="logits")
+    assert_standard(aug)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    seed = np.random.default_rng(1).standard_normal((1, 5)).astype(np.float32)
+    act, gact, gx = session(aug).run([layer, f"{layer}__grad", "x__grad"], {"x": x, "seed": seed})
+    xx = torch.from_numpy(x).requires_grad_()
+    (net(xx) * torch.from_numpy(seed)).sum().backward()
+    assert rel(act, net.up.detach().numpy()) < 1e-5
+    assert rel(gact, net.up.grad.numpy()) < 1e-5 and rel(gx, xx.grad.numpy()) < 1e-4
