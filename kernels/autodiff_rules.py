@@ -834,6 +834,100 @@ def _group_norm(c):
     return [c("Reshape", dx, c.shape(x))]
 
 
+@rule("RMSNormalization")
+def _rms_norm(c):
+    # y = x * r * scale, r = (mean(x^2 over axis..) + eps)^-1/2: dx = r * (gs - xhat * mean(gs * xhat)), xhat = x r.
+    x, scale, g = c.x(0), c.x(1), c.g
+    rank = c.need_rank(x)
+    axes = list(range(c.attr("axis", -1) % rank, rank))
+    r = c("Reciprocal", c("Sqrt", c("Add", c.reduce("ReduceMean", c("Mul", x, x), axes), _k(c, c.attr("epsilon", 1e-5)))))
+    xhat = c("Mul", x, r)
+    gs = c("Mul", g, scale)
+    dx = c("Mul", r, c("Sub", gs, c("Mul", xhat, c.reduce("ReduceMean", c("Mul", gs, xhat), axes))))
+    return [dx if c.needs(0) else None, _sum_to(c, c("Mul", g, xhat), scale) if c.needs(1) else None]
+
+
+@rule("Attention")
+def _attention(c):
+    # Y = P V with P = softmax(scale Q K^T + mask) per head. The forward node is made to output P as well
+    # (qk_matmul_output_mode 3), so nothing is recomputed; then, with dY's heads gY:
+    # dV = P^T gY, dP = gY V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale dS K, dK = scale dS^T Q.
+    # Masks, is_causal, sliding windows and fully masked rows act through P. Grouped-query attention (fewer K/V
+    # heads) shares each K/V head among consecutive query heads; their gradients are summed back onto it.
+    node = c.node
+    if c.x(4) is not None or c.x(5) is not None:
+        c.fail("past_key/past_value (a KV cache) are not supported")
+    if c.attr("softcap", 0.0):
+        c.fail("softcap is not supported")
+    if c.needs(3):
+        c.fail("gradients w.r.t. attn_mask are not supported")
+    if any(gi is not None for gi in c.gs[1:]):
+        c.fail("gradients through present_key/present_value/qk_matmul_output are not supported")
+    probs = c.y(3)
+    if probs is None:
+        while len(node.output) < 4:
+            node.output.append("")
+        node.output[3] = probs = c.graph.fresh(f"{node.name or 'Attention'}/probs")
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in c.attrs.items() if k != "qk_matmul_output_mode")
+        node.attribute.append(helper.make_attribute("qk_matmul_output_mode", 3))
+    elif c.attr("qk_matmul_output_mode", 0) != 3:
+        c.fail("its qk_matmul_output is already used in another mode")
+    q, k, v = c.x(0), c.x(1), c.x(2)
+    three_d = c.need_rank(q) == 3
+    if three_d:   # [B, S, heads * size] <-> [B, heads, S, size]
+        hq, hkv = int(c.attr("q_num_heads")), int(c.attr("kv_num_heads"))
+
+        def heads(t, h):
+            return c("Transpose", c("Reshape", t, c.i64([0, 0, h, -1])), perm=[0, 2, 1, 3])
+
+        q4, k4, v4, gy = heads(q, hq), heads(k, hkv), heads(v, hkv), heads(c.g, hq)
+    else:
+        (hq,), (hkv,) = c.static_dims(q, [1]) or [None], c.static_dims(k, [1]) or [None]
+        if hq is None or hkv is None:
+            c.fail("needs the static head counts of Q and K")
+        q4, k4, v4, gy = q, k, v, c.g
+    group = hq // hkv
+    if group > 1:   # [B, Hkv, S, d] -> [B, Hkv * group, S, d], each K/V head repeated for its queries
+
+        def repeat(t):
+            return c("Reshape", c("Expand", c("Unsqueeze", t, c.i64([2])),
+                                  c("Concat", c.shape(t, 0, 2), c.i64([group]), c.shape(t, 2), axis=0)),
+                     c("Concat", c.shape(t, 0, 1), c.i64([hq]), c.shape(t, 2), axis=0))
+
+        k4, v4 = repeat(k4), repeat(v4)
+    scale = c.attr("scale")
+    if scale is not None:
+        scale = _k(c, scale, like=q)
+    else:   # 1 / sqrt(head size of Q)
+        size = c.static_dims(q4, [3]) if not three_d else None
+        qd = c.static_dims(q, [2]) if three_d else None
+        size = size[0] if size else (qd[0] // hq if qd else None)
+        scale = (_k(c, 1.0 / math.sqrt(size), like=q) if size else
+                 c("Reciprocal", c("Sqrt", c("CastLike", c.shape(q4, 3, 4), q))))
+
+    def t(x):
+        return c("Transpose", x, perm=[0, 1, 3, 2])
+
+    dp = c("MatMul", gy, t(v4))
+    ds = c("Mul", probs, c("Sub", dp, c("ReduceSum", c("Mul", dp, probs), c.i64([-1]), keepdims=1)))
+    out = []
+    for i, (x4, grad4, h) in enumerate([(q4, lambda: c("Mul", c("MatMul", ds, k4), scale), hq),
+                                        (k4, lambda: c("Mul", c("MatMul", t(ds), q4), scale), hkv),
+                                        (v4, lambda: c("MatMul", t(probs), gy), hkv)]):
+        if not c.needs(i):
+            out.append(None)
+            continue
+        d = grad4()
+        if i and group > 1:   # sum each group of query heads back onto its K/V head
+            d = c("ReduceSum", c("Reshape", d, c("Concat", c.shape(d, 0, 1), c.i64([h, group]), c.shape(d, 2),
+                                                   axis=0)), c.i64([2]), keepdims=0)
+        if three_d:
+            d = c("Reshape", c("Transpose", d, perm=[0, 2, 1, 3]), c.shape(c.x(i)))
+        out.append(d)
+    return out + [None] * 4
+
+
 # --- shape and data movement -------------------------------------------------------------------------------
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def _reshape(c):

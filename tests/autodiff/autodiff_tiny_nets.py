@@ -54,4 +54,13 @@ class TinyCosine(nn.Module):
     """A cosine-similarity head (CLIP-style zero-shot classifiers): F.normalize exports as ReduceL2 or its parts."""
     def __init__(s): super().__init__(); s.c=nn.Conv2d(3,8,3,2,1); s.w=nn.Parameter(torch.randn(5,8))
     def forward(s,x): return 10*F.normalize(F.relu(s.c(x)).mean((2,3)),dim=1)@F.normalize(s.w,dim=1).t()
-NETS={"cosine":TinyCosine,"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
+class TinySdpaViT(nn.Module):
+    """ViT with RMSNorm and F.scaled_dot_product_attention: the dynamo exporter at opset 23+ writes ONNX Attention and
+    RMSNormalization."""
+    def __init__(s,d=16):
+        super().__init__(); s.pe=nn.Conv2d(3,d,4,4); s.cls=nn.Parameter(torch.randn(1,1,d)); s.n1=nn.RMSNorm(d); s.qkv=nn.Linear(d,3*d); s.o=nn.Linear(d,d); s.n=nn.RMSNorm(d); s.head=nn.Linear(d,5)
+    def forward(s,x):
+        x=s.pe(x).flatten(2).transpose(1,2); x=torch.cat([s.cls.expand(x.shape[0],-1,-1),x],1); B,N,D=x.shape
+        q,k,v=s.qkv(s.n1(x)).reshape(B,N,3,2,D//2).permute(2,0,3,1,4)
+        x=x+s.o(F.scaled_dot_product_attention(q,k,v).transpose(1,2).reshape(B,N,D)); return s.head(s.n(x)[:,0])
+NETS={"sdpa_vit":TinySdpaViT,"cosine":TinyCosine,"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
