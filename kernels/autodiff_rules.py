@@ -992,6 +992,29 @@ def _gather_elements(c):
             None]
 
 
+@rule("SpaceToDepth")
+def _space_to_depth(c):
+    # A permutation of elements, whose inverse (and so adjoint) is DepthToSpace in DCR mode.
+    return [c("DepthToSpace", c.g, blocksize=c.attr("blocksize"), mode="DCR")]
+
+
+@rule("DepthToSpace")
+def _depth_to_space(c):
+    # The adjoint of a permutation is its inverse. For DCR mode that is SpaceToDepth; CRD mode differs from DCR only
+    # in the order of the input channels (CRD: c * b * b + i * b + j, DCR: (i * b + j) * C' + c), so its inverse
+    # is SpaceToDepth followed by that channel gather.
+    b = int(c.attr("blocksize"))
+    g = c("SpaceToDepth", c.g, blocksize=b)
+    if c.attr("mode", "DCR") == "CRD":
+        channels = c.static_dims(c.x(0), [1])
+        if channels is None:
+            c.fail(f"CRD mode needs the static channel count of {c.x(0)!r}")
+        out = channels[0] // (b * b)
+        order = [ij * out + ch for ch in range(out) for ij in range(b * b)]   # CRD channel -> DCR channel
+        g = c("Gather", g, c.i64(order), axis=1)
+    return [g]
+
+
 @rule("Expand")
 def _expand(c):
     return [c.unbroadcast(c.g, c.x(0)), None]

@@ -1,7 +1,7 @@
 """A user-supplied gradient graph (kernels/supplied.py): checked at load, used by Runner.gradients for what it
-covers. The story: a model with an operator the engine has no rule for (DepthToSpace, from a pixel shuffle), whose owner
-exports the same network with it written out (reshapes and a transpose) and lets the engine differentiate that
-instead."""
+covers. The story: a model with an operator the engine has no rule for (GridSample, from a spatial-transformer warp),
+whose owner exports the same network with the warp written out (a fixed grid is a linear map: one matrix) and lets the
+engine differentiate that instead."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import helper
 
 from onnxplain.kernels import autodiff
@@ -23,17 +24,22 @@ class Net(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(2, 5)
+        self.fc = torch.nn.Linear(8, 5)
         self.written_out = written_out
+        angle, zoom = 0.3, 0.9   # a fixed rotation and zoom
+        theta = torch.tensor([[np.cos(angle), -np.sin(angle), 0.1], [np.sin(angle), np.cos(angle), 0.0]]) * zoom
+        self.register_buffer("grid", F.affine_grid(theta[None].float(), [1, 8, 16, 16], align_corners=False))
+        basis = torch.eye(256).reshape(256, 1, 16, 16)   # row i of the matrix: the warp of pixel i
+        self.register_buffer("warp", F.grid_sample(basis, self.grid.expand(256, -1, -1, -1),
+                                                   align_corners=False).reshape(256, 256))
 
     def forward(self, x):
         h = torch.tanh(self.conv(x))
-        if self.written_out:      # pixel shuffle as reshapes and a transpose
+        if self.written_out:      # the warp as a matrix product
             n, c, height, width = h.shape
-            h = h.reshape(n, c // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3).reshape(n, c // 4, 2 * height,
-                                                                                        2 * width)
+            h = (h.reshape(n, c, height * width) @ self.warp).reshape(n, c, height, width)
         else:
-            h = torch.nn.functional.pixel_shuffle(h, 2)
+            h = F.grid_sample(h, self.grid.expand(h.shape[0], -1, -1, -1), align_corners=False)
         return self.fc((h * h.roll(1, 3)).mean((2, 3)))
 
 
@@ -48,7 +54,7 @@ def export(written_out: bool) -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     model, written = export(False), export(True)
-    assert any(n.op_type == "DepthToSpace" for n in model.graph.node)
+    assert any(n.op_type == "GridSample" for n in model.graph.node)
     path = tmp_path_factory.mktemp("supplied") / "grad.onnx"
     onnx.save(autodiff.augment(written, scores="logits"), path)
     return model, written, path
@@ -60,13 +66,13 @@ def torch_gradient(x, target):
     return t.grad.numpy()
 
 
-def test_the_engine_refuses_depth_to_space_and_the_supplied_graph_gives_autograds_gradient(models):
+def test_the_engine_refuses_grid_sample_and_the_supplied_graph_gives_autograds_gradient(models):
     model, _, path = models
     runner = Runner(model, "logits", "input", providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
     seed = np.zeros((2, 5), np.float32)
     seed[0, 1] = seed[1, 3] = 1
-    with pytest.raises(Exception, match="DepthToSpace"):
+    with pytest.raises(Exception, match="GridSample"):
         runner.gradients(x, seed, Passes())
     runner.supplied.append(load(path, runner, (3, 16, 16)))
     passes = Passes()
@@ -148,33 +154,33 @@ def test_served_with_its_gradient_graph_and_refused_without_or_with_a_wrong_one(
     from support import start_server
 
     model, written, grad = models
-    onnx.save(model, tmp_path / "shuffle.onnx")
-    onnx.save(onnx.load(str(grad)), tmp_path / "shuffle.grad.onnx")
+    onnx.save(model, tmp_path / "warp.onnx")
+    onnx.save(onnx.load(str(grad)), tmp_path / "warp.grad.onnx")
     onnx.save(onnx.load(_edited(grad, tmp_path, _negate_input_grad)), tmp_path / "wrong.grad.onnx")
     pre = {"fit": "stretch", "mean": [0, 0, 0], "std": [1, 1, 1], "scale": 1.0}
-    configs = [ModelConfig("shuffle", tmp_path / "shuffle.onnx", preprocessing=pre,
-                           gradient_graph=tmp_path / "shuffle.grad.onnx"),
-               ModelConfig("plain", tmp_path / "shuffle.onnx", preprocessing=pre),
-               ModelConfig("wrong", tmp_path / "shuffle.onnx", preprocessing=pre,
+    configs = [ModelConfig("warp", tmp_path / "warp.onnx", preprocessing=pre,
+                           gradient_graph=tmp_path / "warp.grad.onnx"),
+               ModelConfig("plain", tmp_path / "warp.onnx", preprocessing=pre),
+               ModelConfig("wrong", tmp_path / "warp.onnx", preprocessing=pre,
                            gradient_graph=tmp_path / "wrong.grad.onnx")]
     server = start_server(configs)
     try:
         with Client(server.address, timeout=60) as client:
-            assert sorted(m.name for m in client.models()) == ["plain", "shuffle"]   # "wrong" is refused at load
+            assert sorted(m.name for m in client.models()) == ["plain", "warp"]   # "wrong" is refused at load
             x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
-            events = list(client.explain("shuffle", [x], [("gradient", {})], targets=[2], return_attribution=True))
+            events = list(client.explain("warp", [x], [("gradient", {})], targets=[2], return_attribution=True))
             served = next(e for e in events if isinstance(e, MapResult) and e.final)
             np.testing.assert_allclose(served.attribution, torch_gradient(x, 2)[0], rtol=1e-4, atol=1e-6)
             with pytest.raises(grpc.RpcError) as err:
                 list(client.explain("plain", [x], [("gradient", {})], targets=[2]))
-            assert "DepthToSpace" in err.value.details()
+            assert "GridSample" in err.value.details()
     finally:
         server.stop(0)
 
 
 def test_integrated_gradients_and_smoothgrad_run_around_the_supplied_graph(models):
     """The methods that compose their inputs and sums around the gradient graph compose them around the supplied
-    one too: on the pixel-shuffle model (which the engine refuses), integrated gradients against the same sum written out
+    one too: on the warping model (which the engine refuses), integrated gradients against the same sum written out
     with torch autograd at every path point."""
     from onnxplain.kernels.methods import METHODS, Job, Maps
 
