@@ -151,43 +151,76 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference with data propagation (resolves Reshape targets computed from Shape), after folding
     the small constant arithmetic that exporters emit for shapes (_fold_constants): PyTorch's legacy exporter
     computes a reflect Pad's pads with ConstantOfShape, Concat, Reshape, Slice, Transpose and Cast, which data
-    propagation does not follow, and every spatial size after such a Pad was unknown. The model returned is the
-    given one with the shapes found (the folded nodes stay in it)."""
+    propagation does not follow, and every spatial size after such a Pad was unknown; at opset 13 it writes
+    GroupNorm's Reshape back to Shape(conv output), which Reshape-13 does not read from data propagation. The model
+    returned is the given one with the shapes found (the folded nodes stay in it)."""
     if model.ByteSize() >= _TWO_GIB:
         return model
-
-    def infer(m):
-        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
-
-    inferred = infer(model)
-    folded = _fold_constants(model)
-    if folded is not None:
-        try:
-            better = {v.name: v for v in infer(folded).graph.value_info}
-        except Exception:  # noqa: BLE001 - the folded copy only adds information; without it, what was found stands
-            return inferred
-        known = {v.name for v in inferred.graph.value_info}
-        for i, v in enumerate(inferred.graph.value_info):
-            if v.name in better:
-                inferred.graph.value_info[i].CopyFrom(better[v.name])
-        inferred.graph.value_info.extend(v for name, v in better.items() if name not in known)
+    inferred = _infer(model)
+    _merge_shapes(inferred, _folded_shapes(model, inferred))
     return inferred
 
 
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+
+
+# A fold can make shapes known that let a Shape further on fold (two GroupNorms in a row at opset 13): folding and
+# inference alternate until nothing more folds, at most this many times.
+_FOLD_ROUNDS = 64
+
+
+def _folded_shapes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict:
+    """Tensor name -> value info found by inferring shapes on copies of `model` with its constants folded."""
+    found, current, shapes = {}, model, _static_shapes(inferred)
+    for _ in range(_FOLD_ROUNDS):
+        folded = _fold_constants(current, shapes)
+        if folded is None:
+            break
+        try:
+            better = _infer(folded)
+        except Exception:  # noqa: BLE001 - the folded copy only adds information; without it, what was found stands
+            break
+        found.update((v.name, v) for v in better.graph.value_info)
+        current, shapes = folded, {**shapes, **_static_shapes(better)}
+    return found
+
+
+def _merge_shapes(inferred: onnx.ModelProto, better: dict) -> None:
+    """Replace or add the value infos of `inferred` by those in `better` (name -> value info)."""
+    known = {v.name for v in inferred.graph.value_info}
+    for i, v in enumerate(inferred.graph.value_info):
+        if v.name in better:
+            inferred.graph.value_info[i].CopyFrom(better[v.name])
+    inferred.graph.value_info.extend(v for name, v in better.items() if name not in known)
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict:
+    """Tensor name -> shape, for the inputs and inferred tensors whose every dimension is a number."""
+    out = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        dims = _dims(vi)
+        if dims is not None and None not in dims:
+            out[vi.name] = dims
+    return out
+
+
 # Operators whose outputs are constants when their inputs are, cheap to evaluate on small tensors, and named by
-# exporters' shape arithmetic. Each input and output of a folded node has at most _FOLD_MAX elements, and
-# Constant, ConstantOfShape, Expand, Tile and Range are checked before they run, so a hostile file cannot make
-# loading allocate much.
+# exporters' shape arithmetic. Each input and output of a folded node has at most _FOLD_MAX elements (Shape and
+# Size of a computed tensor read only its inferred shape), and Constant, ConstantOfShape, Expand, Tile and Range
+# are checked before they run, so a hostile file cannot make loading allocate much.
 _FOLDABLE = {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Squeeze",
              "Unsqueeze", "Gather", "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Expand", "Tile", "Range",
              "Flatten", "Shape", "Size", "Equal", "Where", "Not", "Less", "Greater"}
 _FOLD_MAX = 1 << 16
 
 
-def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
+def _fold_constants(model: onnx.ModelProto, shapes: dict | None = None) -> onnx.ModelProto | None:
     """A copy of the model in which the nodes that compute constants from constants (_FOLDABLE) are replaced by
     initializers holding their values, every other tensor keeping its name; None when there is nothing to
-    fold. Only for shape inference: the model that runs keeps its own nodes."""
+    fold. A Shape or Size whose input has a known static shape (`shapes`: name -> dims) is such a constant.
+    Only for shape inference: the model that runs keeps its own nodes."""
+    shapes = shapes or {}
     small = {t.name: t for t in model.graph.initializer if _size(t.dims) <= _FOLD_MAX}
     values: dict[str, np.ndarray] = {}
 
@@ -202,6 +235,10 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
         if node.op_type not in _FOLDABLE or node.domain not in ("", "ai.onnx"):
             continue
         args = [value(name) if name else None for name in node.input]
+        if node.op_type in ("Shape", "Size") and args[0] is None and node.input[0] in shapes:
+            values[node.output[0]] = _shape_value(node, shapes[node.input[0]])
+            folded.append(node)
+            continue
         if any(name and (name in inputs or a is None) for name, a in zip(node.input, args)):
             continue
         if not _small_result(node, args):
@@ -232,6 +269,13 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto | None:
     produced = {o for n in folded for o in n.output}
     copy.graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in produced)
     return copy
+
+
+def _shape_value(node: onnx.NodeProto, dims: tuple) -> np.ndarray:
+    """Shape (its start/end attributes clamped as Python slices are) or Size of a tensor of shape `dims`."""
+    if node.op_type == "Size":
+        return np.array(_size(dims), np.int64)
+    return np.array(dims[_attr(node, "start", 0):_attr(node, "end", None)], np.int64)
 
 
 def _untyped(names) -> list:

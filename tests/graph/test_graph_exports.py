@@ -1,0 +1,173 @@
+"""Layer discovery on shapes that torch's exporters compute in the graph (test-time torch exports).
+
+* a GroupNorm net from the legacy exporter at opset 13: GroupNorm is Reshape -> InstanceNormalization -> Reshape
+  whose shape is Shape(conv output); Reshape-13 does not read data-propagated shapes, so that Shape must be folded.
+
+Each is checked for its candidate layers, its default layer and, through kernels.autodiff.augment, for layer
+and input gradients equal to torch autograd's; the dynamo exporter's version alongside. Models are exported once
+per module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from onnxplain.kernels import graph as G
+from onnxplain.kernels.autodiff import augment
+
+TOL = 1e-4
+
+
+class GroupNormNet(nn.Module):
+    """conv -> GroupNorm -> ReLU twice: the second GroupNorm's Shape is known only once the first is resolved."""
+
+    input_shape = (3, 16, 24)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.norm1, self.relu1 = nn.Conv2d(3, 8, 3, 2, 1), nn.GroupNorm(2, 8), nn.ReLU()
+        self.conv2, self.norm2, self.relu2 = nn.Conv2d(8, 8, 3, 1, 1), nn.GroupNorm(4, 8), nn.ReLU()
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():   # affine parameters that are not the identity
+            for norm in (self.norm1, self.norm2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.relu1(self.norm1(self.conv1(x)))
+        x = self.relu2(self.norm2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+    @property
+    def probes(self):
+        return {"early": self.relu1, "default": self.relu2}
+
+
+NETS = {"groupnorm": GroupNormNet}
+# (exporter, opset, dynamic batch)
+EXPORTS = {
+    "legacy-13-fixed": ("legacy", 13, False),
+    "dynamo-18-batch": ("dynamo", 18, True),
+}
+BATCH = 2
+
+
+def _export(net: nn.Module, how: str) -> onnx.ModelProto:
+    exporter, opset, dynamic = EXPORTS[how]
+    x = torch.zeros(BATCH, *net.input_shape)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            buffer = io.BytesIO()
+            torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["logits"],
+                              dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}} if dynamic else None)
+            return onnx.load_from_string(buffer.getvalue())
+        shapes = {"x": {0: torch.export.Dim("n", min=1, max=64)}} if dynamic else None
+        return torch.onnx.export(net, (x,), dynamo=True, opset_version=opset, input_names=["input"],
+                                 output_names=["logits"], dynamic_shapes=shapes, verbose=False).model_proto
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """(net name, export) -> (torch net, loaded ONNX model), each exported once for the module."""
+    cache = {}
+
+    def get(name, how):
+        if (name, how) not in cache:
+            net = NETS[name]().eval()
+            cache[name, how] = net, G.load_model(_export(net, how))
+        return cache[name, how]
+
+    return get
+
+
+def _run(model, feeds) -> dict:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _check_gradients(net, model, layers):
+    """The torch probes are candidate layers (found by value), `default_layer` is the default probe, and the
+    augmented graph's layer and input gradients equal torch autograd's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(BATCH, *net.input_shape, generator=gen)
+    seed = torch.randn(BATCH, 5, generator=gen)
+    ref = zoo.run_with_probes(net, x, seed)
+    out = _run(G.expose(model, [l.name for l in layers]), {"input": x.numpy()})
+    where = {}
+    for probe, value in ref["acts"].items():
+        hits = [l.name for l in layers if out[l.name].shape == value.shape and _rel(out[l.name], value) < TOL]
+        assert hits, f"the torch probe {probe!r} is not among the candidate layers {[l.name for l in layers]}"
+        where[probe] = hits[0]
+    assert G.default_layer(model).name == where["default"]
+
+    aug = augment(model, layers=[where["early"], where["default"]], wrt_input=True)
+    got = _run(aug, {"input": x.numpy(), "seed": seed.numpy()})
+    errors = {probe: _rel(got[f"{where[probe]}__grad"], ref["grads"][probe]) for probe in where}
+    errors["input"] = _rel(got["input__grad"], ref["input_grad"])
+    assert all(e <= TOL for e in errors.values()), f"relative gradient errors: {errors}"
+
+
+# ------------------------------------------------------------------------------------------------ GroupNorm
+
+
+@pytest.mark.parametrize("how", ["legacy-13-fixed", "dynamo-18-batch"])
+def test_group_norm_maps_are_found_after_the_norm(how, exported):
+    """Every map after the GroupNorms is listed with its grid (at opset 13 every shape after the first GroupNorm
+    was unknown: only the first convolution was listed, and it was the default layer)."""
+    _, model = exported("groupnorm", how)
+    if how.startswith("legacy-13"):
+        reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+        shapes = {n.output[0] for n in model.graph.node if n.op_type == "Shape"}
+        assert any(n.input[1] in shapes for n in reshapes)     # the case in question: Reshape(x, Shape(conv))
+    batch = None if how.endswith("batch") else BATCH
+    layers = G.candidate_layers(model)
+    relus = [l for l in layers if l.op_type == "Relu"]
+    assert [(l.shape, l.kind, l.grid) for l in relus] == [((batch, 8, 8, 12), "spatial", (8, 12))] * 2
+    assert G.default_layer(model) == relus[-1]
+
+
+@pytest.mark.parametrize("how", ["legacy-13-fixed", "dynamo-18-batch"])
+def test_group_norm_gradients_match_autograd(how, exported):
+    net, model = exported("groupnorm", how)
+    _check_gradients(net, model, G.candidate_layers(model))
+
+
+def test_shape_and_size_of_a_tensor_with_a_static_shape_fold():
+    """Shape (with start/end, counted from the back when negative and clamped) and Size of a computed tensor
+    whose shape is known fold to constants; without it they stay."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Shape", ["r"], ["all"]),
+             helper.make_node("Shape", ["r"], ["middle"], start=1, end=-1),
+             helper.make_node("Shape", ["r"], ["clamped"], start=-9, end=9),
+             helper.make_node("Size", ["r"], ["size"])]
+    g = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 5])],
+                          [helper.make_tensor_value_info(o, TensorProto.INT64, None)
+                           for o in ("all", "middle", "clamped", "size")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    assert G._fold_constants(model) is None
+    folded = G._fold_constants(model, {"r": (2, 3, 4, 5)})
+    values = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in folded.graph.initializer}
+    assert values == {"all": [2, 3, 4, 5], "middle": [3, 4], "clamped": [2, 3, 4, 5], "size": 120}
+    assert [n.op_type for n in folded.graph.node] == ["Relu"]
