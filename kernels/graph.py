@@ -152,12 +152,14 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     the small constant arithmetic that exporters emit for shapes (_fold_constants): PyTorch's legacy exporter
     computes a reflect Pad's pads with ConstantOfShape, Concat, Reshape, Slice, Transpose and Cast, which data
     propagation does not follow, and every spatial size after such a Pad was unknown; at opset 13 it writes
-    GroupNorm's Reshape back to Shape(conv output), which Reshape-13 does not read from data propagation. The model
+    GroupNorm's Reshape back to Shape(conv output), which Reshape-13 does not read from data propagation. With a
+    symbolic batch, the dimensions still unknown are looked for with the batch fixed (_batch_probes). The model
     returned is the given one with the shapes found (the folded nodes stay in it)."""
     if model.ByteSize() >= _TWO_GIB:
         return model
     inferred = _infer(model)
     _merge_shapes(inferred, _folded_shapes(model, inferred))
+    _merge_shapes(inferred, _batch_probes(model, inferred))
     return inferred
 
 
@@ -193,6 +195,81 @@ def _merge_shapes(inferred: onnx.ModelProto, better: dict) -> None:
         if v.name in better:
             inferred.graph.value_info[i].CopyFrom(better[v.name])
     inferred.graph.value_info.extend(v for name, v in better.items() if name not in known)
+
+
+# The batch sizes a model with a symbolic batch is probed at: not 1, which Squeeze without axes would remove.
+_PROBE_BATCHES = (2, 3)
+
+
+def _batch_probes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict:
+    """Tensor name -> value info with the dimensions that `inferred` left unknown and that do not depend on the
+    batch, when the inputs' only symbolic dimension is their first (the batch).
+
+    ONNX shape inference does not cancel a symbolic batch: a Reshape of an N x 16 x 4 x 4 map to [N, 16, -1] (the
+    legacy exporter's flatten(2) with a dynamic batch) has an unknown last dimension, and with it the token count
+    of every later tensor; nor can a Shape of a tensor with a symbolic batch fold. Inference and folding with the
+    batch fixed at two sizes resolve them: a dimension that is the same number at both does not depend on the
+    batch, one that is each batch size is the batch, any other stays unknown."""
+    real = {vi.name: _dims(vi) for vi in _real_inputs(model)}
+    if any(not dims or None in dims[1:] for dims in real.values()):
+        return {}
+    batched = [name for name, dims in real.items() if dims[0] is None]
+    if not batched or not _has_unknown_dims(inferred):
+        return {}
+    runs = []
+    for size in _PROBE_BATCHES:
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+        del fixed.graph.value_info[:]
+        for vi in fixed.graph.input:
+            if vi.name in batched:
+                vi.type.tensor_type.shape.dim[0].dim_value = size
+        try:
+            run = _infer(fixed)
+        except Exception:  # noqa: BLE001 - a model that refuses these batch sizes keeps what was found
+            return {}
+        found = {v.name: v for v in run.graph.value_info}
+        found.update(_folded_shapes(fixed, run))
+        runs.append(found)
+    batch = next(vi for vi in model.graph.input if vi.name == batched[0]).type.tensor_type.shape.dim[0].dim_param
+    before = {v.name: v for v in inferred.graph.value_info}
+    better = {}
+    for name, first in runs[0].items():
+        if name in runs[1]:
+            vi = _agreed(before.get(name), first, runs[1][name], batch or None)
+            if vi is not None:
+                better[name] = vi
+    return better
+
+
+def _has_unknown_dims(model: onnx.ModelProto) -> bool:
+    """Whether some node output has no inferred shape or an unknown dimension after the first."""
+    shapes = {vi.name: _dims(vi) for vi in list(model.graph.value_info) + list(model.graph.output)}
+    return any(o and (shapes.get(o) is None or None in shapes[o][1:]) for n in model.graph.node for o in n.output)
+
+
+def _agreed(before, first, second, batch):
+    """The value info `before` (None: no shape was inferred) with the unknown dimensions that the probes `first`
+    and `second` agree on; None when that adds nothing."""
+    a, b = _dims(first), _dims(second)
+    if a is None or b is None or len(a) != len(b):
+        return None
+    old = list(before.type.tensor_type.shape.dim) if before is not None and _dims(before) is not None else None
+    if old is not None and len(old) != len(a):
+        return None
+    dims, gained = [], old is None
+    for k, pair in enumerate(zip(a, b)):
+        dim = old[k] if old is not None else None
+        if dim is not None and dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif pair[0] is not None and pair[0] == pair[1]:
+            dims.append(pair[0])
+            gained = True
+        elif dim is not None and dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(batch if pair == _PROBE_BATCHES else None)
+    return helper.make_tensor_value_info(first.name, first.type.tensor_type.elem_type, dims) if gained else None
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict:

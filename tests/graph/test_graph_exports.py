@@ -1,11 +1,15 @@
 """Layer discovery on shapes that torch's exporters compute in the graph (test-time torch exports).
 
 * a GroupNorm net from the legacy exporter at opset 13: GroupNorm is Reshape -> InstanceNormalization -> Reshape
-  whose shape is Shape(conv output); Reshape-13 does not read data-propagated shapes, so that Shape must be folded.
+  whose shape is Shape(conv output); Reshape-13 does not read data-propagated shapes, so that Shape must be folded
+  (with a dynamic batch too, where the conv output's batch is symbolic).
+* a ViT without position embedding (CLS token, MultiheadAttention, head on the CLS token) from the legacy
+  exporter with a dynamic batch: flatten(2) is a Reshape to [N, 16, -1] with a symbolic N, whose -1 ONNX shape
+  inference leaves unknown, and with it the token count of every later tensor.
 
 Each is checked for its candidate layers, its default layer and, through kernels.autodiff.augment, for layer
-and input gradients equal to torch autograd's; the dynamo exporter's version alongside. Models are exported once
-per module.
+and input gradients equal to torch autograd's; the dynamo exporter's versions of both nets alongside. Models are
+exported once per module.
 """
 
 from __future__ import annotations
@@ -54,10 +58,49 @@ class GroupNormNet(nn.Module):
         return {"early": self.relu1, "default": self.relu2}
 
 
-NETS = {"groupnorm": GroupNormNet}
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.out = nn.Identity()
+
+    def forward(self, t):
+        h = self.ln1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        return self.out(t + self.mlp(self.ln2(t)))
+
+
+class TokenNet(nn.Module):
+    """Patch-embedding Conv (8x8 patches of 32x32: a 4x4 grid), CLS token, two attention blocks, no position
+    embedding (nothing with a static token count is added to the tokens), head on the CLS token."""
+
+    input_shape = (3, 32, 32)
+
+    def __init__(self, d=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pe, self.cls = nn.Conv2d(3, d, 8, 8), nn.Parameter(torch.randn(1, 1, d))
+        self.blocks = nn.Sequential(Block(d), Block(d))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        t = self.pe(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        return self.head(self.ln(self.blocks(t))[:, 0])
+
+    @property
+    def probes(self):
+        # CLS pooling: after the last attention only the CLS token reaches the scores (see graph's docstring)
+        return {"early": self.blocks[0].out, "default": self.blocks[-1].ln1}
+
+
+NETS = {"groupnorm": GroupNormNet, "tokens": TokenNet}
 # (exporter, opset, dynamic batch)
 EXPORTS = {
+    "legacy-13-batch": ("legacy", 13, True),
     "legacy-13-fixed": ("legacy", 13, False),
+    "legacy-17-batch": ("legacy", 17, True),
     "dynamo-18-batch": ("dynamo", 18, True),
 }
 BATCH = 2
@@ -130,7 +173,7 @@ def _check_gradients(net, model, layers):
 # ------------------------------------------------------------------------------------------------ GroupNorm
 
 
-@pytest.mark.parametrize("how", ["legacy-13-fixed", "dynamo-18-batch"])
+@pytest.mark.parametrize("how", ["legacy-13-batch", "legacy-13-fixed", "dynamo-18-batch"])
 def test_group_norm_maps_are_found_after_the_norm(how, exported):
     """Every map after the GroupNorms is listed with its grid (at opset 13 every shape after the first GroupNorm
     was unknown: only the first convolution was listed, and it was the default layer)."""
@@ -146,10 +189,43 @@ def test_group_norm_maps_are_found_after_the_norm(how, exported):
     assert G.default_layer(model) == relus[-1]
 
 
-@pytest.mark.parametrize("how", ["legacy-13-fixed", "dynamo-18-batch"])
+@pytest.mark.parametrize("how", ["legacy-13-batch", "legacy-13-fixed", "dynamo-18-batch"])
 def test_group_norm_gradients_match_autograd(how, exported):
     net, model = exported("groupnorm", how)
     _check_gradients(net, model, G.candidate_layers(model))
+
+
+# --------------------------------------------------------------------------------------------------- tokens
+
+
+@pytest.mark.parametrize("how", ["legacy-17-batch", "dynamo-18-batch"])
+def test_token_layers_are_found_with_a_symbolic_batch(how, exported):
+    """The token tensors after the CLS concat are listed as a 4x4 grid with 1 prefix token, and the default layer
+    is the last block's first LayerNorm (the token count was unknown: only the patch-embedding Conv was listed)."""
+    _, model = exported("tokens", how)
+    if how.startswith("legacy"):
+        gi = G._Graph(model)
+        flatten = next(n for n in model.graph.node if n.op_type == "Reshape")
+        assert gi.const(flatten.input[1]) is None      # the case in question: the target [N, 16, -1] is computed
+    layers = G.candidate_layers(model)
+    tokens = [l for l in layers if l.kind == "tokens"]
+    with_cls = [l for l in tokens if l.shape[1] == 17]
+    assert len(with_cls) >= 6, tokens       # per block at least its first LayerNorm, residual sum and output
+    assert all(l.shape == (None, 17, 16) and l.grid == (4, 4) and l.prefix_tokens == 1 for l in with_cls)
+    assert all(l.grid == (4, 4) and l.prefix_tokens == 0 for l in tokens if l not in with_cls)
+    default = G.default_layer(model)
+    assert (default.kind, default.shape, default.grid, default.prefix_tokens, default.op_type) == (
+        "tokens", (None, 17, 16), (4, 4), 1, "LayerNormalization")
+    assert default.name == [l.name for l in with_cls if l.op_type == "LayerNormalization"][2]   # block 2's ln1
+
+
+@pytest.mark.parametrize("how", ["legacy-17-batch", "dynamo-18-batch"])
+def test_token_gradients_match_autograd(how, exported):
+    net, model = exported("tokens", how)
+    _check_gradients(net, model, G.candidate_layers(model))
+
+
+# ------------------------------------------------------------------------------------------------- folding
 
 
 def test_shape_and_size_of_a_tensor_with_a_static_shape_fold():
@@ -171,3 +247,25 @@ def test_shape_and_size_of_a_tensor_with_a_static_shape_fold():
     values = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in folded.graph.initializer}
     assert values == {"all": [2, 3, 4, 5], "middle": [3, 4], "clamped": [2, 3, 4, 5], "size": 120}
     assert [n.op_type for n in folded.graph.node] == ["Relu"]
+
+
+def test_a_symbolic_batch_keeps_the_dimensions_that_do_not_depend_on_it():
+    """x: N x 16 x 4 x 4. Reshape to [N, 16, -1] (N from Shape) is N x 16 x 16 with N still the batch; Reshape to
+    [-1, 16] is (16 N) x 16, whose first dimension is neither a number nor the batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["n"], end=1),
+             helper.make_node("Concat", ["n", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["tokens"]),
+             helper.make_node("Reshape", ["x", "rows_shape"], ["rows"]),
+             helper.make_node("Relu", ["tokens"], ["a"]),
+             helper.make_node("Relu", ["rows"], ["b"])]
+    g = helper.make_graph(nodes, "batch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 4, 4])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("a", "b")],
+                          [numpy_helper.from_array(np.array([16, -1], np.int64), "rest"),
+                           numpy_helper.from_array(np.array([-1, 16], np.int64), "rows_shape")])
+    model = G.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}
+    assert [d.dim_value for d in shapes["tokens"][1:]] == [16, 16] and shapes["tokens"][0].dim_param == "N"
+    assert shapes["rows"][1].dim_value == 16
+    assert not shapes["rows"][0].HasField("dim_value") and shapes["rows"][0].dim_param != "N"
