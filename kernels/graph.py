@@ -765,8 +765,11 @@ def _restricts(gi: _Graph, node, inp: str, restricted: dict):
     if os_ is None or len(os_) < 2 or os_[1] != T or (os_[0] is not None and s[0] is not None and os_[0] != s[0]):
         return None
     op = node.op_type
-    if op in _POINTWISE and os_ == s:
+    if op in _POINTWISE and len(os_) == len(s) and os_[:2] == s[:2]:   # broadcasting over channels stays per token
         return _follow(node, restricted, T)
+    if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare") \
+            and node.input[0] == inp and _attr(node, "keepdims", 1) and _reduced_axes(gi, node) == [len(s) - 1]:
+        return _follow(node, restricted, T)   # a written-out LayerNorm's statistics (opsets < 17)
     if op == "LayerNormalization" and node.input[0] == inp and _attr(node, "axis", -1) in (-1, len(s) - 1):
         return _follow(node, restricted, T)
     if op in ("MatMul", "Gemm") and node.input[0] == inp and node.input[1] in gi.inits or (
@@ -780,6 +783,17 @@ def _restricts(gi: _Graph, node, inp: str, restricted: dict):
         if perm[:2] == [0, 1]:
             return _follow(node, restricted, T)
     return None
+
+
+def _reduced_axes(gi: _Graph, node) -> list | None:
+    """A Reduce* node's axes (attribute or constant input), made non-negative; None when unknown or all."""
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = gi.const(node.input[1])
+    rank = len(gi.shapes.get(node.input[0]) or ())
+    if axes is None or not rank:
+        return None
+    return sorted(int(a) % rank for a in np.asarray(axes).ravel())
 
 
 def _follow(node, restricted, T):
