@@ -39,6 +39,20 @@ The server TOML's `[security]` section (see server/security.py):
     tls_client_ca = "clients-ca.crt"      # optional: clients must present a certificate signed by it (mTLS)
     tokens_file = "tokens.txt"            # optional: `token role[,role]` lines; auth is off without tokens
     allowed_domains = ["com.microsoft"]   # custom operator domains a model may use (default: none)
+
+The server TOML's `[connections]` section: the gRPC server's HTTP/2 connection management (Connections; times in
+milliseconds, 0 leaves gRPC's own default: keepalive every 2 hours, no idle or age limit):
+
+    [connections]                         # all optional; these are the defaults
+    keepalive_time_ms = 60000             # ping a connection that has calls after 60 s without reading from it,
+    keepalive_timeout_ms = 20000          #   and close it (its calls end) when the ping is not answered in 20 s
+    keepalive_permit_without_calls = true # clients may send keepalive pings on a connection without calls,
+    min_ping_interval_without_data_ms = 10000   # at most one per 10 s (more often: GOAWAY "too_many_pings")
+    max_connection_idle_ms = 300000       # a connection without calls for 5 minutes is closed (GOAWAY)
+    max_connection_age_ms = 1800000       # after 30 minutes (+-10%) clients are asked to reconnect (GOAWAY)...
+    # max_connection_age_grace_ms         # ...and the calls still open on it are cut after this much longer;
+                                          #   default limits.max_call_seconds + 10 s, so that no call is cut
+                                          #   before its own cap
 """
 
 from __future__ import annotations
@@ -94,6 +108,10 @@ class Limits:
     # Estimated memory of one job (validation.job_bytes: images, one batch of inputs per pass kind, the maps
     # held); a request over it is refused with RESOURCE_EXHAUSTED before any work.
     max_job_bytes: int = 2 * 1024 ** 3
+    # The longest a call may run when its client set no deadline, or a longer one: then the server ends it with
+    # DEADLINE_EXCEEDED (service.CallCap), as if the client's deadline had passed. A client that stops reading an
+    # Explain stream holds a server thread and the job's undelivered maps until then.
+    max_call_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,42 @@ class Security:
     allowed_domains: tuple[str, ...] = ()       # custom operator domains allowed beyond ai.onnx and ai.onnx.ml
 
 
+GRPC_INT_MAX = 2 ** 31 - 1   # gRPC channel arguments are C ints
+
+
+@dataclass(frozen=True)
+class Connections:
+    """HTTP/2 connection management, as the gRPC server's channel arguments (milliseconds; 0 leaves gRPC's own
+    default). A call's own limits (limits.max_call_seconds) cannot reclaim a connection whose peer vanished without
+    closing it, or one kept open for ever: keepalive pings find the first, the age limit ends the second (and makes
+    clients reconnect, e.g. to replicas added since), the idle limit closes connections nobody uses."""
+
+    keepalive_time_ms: int = 60_000              # grpc.keepalive_time_ms
+    keepalive_timeout_ms: int = 20_000           # grpc.keepalive_timeout_ms
+    keepalive_permit_without_calls: bool = True  # grpc.keepalive_permit_without_calls (clients' pings, ours)
+    min_ping_interval_without_data_ms: int = 10_000   # grpc.http2.min_ping_interval_without_data_ms
+    max_connection_idle_ms: int = 300_000        # grpc.max_connection_idle_ms
+    max_connection_age_ms: int = 1_800_000       # grpc.max_connection_age_ms
+    max_connection_age_grace_ms: int | None = None   # grpc.max_connection_age_grace_ms; None: max_call_seconds + 10 s
+
+    def options(self, limits: "Limits") -> list[tuple[str, int]]:
+        """The gRPC server options (keys whose value is 0 are left out: gRPC's default)."""
+        grace = self.max_connection_age_grace_ms
+        if grace is None:
+            grace = min((limits.max_call_seconds + 10) * 1000, GRPC_INT_MAX)
+        values = {"grpc.keepalive_time_ms": self.keepalive_time_ms,
+                  "grpc.keepalive_timeout_ms": self.keepalive_timeout_ms,
+                  # gRPC (1.85) times a sent ping, keepalive's included, out after this instead of
+                  # keepalive_timeout_ms: without it a vanished peer's connection was closed only after 60 s
+                  "grpc.http2.ping_timeout_ms": self.keepalive_timeout_ms,
+                  "grpc.http2.min_ping_interval_without_data_ms": self.min_ping_interval_without_data_ms,
+                  "grpc.max_connection_idle_ms": self.max_connection_idle_ms,
+                  "grpc.max_connection_age_ms": self.max_connection_age_ms,
+                  "grpc.max_connection_age_grace_ms": grace}
+        options = [(key, value) for key, value in values.items() if value]
+        return options + [("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls))]
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -127,6 +181,7 @@ class ServerConfig:
     provider: str = "auto"                 # auto (CUDA when available) | cpu
     threads: int = 0                       # onnxruntime intra-op threads; 0 = onnxruntime's default
     security: Security = Security()
+    connections: Connections = Connections()
     model_dirs: tuple[pathlib.Path, ...] = ()   # confinement roots; empty: each model's own directory
     fail_fast: bool = False                # a model that cannot be loaded at start-up stops the server
     metrics_port: int = 0                  # Prometheus /metrics on this port (host: `host`); 0 = off
@@ -207,7 +262,7 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
         with open(config_path, "rb") as f:
             table = tomllib.load(f)
         base = config_path.resolve().parent
-    unknown = set(table) - {"server", "limits", "models", "model_dirs", "model_roots", "security"}
+    unknown = set(table) - {"server", "limits", "models", "model_dirs", "model_roots", "security", "connections"}
     if unknown:
         raise ConfigError(f"{config_path}: unknown sections {sorted(unknown)}")
     server = dict(table.get("server", {}))
@@ -228,6 +283,7 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"limits.{key} must be a positive integer, got {value!r}")
     security = security_from_table(security_table, base, str(config_path or "options"))
+    connections = connections_from_table(dict(table.get("connections", {})), str(config_path or "options"))
     models = [model_from_table(t, base, f"{config_path}: models[{i}]") for i, t in enumerate(table.get("models", []))]
     roots = [base] if models else []
     # model_roots: directories the [[models]] paths may point into, without serving their other models
@@ -247,7 +303,7 @@ def load(config_path: pathlib.Path | None = None, model_dirs: list[pathlib.Path]
     if unknown_server:
         raise ConfigError(f"unknown server keys {sorted(unknown_server)}")
     return ServerConfig(limits=Limits(**limits_table), models=tuple(models), security=security,
-                        model_dirs=tuple(dict.fromkeys(roots)), **server)
+                        connections=connections, model_dirs=tuple(dict.fromkeys(roots)), **server)
 
 
 def security_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> Security:
@@ -264,3 +320,18 @@ def security_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) 
         else:
             values[key] = (base / value).resolve()
     return Security(**values)
+
+
+def connections_from_table(table: dict[str, Any], origin: str) -> Connections:
+    names = {f.name for f in dataclasses.fields(Connections)}
+    unknown = set(table) - names
+    if unknown:
+        raise ConfigError(f"{origin}: unknown connections keys {sorted(unknown)}; known: {sorted(names)}")
+    for key, value in table.items():
+        if key == "keepalive_permit_without_calls":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{origin}: connections.{key} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= GRPC_INT_MAX:
+            raise ConfigError(f"{origin}: connections.{key} must be an integer in [0, {GRPC_INT_MAX}] "
+                              f"(milliseconds; 0: gRPC's default), got {value!r}")
+    return Connections(**table)

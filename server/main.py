@@ -53,9 +53,11 @@ class Server:
         self.explainer = Explainer(self.registry, limits)
         # unparsable request bytes: INVALID_ARGUMENT, not INTERNAL; counted in the metrics like any other call
         interceptors.append(MalformedRequests(self.explainer.metrics))
+        # keepalive, idle and age limits: connections whose peer vanished or that never end are reclaimed
+        # (config.Connections); a call's own length is capped by the servicer (limits.max_call_seconds)
         options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                    ("grpc.max_send_message_length", limits.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0), *config.connections.options(limits)]
         # Waiting jobs hold a thread, so the pool has room for every running and queued job plus the cheap calls.
         workers = limits.max_concurrent_jobs + limits.max_queued_jobs + 8
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxplain"),
@@ -100,6 +102,7 @@ class Server:
             # moment, the servicer answers every new call UNAVAILABLE while clients see NOT_SERVING and go away.
             time.sleep(min(grace, DRAIN_SETTLE))
         self.grpc.stop(grace).wait()
+        self.explainer.cap.stop()
         self.explainer.metrics.stop()
 
 
@@ -116,6 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int)
     parser.add_argument("--max-image-pixels", type=int)
     parser.add_argument("--max-message-bytes", type=int)
+    parser.add_argument("--max-call-seconds", type=int,
+                        help="end a call without an earlier deadline after this long, DEADLINE_EXCEEDED (default 600)")
     parser.add_argument("--fail-fast", action="store_true", default=None,
                         help="exit when any configured model cannot be loaded (default: report it, serve the others)")
     parser.add_argument("--allow-domain", action="append", default=[], dest="allowed_domains",
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                     max_concurrent_jobs=args.max_concurrent_jobs,
                                     max_queued_jobs=args.max_queued_jobs, max_batch=args.max_batch,
                                     max_image_pixels=args.max_image_pixels, max_message_bytes=args.max_message_bytes,
+                                    max_call_seconds=args.max_call_seconds,
                                     fail_fast=args.fail_fast, allowed_domains=tuple(args.allowed_domains),
                                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                     tokens_file=args.tokens_file)

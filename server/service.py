@@ -8,6 +8,9 @@ or one model batch.
 An Explain job computes in its own thread and hands its events to the stream through an EventBuffer: a client
 that reads slowly, or stops reading, holds its stream (until its deadline or cancellation) but not the compute
 slot, which is released as soon as the job's last batch ends.
+
+A call whose client set no deadline (or one past limits.max_call_seconds) gets the server's: CallCap ends it with
+DEADLINE_EXCEEDED when it runs longer, and from there it goes the way of a call whose client deadline passed.
 """
 
 from __future__ import annotations
@@ -90,6 +93,68 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 DEADLINE_SLACK = 0.1   # seconds; see Call.gone
 
 
+class CallCap:
+    """Ends the calls that run past limits.max_call_seconds when their client set no deadline, or a longer one.
+
+    gRPC only enforces the client's deadline. Without one, a call lasts as long as its client wants: an Explain
+    stream whose client stops reading keeps its server thread blocked in gRPC's send (HTTP/2 flow control), with
+    the job's undelivered maps, until the connection closes; enough of them take every thread of the server's
+    pool. At the cap the server cancels the call with DEADLINE_EXCEEDED, which is what a client deadline does: the
+    client gets that status, the call stops being active (a queued job leaves the queue, a running one stops
+    within one batch, a blocked send fails and frees its thread and buffer) and Call.gone records it so.
+
+    All calls get the same cap, so they expire in the order they started: one thread waits for the oldest."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+        self._calls: collections.OrderedDict[int, tuple[float, "Call"]] = collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def watch(self, call: "Call") -> None:
+        """Cap `call` unless its client's own deadline comes first."""
+        remaining = call.context.time_remaining()
+        if remaining is not None and remaining <= self.seconds:
+            return
+        with self._cond:
+            if self._stopped:
+                return
+            self._calls[id(call)] = (time.monotonic() + self.seconds, call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="onnxplain-call-cap")
+                self._thread.start()
+            if len(self._calls) == 1:   # a later call never expires before the ones already watched
+                self._cond.notify()
+
+    def forget(self, call: "Call") -> None:
+        with self._cond:
+            self._calls.pop(id(call), None)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._calls.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    wait = None
+                    if self._calls:
+                        expiry, call = next(iter(self._calls.values()))
+                        wait = expiry - time.monotonic()
+                        if wait <= 0:
+                            self._calls.popitem(last=False)
+                            break
+                    self._cond.wait(wait)
+            call.expire(f"the call ran past the server's limit for a call without an earlier deadline "
+                        f"(limits.max_call_seconds = {self.seconds} s); set a deadline, or ask for less work per call")
+
+
 class Call:
     """One RPC as operators see it: request id, model label, status, bytes sent; counted and logged at the end."""
 
@@ -106,6 +171,19 @@ class Call:
             context.set_trailing_metadata((("x-request-id", self.request_id),))
         self.code = grpc.StatusCode.OK
         self.sent = 0
+        self.expired = False   # ended by the server's CallCap
+        explainer.cap.watch(self)
+
+    def expire(self, message: str) -> None:
+        """End the call with DEADLINE_EXCEEDED from outside its thread (which may be blocked in gRPC's send).
+        grpc's Python API can cancel a call only with CANCELLED; the core call under the context cancels with
+        a status, which the client receives as the call's own."""
+        self.expired = True
+        call = getattr(getattr(self.context, "_rpc_event", None), "call", None)
+        if call is not None:
+            call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], logs.status_detail(message).encode())
+        else:   # another gRPC implementation of the context: at least free the call
+            self.context.cancel()
 
     def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, Gone):   # the client saw its own deadline or cancel, which only the context knows
@@ -128,21 +206,26 @@ class Call:
         return message
 
     def gone(self) -> grpc.StatusCode:
-        """Why the caller went away: its deadline passed, or it cancelled. The server's deadline is the client's
-        plus the request's transit time, so a client whose own deadline fired cancels the stream a few
-        milliseconds before the server's passes: a cancellation within DEADLINE_SLACK of it counts as expiry."""
+        """Why the caller went away: its deadline passed (the client's, or the server's max_call_seconds), or it
+        cancelled. The server's deadline is the client's plus the request's transit time, so a client whose own
+        deadline fired cancels the stream a few milliseconds before the server's passes: a cancellation within
+        DEADLINE_SLACK of it counts as expiry."""
+        if self.expired:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         remaining = self.context.time_remaining()
         return (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_SLACK
                 else grpc.StatusCode.CANCELLED)
 
     def ended(self) -> None:
+        self.explainer.cap.forget(self)
         if self.code == grpc.StatusCode.OK and not self.context.is_active():
             self.code = self.gone()
         seconds = time.perf_counter() - self.start
         metrics = self.explainer.metrics
         metrics.call_ended(self.rpc, self.model, self.code.name, seconds)
         metrics.streamed.labels(self.rpc, self.model).inc(self.sent)
-        log.info("%s model=%s code=%s %.1f ms", self.rpc, self.model or "-", self.code.name, seconds * 1e3,
+        log.info("%s model=%s code=%s %.1f ms%s", self.rpc, self.model or "-", self.code.name, seconds * 1e3,
+                 " (ran past limits.max_call_seconds)" if self.expired else "",
                  extra={"rpc": self.rpc, "model": self.model, "code": self.code.name,
                         "duration_ms": round(seconds * 1e3, 3), "bytes_sent": self.sent})
         logs.REQUEST_ID.reset(self._token)
@@ -242,6 +325,7 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
         self.admissions: dict[str, Admission] = {}
         self._admissions_lock = threading.Lock()
         self.metrics = metrics or Metrics(lambda: dict(self.admissions))
+        self.cap = CallCap(limits.max_call_seconds)
         self.jobs: collections.deque[JobRecord] = collections.deque(maxlen=256)
         # Set at shutdown before health reports NOT_SERVING: from then on a call that reaches the servicer is
         # refused with UNAVAILABLE (gRPC refuses new calls itself only once Server.stop has closed the port).
@@ -572,7 +656,8 @@ def limits_info(limits: Limits, max_batch: int, device: str = "") -> service_pb2
         max_targets=limits.max_targets, max_batch=max_batch,
         max_concurrent_jobs=limits.max_concurrent_jobs, max_queued_jobs=limits.max_queued_jobs,
         max_message_bytes=limits.max_message_bytes, max_masks=limits.max_masks, max_steps=limits.max_steps,
-        max_iterations=limits.max_iterations, max_job_bytes=limits.max_job_bytes, device=device)
+        max_iterations=limits.max_iterations, max_job_bytes=limits.max_job_bytes,
+        max_call_seconds=limits.max_call_seconds, device=device)
 
 
 def method_info(method: Method, limits: Limits) -> methods_pb2.MethodInfo:

@@ -1,17 +1,24 @@
 """Faults: an onnxruntime error inside a job fails that call only (maps already streamed are kept), a job over the
-memory budget is refused before any work, and SIGTERM drains the server (health NOT_SERVING, no new calls,
-running calls finish) before it exits 0."""
+memory budget is refused before any work, SIGTERM drains the server (health NOT_SERVING, no new calls, running
+calls finish) before it exits 0, a client that stops reading holds neither the compute slot nor (past
+max_call_seconds) a thread, and connections whose peer vanished, that grow old or sit idle are closed."""
 
 from __future__ import annotations
 
+import gc
+import io
+import json
+import logging
 import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -257,6 +264,208 @@ def test_a_stalled_stream_keeps_every_final_map_and_drops_previews_past_the_jobs
     assert next(drained).map.final
     with pytest.raises(ZeroDivisionError):
         next(drained)
+
+
+def stalling_request() -> service_pb2.ExplainRequest:
+    """256 maps with their attributions (~38 MB): far more than HTTP/2 flow control lets through unread."""
+    return service_pb2.ExplainRequest(
+        model="shapes", images=[tensor_pb2.Image(encoded=sample_png())] * 2,
+        methods=[methods_pb2.MethodSpec(method="gradient")] * 16, targets=service_pb2.Targets(top_k=8),
+        output=methods_pb2.OutputOptions(return_attribution=True))
+
+
+def threads_sending() -> int:
+    """Threads blocked in gRPC's send of a response message (grpc/_server.py): a stream whose client stopped
+    reading holds one."""
+    count = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "_send_response" and frame.f_code.co_filename.endswith("_server.py"):
+                count += 1
+                break
+            frame = frame.f_back
+    return count
+
+
+def event_buffers() -> list:
+    """The live EventBuffers (each holds one Explain job's undelivered events), as weak references."""
+    from onnxplain.server.service import EventBuffer
+
+    gc.collect()
+    return [weakref.ref(o) for o in gc.get_objects() if isinstance(o, EventBuffer)]
+
+
+def test_a_stalled_stream_without_a_deadline_ends_at_max_call_seconds_as_if_its_deadline_passed():
+    from onnxplain.server import logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.RequestIdFilter())
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("onnxplain.server")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    cap = 2
+    srv = start([default_model_config()], max_concurrent_jobs=1, max_queued_jobs=1, max_call_seconds=cap)
+    try:
+        before = {id(ref()) for ref in event_buffers()}
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        started = time.monotonic()
+        stalled = stub.Explain(stalling_request())   # no deadline, and nothing read after the first event
+        accepted = next(stalled).accepted
+        record = next(r for r in srv.explainer.jobs if r.job_id == accepted.job_id)
+        while record.status == "running":
+            time.sleep(0.05)
+        assert record.status == "ok" and time.monotonic() - started < cap, "the job itself ended before the cap"
+        [held] = [ref for ref in event_buffers() if id(ref()) not in before]
+        assert threads_sending() == 1, "the stalled stream holds a thread (and its job's maps: `held`)"
+        other = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))   # its own connection
+        prediction = other.Predict(service_pb2.PredictRequest(
+            model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
+        assert prediction.predictions[0].top[0].label == "ring", "the server serves other calls meanwhile"
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
+            assert time.monotonic() - started < cap + 1.5, "the stalled call was not ended at max_call_seconds"
+            time.sleep(0.05)
+        assert threads_sending() == 0, "the call's thread is released"
+        gc.collect()
+        assert held() is None, "and the job's undelivered maps with it"
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stalled)   # what had reached the client before the cap, then the status
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert f"limits.max_call_seconds = {cap} s" in caught.value.details()
+        # the same stalled stream with a client deadline (before the cap) is recorded the same way
+        expiring = stub.Explain(stalling_request(), timeout=1)
+        next(expiring)
+        time.sleep(1.2)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(expiring)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 2:
+            assert time.monotonic() < deadline, "the client's deadline was not counted"
+            time.sleep(0.05)
+        samples = scrape(srv)
+        assert metric(samples, "onnxplain_calls_total", rpc="Explain") == 2
+        assert metric(samples, "onnxplain_call_seconds_count", rpc="Explain", model="shapes") == 2
+        assert other.Predict(service_pb2.PredictRequest(
+            model="shapes", images=[tensor_pb2.Image(encoded=sample_png())], top_k=1), timeout=15).predictions
+    finally:
+        srv.stop(0)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    calls = [line for line in lines if line.get("rpc") == "Explain"]
+    assert [(c["code"], c["model"]) for c in calls] == [("DEADLINE_EXCEEDED", "shapes")] * 2
+    assert calls[0]["duration_ms"] >= cap * 1000 and calls[0]["request_id"] == accepted.job_id
+    assert calls[0]["msg"].endswith("(ran past limits.max_call_seconds)"), "the line says why the server ended it"
+    assert not calls[1]["msg"].endswith(")"), "the client's own deadline"
+
+
+# ------------------------------------------------------------------------------------------- connections
+
+class FreezingProxy:
+    """A TCP relay to the server that, once frozen, neither reads nor forwards: the server sees a peer that
+    vanished without closing its connection (a cable pulled, a machine gone)."""
+
+    def __init__(self, port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.frozen, self.closed = threading.Event(), threading.Event()
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, args=(port,), daemon=True).start()
+
+    def _accept(self, port: int) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        server = socket.create_connection(("127.0.0.1", port))
+        self.sockets += [client, server]
+        for a, b in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while not self.frozen.is_set():
+                data = source.recv(65536)
+                if not data or self.frozen.is_set():
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        self.closed.wait()
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in self.sockets:
+            s.close()
+
+
+def start_with_connections(**connections):
+    from onnxplain.server.config import Connections, Limits, ServerConfig
+    from onnxplain.server.main import Server
+    from production import _free_port
+
+    config = ServerConfig(host="127.0.0.1", port=0, models=(default_model_config(),), metrics_port=_free_port(),
+                          limits=Limits(max_batch=8), connections=Connections(**connections))
+    return Server(config).start()
+
+
+def long_explain() -> service_pb2.ExplainRequest:
+    # RISE with 10,000 masks: far longer than these tests wait
+    return service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
+                                      methods=[methods_pb2.MethodSpec(rise=methods_pb2.RiseParams(masks=10_000))])
+
+
+def test_keepalive_closes_a_connection_whose_peer_vanished_and_frees_its_call():
+    srv = start_with_connections(keepalive_time_ms=300, keepalive_timeout_ms=300)
+    proxy = FreezingProxy(srv.port)
+    try:
+        call = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(proxy.address)).Explain(long_explain())
+        job_id = next(call).accepted.job_id
+        proxy.frozen.set()
+        frozen = time.monotonic()
+        record = next(r for r in srv.explainer.jobs if r.job_id == job_id)
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain") < 1:
+            assert time.monotonic() - frozen < 5, "the call of a vanished peer is still open"
+            time.sleep(0.05)
+        assert record.status == "cancelled"
+    finally:
+        proxy.close()
+        srv.stop(0)
+
+
+def test_a_connection_past_its_max_age_and_grace_is_closed_under_a_running_call():
+    srv = start_with_connections(max_connection_age_ms=500, max_connection_age_grace_ms=500)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Explain(long_explain()))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "max connection age" in caught.value.details()
+        assert time.monotonic() - started < 3
+        # the client reconnects for its next call
+        assert stub.ListModels(service_pb2.ListModelsRequest(), timeout=10).models[0].name == "shapes"
+    finally:
+        srv.stop(0)
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects():
+    srv = start_with_connections(max_connection_idle_ms=300)
+    try:
+        channel = grpc.insecure_channel(srv.address)
+        stub = service_pb2_grpc.ExplainerStub(channel)
+        stub.ListModels(service_pb2.ListModelsRequest(), timeout=10)
+        states = []
+        channel.subscribe(states.append)
+        deadline = time.monotonic() + 3
+        while grpc.ChannelConnectivity.IDLE not in states:
+            assert time.monotonic() < deadline, f"the idle connection stayed open: {states}"
+            time.sleep(0.05)
+        assert stub.ListModels(service_pb2.ListModelsRequest(), timeout=10).models[0].name == "shapes"
+    finally:
+        srv.stop(0)
 
 
 def slow_decoding(monkeypatch, seconds: float) -> dict:

@@ -72,6 +72,34 @@ def test_a_cancelled_or_expired_call_stops_within_one_batch(server, how):
         time.sleep(0.1)
 
 
+def test_a_call_past_max_call_seconds_stops_within_one_batch_as_if_its_deadline_passed():
+    # the client's deadline (60 s) is later than the server's cap (2 s): the cap ends the call, and the job stops
+    # the way it does when a client's deadline passes
+    srv = start([default_model_config()], max_batch=BATCH, max_call_seconds=2)
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        assert stub.GetModel(service_pb2.GetModelRequest(name="shapes"), timeout=10).limits.max_call_seconds == 2
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stub.Explain(long_request(), timeout=60):
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "limits.max_call_seconds = 2 s" in caught.value.details()
+        assert 2 <= time.monotonic() - started < 3.5
+        ended = forward_samples(srv)
+        after = settle(srv)
+        assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
+        assert after < 10_000 / 2, "the job did not run to completion"
+        record = srv.explainer.jobs[-1]
+        assert record.status == "cancelled" and record.samples() - record.samples_at_end <= BATCH
+        deadline = time.monotonic() + 10
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
+            assert time.monotonic() < deadline, "no Explain call counted as DEADLINE_EXCEEDED"
+            time.sleep(0.1)
+    finally:
+        srv.stop(0)
+
+
 def test_metrics_count_calls_maps_bytes_and_show_the_queue(server):
     stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
     before = scrape(server)

@@ -116,6 +116,12 @@ std = [4, 5, 6]
     ('[[models]]\nname = "a\\nb"\npath = "m.onnx"', "models[0]: name must be"),
     ('[[models]]\nname = "../m"\npath = "m.onnx"', "[A-Za-z0-9._-]"),
     ('[[models]]\npath = ["m.onnx"]', "path must be"),
+    ('[limits]\nmax_call_seconds = 0', "limits.max_call_seconds must be a positive integer"),
+    ('[connections]\nkeepalive_time = 5', "unknown connections keys ['keepalive_time']"),
+    ('[connections]\nkeepalive_time_ms = -1', "connections.keepalive_time_ms must be an integer in [0, 2147483647]"),
+    ('[connections]\nmax_connection_age_ms = 3000000000', "connections.max_connection_age_ms must be an integer"),
+    ('[connections]\nmax_connection_idle_ms = "5m"', "connections.max_connection_idle_ms must be an integer"),
+    ('[connections]\nkeepalive_permit_without_calls = 1', "keepalive_permit_without_calls must be true or false"),
 ])
 def test_bad_configuration_is_reported_clearly(tmp_path, toml, message):
     nhwc_classifier(tmp_path / "m.onnx")
@@ -125,6 +131,26 @@ def test_bad_configuration_is_reported_clearly(tmp_path, toml, message):
         cfg = config.load(tmp_path / "s.toml")
         for m in cfg.models:
             load_entry(m, cfg.limits)
+
+
+def test_call_cap_and_connection_management_have_defaults_and_are_configurable(tmp_path):
+    from onnxplain.server.main import parse_args
+
+    defaults = dict(config.load(None).connections.options(config.Limits()))
+    assert config.Limits().max_call_seconds == 600
+    assert defaults == {"grpc.keepalive_time_ms": 60_000, "grpc.keepalive_timeout_ms": 20_000,
+                        "grpc.http2.ping_timeout_ms": 20_000, "grpc.http2.min_ping_interval_without_data_ms": 10_000,
+                        "grpc.max_connection_idle_ms": 300_000, "grpc.max_connection_age_ms": 1_800_000,
+                        "grpc.max_connection_age_grace_ms": 610_000, "grpc.keepalive_permit_without_calls": 1}
+    (tmp_path / "server.toml").write_text("[limits]\nmax_call_seconds = 30\n[connections]\nkeepalive_time_ms = 5000\n"
+                                          "max_connection_idle_ms = 0\nkeepalive_permit_without_calls = false\n")
+    cfg = config.load(tmp_path / "server.toml")
+    options = dict(cfg.connections.options(cfg.limits))
+    assert options["grpc.keepalive_time_ms"] == 5000 and options["grpc.keepalive_permit_without_calls"] == 0
+    assert "grpc.max_connection_idle_ms" not in options, "0 leaves gRPC's default"
+    assert options["grpc.max_connection_age_grace_ms"] == 40_000, "a call running at GOAWAY is not cut before its cap"
+    args = parse_args(["--config", str(tmp_path / "server.toml"), "--max-call-seconds", "90"])
+    assert config.load(args.config, max_call_seconds=args.max_call_seconds).limits.max_call_seconds == 90
 
 
 def test_corrupt_model_file_is_reported(tmp_path):
