@@ -13,6 +13,7 @@ image (pixel = 0, i.e. b = -mean / std per channel),
     masked = b + m ⊙ (x - b)        (= preprocess(m ⊙ pixels), exactly, because preprocessing is affine)
 
 which equals m ⊙ x for models without a mean (scale-only preprocessing) and is the papers' definition for all.
+Any finite map normalises, also one spanning +-3.4e38 (Builder.minmax works on its halves).
 
 Per map, with Y = p_c(x) and O = p_c(masked):
     average drop      max(0, Y - O) / Y    (its mean over a dataset is AD; the papers print it x 100)
@@ -40,6 +41,9 @@ The perturbed inputs are built inside onnxruntime by small graphs composed in fr
 (min-max normalisation and b + m ⊙ (x - b) for a batch of maps) and a reveal graph (Where(Gather(ranks,
 which) < counts, end, start) for a batch of (map, k) pairs), so Python only feeds per-pixel ranks once per map
 and small per-sample numbers. All of it runs in batches of `runner.max_batch`.
+
+No metric is made of a NaN: one that would not be finite (a model score behind it is NaN or Inf, or Y = 0 for
+average drop and gain) raises NotFinite instead of being reported.
 """
 
 from __future__ import annotations
@@ -67,6 +71,16 @@ METRICS = (AVERAGE_DROP, AVERAGE_GAIN, AVERAGE_INCREASE, INSERTION, DELETION, PO
 MASKING = (AVERAGE_DROP, AVERAGE_GAIN, AVERAGE_INCREASE)
 CURVES = (INSERTION, DELETION)
 POINTING = (POINTING_GAME, ENERGY_POINTING_GAME)
+
+
+class NotFinite(ValueError):
+    """A score behind a metric is not finite, so neither is the metric: the model's scores for a perturbed input
+    are NaN or Inf, or the map's class has probability 0 (average drop and gain divide by it). `index` is the
+    map's position in the maps given to `evaluate`."""
+
+    def __init__(self, index: int, metrics: list[str], reason: str):
+        super().__init__(f"{', '.join(metrics)} of map {index} would not be finite: {reason}")
+        self.index, self.metrics, self.reason = index, metrics, reason
 
 
 @dataclass
@@ -181,6 +195,8 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
         raise ValueError(f"maps must be [M, {spatial[0]}, {spatial[1]}], got {list(maps.shape)}")
     if len(classes) != len(maps):
         raise ValueError(f"{len(maps)} maps need {len(maps)} classes, got {len(classes)}")
+    if not np.isfinite(maps).all():
+        raise ValueError("maps must be finite; they contain NaN or Inf")
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; metrics: {list(METRICS)}")
@@ -206,8 +222,9 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
             masked[lo:hi] = softmax(out)[np.arange(hi - lo), classes[lo:hi]]
         for r, yv, o in zip(results, y, masked):
             r.masked_score = float(o)
-            values = {AVERAGE_DROP: max(0.0, yv - o) / yv, AVERAGE_GAIN: max(0.0, o - yv) / yv,
-                      AVERAGE_INCREASE: float(yv < o)}
+            # check_finite refuses what a NaN O or Y = 0 makes of these
+            values = {AVERAGE_DROP: max(0.0, yv - o) / yv if yv > 0 else np.nan,
+                      AVERAGE_GAIN: max(0.0, o - yv) / yv if yv > 0 else np.nan, AVERAGE_INCREASE: float(yv < o)}
             r.values.update({m: float(values[m]) for m in MASKING if m in metrics})
 
     curves = [m for m in CURVES if m in metrics]
@@ -250,4 +267,24 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
                 r.values[POINTING_GAME] = pointing_game(saliency, inside)
             if ENERGY_POINTING_GAME in metrics:
                 r.values[ENERGY_POINTING_GAME] = energy_pointing_game(saliency, inside)
+    for i, r in enumerate(results):
+        check_finite(i, int(classes[i]), r)
     return results
+
+
+def check_finite(index: int, c: int, r: MapScores) -> None:
+    """Raise NotFinite unless every number of `r` is finite. A NaN slips through comparisons (max(0, Y - NaN) is
+    0, the best average drop), so nothing computed from one may be reported as a score."""
+    bad = {name for name, value in r.values.items() if not np.isfinite(value)}
+    if not np.isfinite(r.class_score):   # every metric but the pointing games reads Y
+        bad |= set(r.values) - set(POINTING)
+    if r.masked_score is not None and not np.isfinite(r.masked_score):
+        bad |= set(r.values) & set(MASKING)
+    if not bad:
+        return
+    if r.class_score == 0 and np.isfinite(r.masked_score if r.masked_score is not None else 0.0):
+        reason = (f"class {c} has probability 0 on this image (in float64), and average drop and gain are "
+                  "relative to it")
+    else:
+        reason = "the model's scores for the perturbed inputs they need are NaN or Inf"
+    raise NotFinite(index, sorted(bad), reason)

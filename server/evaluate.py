@@ -33,6 +33,7 @@ METRIC_NAMES = {
     methods_pb2.ENERGY_POINTING_GAME: km.ENERGY_POINTING_GAME,
 }
 METRIC_ENUMS = {name: number for number, name in METRIC_NAMES.items()}
+METRIC_TITLES = {name: methods_pb2.Metric.Name(number) for name, number in METRIC_ENUMS.items()}
 DEFAULT_STEPS = 50
 MAX_STEPS = 1000
 DEFAULT_BLUR = 5.0
@@ -55,6 +56,13 @@ class ScoredMap:
     method: str
     class_id: int
     saliency: np.ndarray    # [H, W] at the input resolution
+
+
+def described(m: ScoredMap) -> str:
+    """A scored map as the request names it: a client's maps[j], or the map of methods[i] for a class."""
+    if m.order[0] == 1:
+        return f"maps[{m.order[1]}]"
+    return f"the map of methods[{m.order[2]}] ({m.method}) for class {m.class_id}"
 
 
 def metric_list(values) -> list[str]:
@@ -246,10 +254,15 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
                 continue
             image_boxes = opts.boxes.get(i, [])
             wanted = [m for m in opts.metrics if image_boxes or m not in km.POINTING]
-            scored = km.evaluate(entry.runner, p.sample, np.stack([m.saliency for m in maps]),
-                                 [m.class_id for m in maps], pre, wanted, steps=opts.steps,
-                                 blur_sigma=opts.blur_sigma, boxes=image_boxes, return_curves=opts.return_curves,
-                                 passes=record.passes, between_batches=check, scores=s)
+            try:
+                scored = km.evaluate(entry.runner, p.sample, np.stack([m.saliency for m in maps]),
+                                     [m.class_id for m in maps], pre, wanted, steps=opts.steps,
+                                     blur_sigma=opts.blur_sigma, boxes=image_boxes, return_curves=opts.return_curves,
+                                     passes=record.passes, between_batches=check, scores=s)
+            except km.NotFinite as exc:   # never a score made of a NaN
+                raise invalid(f"images[{i}], {described(maps[exc.index])}: "
+                              f"{', '.join(METRIC_TITLES[m] for m in exc.metrics)} would not be finite: "
+                              f"{exc.reason}") from None
             results += zip(maps, scored)
         results.sort(key=lambda pair: pair[0].order)
         for m, scored in results:

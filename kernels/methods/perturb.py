@@ -69,11 +69,16 @@ class Builder:
         return self.op("MatMul", rows, self.const(np.ascontiguousarray(linear_weights(source[1], width).T)))
 
     def minmax(self, maps: str, out: str | None = None) -> str:
-        """(m - min) / (max - min + EPS) per map over its two last axes (named `out` when given)."""
-        lo = self.reduce("ReduceMin", maps, [2, 3])
-        hi = self.reduce("ReduceMax", maps, [2, 3])
-        span = self.op("Add", self.op("Sub", hi, lo), self.const(EPS))
-        return self.op("Div", self.op("Sub", maps, lo), span, out=out)
+        """(m - min) / (max - min + EPS) per map over its two last axes (named `out` when given), computed on
+        m / 2: max - min of finite float32 maps overflows to Inf past 3.4e38 (a map spanning +-3e38 became NaN
+        where it was largest), its halves' never does; halving is exact and both sides of the quotient are
+        halved (EPS too), so the result is the same to the bit for every map whose span did not overflow and whose
+        values are not subnormal (below 1.2e-38, where halving rounds)."""
+        half = self.op("Mul", maps, self.const(0.5))
+        lo = self.reduce("ReduceMin", half, [2, 3])
+        hi = self.reduce("ReduceMax", half, [2, 3])
+        span = self.op("Add", self.op("Sub", hi, lo), self.const(EPS / 2))
+        return self.op("Div", self.op("Sub", half, lo), span, out=out)
 
     def masked_input(self, x: str, mask: str, layout: str, base: str | None = None) -> str:
         """x * mask with a [B, 1, H, W] mask broadcast over the channels of one NCHW or NHWC sample; with a

@@ -143,3 +143,66 @@ def test_evaluate_is_admitted_and_recorded(server, client, sample):
     record = [r for r in server.explainer.jobs if r.rpc == "Evaluate"][-1]
     assert record.status == "ok" and record.passes.forward_samples > 0
     assert server.explainer.admissions and all(a.running == 0 for a in server.explainer.admissions.values())
+
+
+def test_a_map_spanning_the_float32_range_scores_as_the_same_map(client, sample):
+    image, box, label = sample
+    x0, y0, x1, y1 = (round(v * 96 / 128) for v in box)
+    saliency = np.ones((96, 96), np.float32)
+    saliency[y0:y1, x0:x1] = -1.0   # the background: masking by it blackens the star
+    huge = saliency * np.float32(3e38)
+    masking = ["average_drop", "average_gain", "average_increase"]
+    result = client.evaluate("shapes", [image], maps=[(0, label, "plain", saliency), (0, label, "huge", huge)],
+                             metrics=masking)
+    assert result.value(0, "plain", label, "average_drop") > 0.5, "0.0, the best score, would be wrong here"
+    for name in masking:
+        assert result.value(0, "huge", label, name) == pytest.approx(result.value(0, "plain", label, name), abs=1e-6)
+    scores = {s.method: s.masked_score for s in result.scores if s.metric == "average_drop"}
+    assert scores["huge"] == pytest.approx(scores["plain"], abs=1e-6)
+
+
+def nan_when_dark_model(path):
+    """A 4-class classifier of 16 x 16 images whose scores are NaN when any input value is below -1 (+ 0 x
+    sqrt(min(x) + 1)): finite for a grey picture, NaN for it blended towards black (ImageNet preprocessing)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["linear"]),
+             helper.make_node("ReduceMin", ["x"], ["low"], keepdims=0),
+             helper.make_node("Add", ["low", "one"], ["margin"]),
+             helper.make_node("Sqrt", ["margin"], ["root"]),
+             helper.make_node("Mul", ["root", "zero"], ["nan_or_zero"]),
+             helper.make_node("Add", ["linear", "nan_or_zero"], ["logits"])]
+    graph = helper.make_graph(nodes, "nan_when_dark",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.float32(1), "one"),
+                               numpy_helper.from_array(np.float32(0), "zero")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_metric_that_would_not_be_finite_is_refused_naming_the_map(tmp_path):
+    from onnxplain.client import Client
+    from onnxplain.server.config import ModelConfig
+
+    from support import start_server
+
+    srv = start_server([ModelConfig("dark", nan_when_dark_model(tmp_path / "dark.onnx"),
+                                    preprocessing={"fit": "stretch"})])
+    try:
+        with Client(srv.address, timeout=60) as c:
+            grey = png_bytes(np.full((16, 16, 3), 128, np.uint8))
+            saliency = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+            with pytest.raises(grpc.RpcError) as caught:
+                c.evaluate("dark", [grey], maps=[(0, 0, "mine", saliency)], metrics=["average_drop"])
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() == ("images[0], maps[0]: AVERAGE_DROP would not be finite: the model's "
+                                              "scores for the perturbed inputs they need are NaN or Inf")
+            assert c.evaluate("dark", [grey], maps=[(0, 0, "mine", saliency)], metrics=["pointing_game"],
+                              boxes=[(0, 0, 0, 8, 8)]).scores, "metrics that need no perturbed input are scored"
+    finally:
+        srv.stop(0)

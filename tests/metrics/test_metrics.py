@@ -214,6 +214,69 @@ def test_nhwc_model_and_batches_smaller_than_the_curve():
         assert result.values["deletion"] == pytest.approx(np.trapezoid(deletion, dx=1 / steps), abs=1e-5)
 
 
+def nhwc_case(h=6, w=7, c=3, k=4, model=None):
+    """A runner over `model` (default: the linear NHWC model), its preprocessing and a sample of pixels 128..255."""
+    model = model if model is not None else linear_nhwc_model(h, w, c, k)[0]
+    runner = Runner(model, "logits", "x", max_batch=3)
+    pre = images.Preprocessing(h, w, fit="stretch", layout="NHWC", scale=1 / 255, mean=(0.5, 0.4, 0.3),
+                               std=(0.2, 0.3, 0.25))
+    pixels = np.random.default_rng(1).integers(128, 256, (h, w, c)).astype(np.float64)
+    return runner, pre, ((pixels / 255 - np.array(pre.mean)) / np.array(pre.std)).astype(np.float32)
+
+
+def test_a_map_spanning_the_float32_range_scores_as_the_same_map_at_any_scale():
+    runner, pre, sample = nhwc_case()
+    saliency = np.random.default_rng(3).normal(size=(6, 7))
+    saliency = (saliency / np.abs(saliency).max()).astype(np.float32)
+    huge = saliency * np.float32(3e38)   # +-3e38: max - min is over float32's 3.4e38
+    with np.errstate(over="ignore"):
+        assert np.isinf(huge.max() - huge.min())
+    masking = ["average_drop", "average_gain", "average_increase"]
+    plain, large = metrics.evaluate(runner, sample, np.stack([saliency, huge]), [3, 3], pre, masking + ["deletion"],
+                                    steps=4)
+    assert plain.values["average_drop"] > 0.1, "masking lowers this class's score: 0.0 would be the best score"
+    for name in masking + ["deletion"]:
+        assert large.values[name] == pytest.approx(plain.values[name], abs=1e-6), name
+    assert large.masked_score == pytest.approx(plain.masked_score, abs=1e-6)
+
+
+def nan_below_model(threshold: float, h=6, w=7, c=3, k=4, bias=(0.0, 0.0, 0.0, 0.0)):
+    """The linear NHWC model plus bias, whose scores are NaN when any input value is below `threshold`
+    (+ 0 * sqrt(min(x) - threshold))."""
+    model, _ = linear_nhwc_model(h, w, c, k)
+    g = model.graph
+    g.node[-1].output[0] = "linear"
+    g.node.extend([helper.make_node("Add", ["linear", "bias"], ["biased"]),
+                   helper.make_node("ReduceMin", ["x"], ["low"], keepdims=0),
+                   helper.make_node("Sub", ["low", "threshold"], ["margin"]),
+                   helper.make_node("Sqrt", ["margin"], ["root"]),
+                   helper.make_node("Mul", ["root", "zero"], ["nan_or_zero"]),
+                   helper.make_node("Add", ["biased", "nan_or_zero"], ["logits"])])
+    g.initializer.extend([numpy_helper.from_array(np.asarray(bias, np.float32), "bias"),
+                          numpy_helper.from_array(np.float32(threshold), "threshold"),
+                          numpy_helper.from_array(np.float32(0), "zero")])
+    return model
+
+
+def test_a_metric_that_would_not_be_finite_is_an_error():
+    saliency = np.random.default_rng(4).normal(size=(1, 6, 7)).astype(np.float32)
+    # the image's values are all >= 0, black's are -2.5, -1.33 and -1.2: the masked and deleted images are NaN
+    runner, pre, sample = nhwc_case(model=nan_below_model(-0.5))
+    assert np.isfinite(runner.scores(sample[None], Passes())).all()
+    with pytest.raises(metrics.NotFinite, match="average_drop, average_gain, average_increase of map 0 .* NaN or Inf"):
+        metrics.evaluate(runner, sample, saliency, [3], pre, ["average_drop", "average_gain", "average_increase"])
+    with pytest.raises(metrics.NotFinite, match="deletion of map 0"):
+        metrics.evaluate(runner, sample, saliency, [3], pre, ["deletion"], steps=4)
+    # class 1's logit is 2000 below the others: p_1 = 0 in float64, and average drop and gain divide by it
+    runner, pre, sample = nhwc_case(model=nan_below_model(-10.0, bias=(0, -2000, 0, 0)))
+    with pytest.raises(metrics.NotFinite, match="average_drop of map 1 .* class 1 has probability 0"):
+        metrics.evaluate(runner, sample, np.concatenate([saliency] * 2), [3, 1], pre, ["average_drop"])
+    assert metrics.evaluate(runner, sample, saliency, [1], pre, ["average_increase"])[0].values == {
+        "average_increase": 0.0}
+    with pytest.raises(ValueError, match="maps must be finite"):
+        metrics.evaluate(runner, sample, np.full((1, 6, 7), np.nan, np.float32), [1], pre, ["deletion"])
+
+
 def test_blur_equals_the_pixel_blur_and_ranks_are_stable():
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (9, 11, 3)).astype(np.float64)
