@@ -40,10 +40,13 @@ class Outcome:
 
 def test_sigterm_under_load_loses_no_admitted_call(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The log goes to a file: a pipe nobody reads fills (64 KiB, a few hundred RESOURCE_EXHAUSTED lines on a slow
+    # machine) and then blocks every server thread that logs.
+    log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "onnxplain.server.main", "--port", "0", "--grace", str(GRACE),
                              "--max-batch", str(BATCH), "--max-concurrent-jobs", "2", "--max-queued-jobs", "4",
                              "--provider", "cpu"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = proc.stdout.readline()
         address = re.search(r"on (\S+:\d+)", line).group(1)
@@ -148,3 +151,4 @@ def test_sigterm_under_load_loses_no_admitted_call(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()

@@ -157,9 +157,10 @@ def test_work_caps_are_enforced_and_listed():
 
 def test_sigterm_drains_then_exits_0(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "server.log", "w")    # a file, not a pipe that fills while nobody reads it
     proc = subprocess.Popen([sys.executable, "-m", "onnxplain.server.main", "--port", "0", "--grace", "60",
                              "--max-batch", "16", "--log-format", "json"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = proc.stdout.readline()
         address = re.search(r"on (\S+:\d+)", line).group(1)
@@ -199,12 +200,13 @@ def test_sigterm_drains_then_exits_0(tmp_path):
         assert events[-1].WhichOneof("event") == "done", "the running call finished during the grace period"
         assert proc.wait(60) == 0
         assert time.monotonic() - signalled < 60
-        log_lines = proc.stderr.read()
+        log_lines = (tmp_path / "server.log").read_text()
         assert '"rpc": "Explain"' in log_lines and '"code": "OK"' in log_lines
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 # ------------------------------------------------------------------------------------------- slow readers, decoding
