@@ -160,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Python runs a signal's handler in the main thread, and only between bytecodes: a SIGTERM that the kernel
+    # delivers to another thread (gRPC's, onnxruntime's) while this one sleeps in an untimed wait would never be
+    # acted on. Waking up every half second lets the handler run.
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down (grace %.1f s)", args.grace)
     server.stop(args.grace)
     return 0

@@ -557,3 +557,24 @@ def test_an_image_that_drives_the_model_out_of_float_range_is_invalid(faulty_ser
             call()
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
         assert caught.value.details().startswith("images[1]: ") and "not finite" in caught.value.details(), rpc
+
+
+def test_a_sigterm_taken_by_another_thread_still_stops_the_server(tmp_path):
+    """The kernel may hand a process's SIGTERM to any of its threads; Python runs the handler in the main thread
+    only when that thread runs bytecode. With an untimed wait there the server never stopped (reproduced by
+    sending the signal to a gRPC thread's id)."""
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "onnxplain.server.main", "--port", "0", "--grace", "5"],
+                            cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert others
+        os.kill(others[-1], signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
