@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import pathlib
 
 import pytest
@@ -128,3 +131,23 @@ def nhwc_model(final="Softmax"):
         nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 24, 32, 3])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@contextlib.contextmanager
+def captured_json_logs():
+    """The server's log lines (JSON, with request ids) written to the StringIO this yields while the block runs."""
+    from onnxplain.server import logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.RequestIdFilter())
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("onnxplain.server")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

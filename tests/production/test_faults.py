@@ -6,9 +6,7 @@ max_call_seconds) a thread, and connections whose peer vanished, that grow old o
 from __future__ import annotations
 
 import gc
-import io
 import json
-import logging
 import os
 import pathlib
 import re
@@ -29,7 +27,7 @@ from onnxplain import tensors
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from production import faulty_model, metric, scrape, start
-from support import default_model_config, sample_png
+from support import captured_json_logs, default_model_config, sample_png
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -299,67 +297,56 @@ def event_buffers() -> list:
 
 
 def test_a_stalled_stream_without_a_deadline_ends_at_max_call_seconds_as_if_its_deadline_passed():
-    from onnxplain.server import logs
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(logs.RequestIdFilter())
-    handler.setFormatter(logs.JsonFormatter())
-    logger = logging.getLogger("onnxplain.server")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     cap = 3
-    srv = start([default_model_config()], max_concurrent_jobs=1, max_queued_jobs=1, max_call_seconds=cap)
-    try:
-        before = {id(ref()) for ref in event_buffers()}
-        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
-        started = time.monotonic()
-        stalled = stub.Explain(stalling_request())   # no deadline, and nothing read after the first event
-        accepted = next(stalled).accepted
-        record = next(r for r in srv.explainer.jobs if r.job_id == accepted.job_id)
-        while record.status == "running":
-            time.sleep(0.05)
-        assert record.status == "ok" and time.monotonic() - started < cap, "the job itself ended before the cap"
-        [held] = [ref for ref in event_buffers() if id(ref()) not in before]
-        while threads_sending() == 0:   # the stream sends what flow control lets through, then blocks
-            assert time.monotonic() - started < cap, "the stream's thread never blocked in gRPC's send"
-            time.sleep(0.02)
-        assert threads_sending() == 1, "the stalled stream holds a thread (and its job's maps: `held`)"
-        other = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))   # its own connection
-        prediction = other.Predict(service_pb2.PredictRequest(
-            model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
-        assert prediction.predictions[0].top[0].label == "ring", "the server serves other calls meanwhile"
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
-            assert time.monotonic() - started < cap + 1.5, "the stalled call was not ended at max_call_seconds"
-            time.sleep(0.05)
-        assert threads_sending() == 0, "the call's thread is released"
-        gc.collect()
-        assert held() is None, "and the job's undelivered maps with it"
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stalled)   # what had reached the client before the cap, then the status
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert f"limits.max_call_seconds = {cap} s" in caught.value.details()
-        # the same stalled stream with a client deadline (before the cap) is recorded the same way
-        expiring = stub.Explain(stalling_request(), timeout=1)
-        next(expiring)
-        time.sleep(1.2)
-        with pytest.raises(grpc.RpcError) as caught:
-            list(expiring)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 10
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 2:
-            assert time.monotonic() < deadline, "the client's deadline was not counted"
-            time.sleep(0.05)
-        samples = scrape(srv)
-        assert metric(samples, "onnxplain_calls_total", rpc="Explain") == 2
-        assert metric(samples, "onnxplain_call_seconds_count", rpc="Explain", model="shapes") == 2
-        assert other.Predict(service_pb2.PredictRequest(
-            model="shapes", images=[tensor_pb2.Image(encoded=sample_png())], top_k=1), timeout=15).predictions
-    finally:
-        srv.stop(0)
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with captured_json_logs() as stream:
+        srv = start([default_model_config()], max_concurrent_jobs=1, max_queued_jobs=1, max_call_seconds=cap)
+        try:
+            before = {id(ref()) for ref in event_buffers()}
+            stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+            started = time.monotonic()
+            stalled = stub.Explain(stalling_request())   # no deadline, and nothing read after the first event
+            accepted = next(stalled).accepted
+            record = next(r for r in srv.explainer.jobs if r.job_id == accepted.job_id)
+            while record.status == "running":
+                time.sleep(0.05)
+            assert record.status == "ok" and time.monotonic() - started < cap, "the job itself ended before the cap"
+            [held] = [ref for ref in event_buffers() if id(ref()) not in before]
+            while threads_sending() == 0:   # the stream sends what flow control lets through, then blocks
+                assert time.monotonic() - started < cap, "the stream's thread never blocked in gRPC's send"
+                time.sleep(0.02)
+            assert threads_sending() == 1, "the stalled stream holds a thread (and its job's maps: `held`)"
+            other = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))   # its own connection
+            prediction = other.Predict(service_pb2.PredictRequest(
+                model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
+            assert prediction.predictions[0].top[0].label == "ring", "the server serves other calls meanwhile"
+            while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
+                assert time.monotonic() - started < cap + 1.5, "the stalled call was not ended at max_call_seconds"
+                time.sleep(0.05)
+            assert threads_sending() == 0, "the call's thread is released"
+            gc.collect()
+            assert held() is None, "and the job's undelivered maps with it"
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stalled)   # what had reached the client before the cap, then the status
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert f"limits.max_call_seconds = {cap} s" in caught.value.details()
+            # the same stalled stream with a client deadline (before the cap) is recorded the same way
+            expiring = stub.Explain(stalling_request(), timeout=1)
+            next(expiring)
+            time.sleep(1.2)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(expiring)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 10
+            while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 2:
+                assert time.monotonic() < deadline, "the client's deadline was not counted"
+                time.sleep(0.05)
+            samples = scrape(srv)
+            assert metric(samples, "onnxplain_calls_total", rpc="Explain") == 2
+            assert metric(samples, "onnxplain_call_seconds_count", rpc="Explain", model="shapes") == 2
+            assert other.Predict(service_pb2.PredictRequest(
+                model="shapes", images=[tensor_pb2.Image(encoded=sample_png())], top_k=1), timeout=15).predictions
+        finally:
+            srv.stop(0)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     calls = [line for line in lines if line.get("rpc") == "Explain"]
     assert [(c["code"], c["model"]) for c in calls] == [("DEADLINE_EXCEEDED", "shapes")] * 2

@@ -3,9 +3,7 @@ pass counter over loopback HTTP), and JSON logs carry the request id and no cred
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import time
 
 import grpc
@@ -14,7 +12,7 @@ import pytest
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from production import metric, scrape, start
-from support import default_model_config, sample_png
+from support import captured_json_logs, default_model_config, sample_png
 
 BATCH = 8
 
@@ -124,17 +122,7 @@ def test_metrics_count_calls_maps_bytes_and_show_the_queue(server):
 
 
 def test_json_logs_carry_the_request_id_and_no_secrets(server):
-    from onnxplain.server import logs
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(logs.RequestIdFilter())
-    handler.setFormatter(logs.JsonFormatter())
-    logger = logging.getLogger("onnxplain.server")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with captured_json_logs() as stream:
         stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
         request = service_pb2.ExplainRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())],
                                              methods=[methods_pb2.MethodSpec(method="gradcam")],
@@ -150,9 +138,6 @@ def test_json_logs_carry_the_request_id_and_no_secrets(server):
         request.request_id = ""
         events = list(stub.Explain(request, timeout=60))
         assert events[0].accepted.request_id == events[0].accepted.job_id, "else the job id"
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     calls = [line for line in lines if line.get("rpc") == "Explain"]
     assert [c["request_id"] for c in calls] == ["from-metadata__evil_", "from-field", events[0].accepted.job_id]
