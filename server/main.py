@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         print(f"onnxplain-server: {exc}", file=sys.stderr)
         return 2
-    print(f"onnxplain-server: serving {', '.join(server.registry.names)} on {server.address}", flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):   # before the line that says the server serves
         signal.signal(sig, lambda *_: stop.set())
+    print(f"onnxplain-server: serving {', '.join(server.registry.names)} on {server.address}", flush=True)
     # Python runs a signal's handler in the main thread, and only between bytecodes: a SIGTERM that the kernel
     # delivers to another thread (gRPC's, onnxruntime's) while this one sleeps in an untimed wait would never be
     # acted on. Waking up every half second lets the handler run.
