@@ -588,9 +588,9 @@ def top_classes(entry: ModelEntry, scores: np.ndarray, k: int) -> list[service_p
 
 
 def normalise(m: np.ndarray, how: int) -> np.ndarray:
-    if how == Norm.MINMAX:
-        lo, hi = m.min(), m.max()
-        return ((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)).astype(np.float32)
+    if how == Norm.MINMAX:   # in float64: hi - lo of a float32 map spanning +-3e38 overflows float32
+        lo, hi = float(m.min()), float(m.max())
+        return ((m.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros_like(m)).astype(np.float32)
     if how == Norm.MAX_ABS:
         top = np.abs(m).max()
         return (m / top if top > 0 else m).astype(np.float32)

@@ -133,6 +133,18 @@ def test_normalisation_is_an_output_option(client):
     np.testing.assert_allclose(maxabs, raw / np.abs(raw).max(), atol=1e-6)
 
 
+def test_minmax_normalises_a_map_spanning_the_float32_range():
+    """hi - lo of a map spanning +-3e38 overflows float32: the map came out [[0, 0], [nan, nan]]."""
+    from onnxplain.server import service
+
+    m = np.array([[-3e38, 0.0], [1e38, 3e38]], np.float32)
+    out = service.normalise(m, methods_pb2.OutputOptions.MINMAX)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.0, 0.5], [2 / 3, 1.0]], rtol=1e-6)
+    np.testing.assert_array_equal(service.normalise(np.full((2, 2), 7, np.float32), methods_pb2.OutputOptions.MINMAX),
+                                  np.zeros((2, 2), np.float32))
+
+
 def test_tensor_input_gives_the_same_map_as_the_encoded_image(client):
     info = client.model("shapes").preprocessing
     img = np.asarray(Image.open(io.BytesIO(sample_png())).convert("RGB").resize((96, 96), Image.Resampling.BILINEAR),
