@@ -17,6 +17,11 @@ Rule variants for ReLU-like activations (`c.rule`), after Springenberg et al. 20
   Elu, Selu, Celu, Mish and ThresholdedRelu are ReLU-like too and follow the same two variants (guided: their
   own local derivative times max(g, 0)).
 Other operators (sigmoid, tanh, softmax, ...) use their true gradient under every variant, as captum does.
+
+Scatters (ScatterND, ScatterElements): under reduction none the indices are taken to be distinct (the spec leaves
+duplicates undefined); under max/min the cotangent is shared evenly among the values that tie for the result, data
+included, as torch's scatter_reduce does; under mul each update's product of the others is formed without dividing by
+a zero (`_product_of_others`).
 """
 from __future__ import annotations
 
@@ -990,6 +995,67 @@ def _gather(c):
 def _gather_elements(c):
     return [c.scatter_back(c.x(0), c.g, lambda idx: c("GatherElements", idx, c.x(1), axis=c.attr("axis", 0))),
             None]
+
+
+def _scatter_ops(c):
+    """(scatter, gather) at the node's own indices: scatter(target, values, reduction) writes values there (ScatterND
+    or ScatterElements along the node's axis), gather(t) reads a tensor shaped like the output back from there."""
+    idx, op = c.x(1), c.node.op_type
+    extra = {} if op == "ScatterND" else {"axis": c.attr("axis", 0)}
+    read = "GatherND" if op == "ScatterND" else "GatherElements"
+    return (lambda t, v, red="none": c(op, t, idx, v, reduction=None if red == "none" else red, **extra),
+            lambda t: c(read, t, idx, **extra))
+
+
+def _ones_like(c, t):
+    return c("Expand", _k(c, 1.0, like=t), c.shape(t))
+
+
+def _product_of_others(c, v, group_total):
+    """For each element of v, the product of the other members of its group, without dividing by a zero: from the
+    group's product of its nonzero members, divided by the element itself where it is nonzero and the group has no
+    zero, taken as is where the element is the group's only zero, and 0 otherwise (torch's prod backward does the
+    same). `group_total(t, reduction)` ("mul" or "add") combines t over each group, broadcast back to v's elements."""
+    is_zero = c("Equal", v, _k(c, 0.0, like=v))
+    safe = c("Where", is_zero, _k(c, 1.0, like=v), v)
+    prod = group_total(safe, "mul")
+    zeros = group_total(c("CastLike", is_zero, v), "add")
+
+    def zeros_are(n):
+        return c("CastLike", c("Equal", zeros, _k(c, float(n), like=v)), v)
+
+    return c("Where", is_zero, c("Mul", prod, zeros_are(1)), c("Mul", c("Div", prod, safe), zeros_are(0)))
+
+
+@rule("ScatterND", "ScatterElements")
+def _scatter(c):
+    # y is data with the updates written (reduction none) or combined (add, mul, max, min) at the indices. gather(g)
+    # is what each update's position receives; duplicate indices combine under a reduction and are left undefined by
+    # the spec under none, where we assume there are none.
+    data, upd, g = c.x(0), c.x(2), c.g
+    scatter, gather = _scatter_ops(c)
+    red = c.attr("reduction", "none")
+    if red == "none":   # overwritten data never reaches y
+        return [scatter(g, c.zeros_like(upd)) if c.needs(0) else None, None, gather(g) if c.needs(2) else None]
+    if red == "add":
+        return [g, None, gather(g) if c.needs(2) else None]
+    if red == "mul":    # y = data * (product of the updates landing there, 1 where none does)
+        ones = _ones_like(c, data)
+        ddata = c("Mul", g, scatter(ones, upd, "mul")) if c.needs(0) else None
+        dupd = None
+        if c.needs(2):
+            def group_total(t, how):
+                return gather(scatter(ones if how == "mul" else c.zeros_like(data), t, how))
+            dupd = c("Mul", gather(c("Mul", g, data)), _product_of_others(c, upd, group_total))
+        return [ddata, None, dupd]
+    if red in ("max", "min"):   # the winners share g evenly among ties, data included (torch's scatter_reduce)
+        y = c.y(0)
+        hit_data = c("CastLike", c("Equal", data, y), data)
+        hit_upd = c("CastLike", c("Equal", upd, gather(y)), upd)
+        share = c("Div", g, c("Add", hit_data, scatter(c.zeros_like(data), hit_upd, "add")))
+        return [c("Mul", hit_data, share) if c.needs(0) else None, None,
+                c("Mul", hit_upd, gather(share)) if c.needs(2) else None]
+    c.fail(f"reduction={red!r} is not supported")
 
 
 @rule("SpaceToDepth")

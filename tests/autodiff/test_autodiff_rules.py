@@ -26,6 +26,21 @@ def i64(*v):
     return np.array(v, np.int64)
 
 
+def grid(*shape, offset=0.0):
+    """Distinct multiples of 0.1 (plus offset), shuffled: grid() and grid(offset=0.05) never come within 0.05 of each
+    other, so max/min reductions over both switch no winner within a finite-difference step."""
+    n = int(np.prod(shape))
+    return ((R.permutation(n) - n // 2) * 0.1 + offset).reshape(shape)
+
+
+def unique_along(axis, shape, size):
+    """Indices of `shape` into an axis of `size`, distinct along `axis` (a scatter without duplicates)."""
+    moved = list(shape)
+    moved.append(moved.pop(axis))
+    rows = [R.permutation(size)[:moved[-1]] for _ in range(int(np.prod(moved[:-1])))]
+    return np.moveaxis(np.array(rows, np.int64).reshape(moved), -1, axis)
+
+
 def case(nodes, inputs, inits=None, opset=17, sym=None, out="y"):
     def build(dtype):
         model = make_model(nodes, inputs, inits or {}, out=out, opset=opset, dtype=dtype, sym=sym)
@@ -269,6 +284,47 @@ CASES = {
                               {"i": i64(0, 2, 2, -1)}),
     "Gather-scalar-index": case([node("Gather", ["x", "i"], "y", axis=1)], {"x": away(2, 4, 3)},
                                 {"i": np.array(0, np.int64)}),
+    # scatters: under reduction none the indices are distinct (duplicates are undefined there); under the others
+    # duplicates combine. mul: the updates landing on one position hold no zero, one zero or two zeros (y is
+    # multilinear in the updates, so central differences are exact there too)
+    "ScatterND-none-slices": case([node("ScatterND", ["d", "i", "u"], "y")], {"d": away(2, 3, 4), "u": away(2, 4)},
+                                  {"i": i64([0, 1], [1, -1])}),
+    "ScatterND-none-elements": case([node("ScatterND", ["d", "i", "u"], "y")], {"d": away(3, 4), "u": away(3)},
+                                    {"i": i64([0, 0], [2, 3], [1, -2])}),
+    "ScatterND-none-constant-updates": case([node("ScatterND", ["d", "i", "u"], "y")], {"d": away(2, 3)},
+                                            {"i": i64([1], [0]), "u": away(2, 3)}),
+    "ScatterND-none-constant-data": case([node("ScatterND", ["d", "i", "u"], "y")], {"u": away(2, 3)},
+                                         {"i": i64([2], [0]), "d": away(4, 3)}),
+    "ScatterND-add-duplicates": case([node("ScatterND", ["d", "i", "u"], "y", reduction="add")],
+                                     {"d": away(2, 3, 4), "u": away(3, 4)}, {"i": i64([0, 1], [1, 2], [0, 1])}),
+    "ScatterND-mul-duplicates-zeros": case([node("ScatterND", ["d", "i", "u"], "y", reduction="mul")],
+                                           {"d": away(3, 4), "u": np.array([0.7, 0.0, 0.0, -0.9, 0.0, 1.3, -0.6])},
+                                           {"i": i64([0, 0], [0, 0], [1, 1], [1, 1], [1, 1], [2, -1], [2, 3])}),
+    "ScatterND-mul-slices": case([node("ScatterND", ["d", "i", "u"], "y", reduction="mul")],
+                                 {"d": away(2, 3, 4), "u": away(3, 4)}, {"i": i64([0, 1], [1, 2], [0, 1])}),
+    "ScatterND-max-duplicates": case([node("ScatterND", ["d", "i", "u"], "y", reduction="max")],
+                                     {"d": grid(3, 4), "u": grid(5, offset=0.05)},
+                                     {"i": i64([0, 0], [0, 0], [1, 2], [2, -1], [1, 2])}, opset=18),
+    "ScatterND-min-slices": case([node("ScatterND", ["d", "i", "u"], "y", reduction="min")],
+                                 {"d": grid(2, 3, 4), "u": grid(3, 4, offset=0.05)}, {"i": i64([0, 1], [0, 1], [1, 0])},
+                                 opset=18),
+    "ScatterElements-none-axis1": case([node("ScatterElements", ["d", "i", "u"], "y", axis=1)],
+                                       {"d": away(2, 4, 3), "u": away(2, 2, 3)}, {"i": unique_along(1, (2, 2, 3), 4)}),
+    "ScatterElements-none-default-axis": case([node("ScatterElements", ["d", "i", "u"], "y")],
+                                              {"d": away(3, 2), "u": away(2, 2)}, {"i": i64([2, -3], [0, 1])}),
+    "ScatterElements-add-negative-axis": case([node("ScatterElements", ["d", "i", "u"], "y", axis=-1,
+                                                    reduction="add")],
+                                              {"d": away(2, 3), "u": away(2, 4)}, {"i": i64([0, 2, 0, -1], [1, 1, 1, 0])}),
+    "ScatterElements-mul-zeros": case([node("ScatterElements", ["d", "i", "u"], "y", axis=0, reduction="mul")],
+                                      {"d": away(2, 3), "u": np.array([[0.0, 0.8, 0.0], [0.6, 0.0, 0.0],
+                                                                        [-1.1, 0.9, 0.5]])},
+                                      {"i": i64([1, 0, 0], [1, 0, 0], [1, 0, 1])}),
+    "ScatterElements-max": case([node("ScatterElements", ["d", "i", "u"], "y", axis=1, reduction="max")],
+                                {"d": grid(2, 3), "u": grid(2, 4, offset=0.05)}, {"i": i64([0, 0, 2, 1], [2, 2, 2, 0])},
+                                opset=18),
+    "ScatterElements-min": case([node("ScatterElements", ["d", "i", "u"], "y", axis=0, reduction="min")],
+                                {"d": grid(2, 3), "u": grid(3, 3, offset=0.05)}, {"i": i64([0, 1, 0], [0, 1, 1], [1, 1, 0])},
+                                opset=18),
     "SpaceToDepth": unary("SpaceToDepth", away(2, 3, 4, 6), blocksize=2),
     "DepthToSpace-DCR": unary("DepthToSpace", away(2, 8, 2, 3), blocksize=2),
     "DepthToSpace-CRD": unary("DepthToSpace", away(1, 18, 2, 2), blocksize=3, mode="CRD"),
@@ -355,3 +411,20 @@ def test_norms_give_a_zero_gradient_where_the_norm_is_zero(op):
     seed = np.ones(session(model).run([out], feeds)[0].shape, np.float32)
     grad = session(augment(model, scores=out)).run(["x__grad"], {**feeds, "seed": seed})[0]
     assert np.isfinite(grad).all() and not grad[0].any() and grad[1].any()
+
+
+@pytest.mark.parametrize("op", ["ScatterND", "ScatterElements"])
+def test_scatter_max_shares_the_cotangent_among_ties(op):
+    """Where data and updates tie for the max, each gets an equal share of g (torch's scatter_reduce amax does so)."""
+    from adcheck import session
+    from onnxplain.kernels.autodiff import augment
+
+    idx = i64([1], [1], [2]) if op == "ScatterND" else i64(1, 1, 2)
+    d, u = np.array([1.0, 2.0, 3.0]), np.array([2.0, 0.5, 3.0])   # position 1: d, u0 tie (u1 loses); 2: d, u2 tie
+    model, feeds, out = case([node(op, ["d", "i", "u"], "y", reduction="max")], {"d": d, "u": u}, {"i": idx},
+                             opset=18)(np.float64)
+    seed = np.array([1.0, 2.0, 4.0])
+    aug = augment(model, scores=out)
+    got = dict(zip([o.name for o in aug.graph.output], session(aug).run(None, {**feeds, "seed": seed})))
+    np.testing.assert_array_equal(got["d__grad"], [1.0, 1.0, 2.0])
+    np.testing.assert_array_equal(got["u__grad"], [1.0, 0.0, 2.0])
