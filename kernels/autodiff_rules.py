@@ -997,6 +997,15 @@ def _gather_elements(c):
             None]
 
 
+@rule("GatherND")
+def _gather_nd(c):
+    x, b = c.x(0), c.attr("batch_dims", 0)
+    if b == 0:   # duplicate indices add up, as autograd does (reduction add is in opset 16, the walk's minimum)
+        return [c("ScatterND", c.zeros_like(x), c.x(1), c.g, reduction="add"), None]
+    # ScatterND has no batch_dims: scatter back through the node's own gather of x's flat indices
+    return [c.scatter_back(x, c.g, lambda idx: c("GatherND", idx, c.x(1), batch_dims=b)), None]
+
+
 def _scatter_ops(c):
     """(scatter, gather) at the node's own indices: scatter(target, values, reduction) writes values there (ScatterND
     or ScatterElements along the node's axis), gather(t) reads a tensor shaped like the output back from there."""

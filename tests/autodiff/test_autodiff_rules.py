@@ -284,6 +284,16 @@ CASES = {
                               {"i": i64(0, 2, 2, -1)}),
     "Gather-scalar-index": case([node("Gather", ["x", "i"], "y", axis=1)], {"x": away(2, 4, 3)},
                                 {"i": np.array(0, np.int64)}),
+    "GatherND-slices-duplicates": case([node("GatherND", ["x", "i"], "y")], {"x": away(2, 3, 4)},
+                                       {"i": i64([1, -1], [0, 2], [1, 2])}),
+    "GatherND-elements": case([node("GatherND", ["x", "i"], "y")], {"x": away(2, 3, 4)},
+                              {"i": i64([[0, 1, 3], [1, 2, -1]], [[0, 1, 3], [1, 0, 0]])}),
+    "GatherND-rows-symbolic": case([node("GatherND", ["x", "i"], "y")], {"x": away(3, 4)}, {"i": i64([2], [0], [2])},
+                                   sym={"x": ["N", 4]}),
+    "GatherND-batch_dims1": case([node("GatherND", ["x", "i"], "y", batch_dims=1)], {"x": away(2, 3, 4)},
+                                 {"i": i64([[0], [2], [2]], [[-1], [1], [0]])}),
+    "GatherND-batch_dims2-symbolic": case([node("GatherND", ["x", "i"], "y", batch_dims=2)], {"x": away(2, 3, 4)},
+                                          {"i": R.integers(0, 4, (2, 3, 5, 1))}, sym={"x": ["N", 3, 4]}),
     # scatters: under reduction none the indices are distinct (duplicates are undefined there); under the others
     # duplicates combine. mul: the updates landing on one position hold no zero, one zero or two zeros (y is
     # multilinear in the updates, so central differences are exact there too)
