@@ -1090,6 +1090,13 @@ def _depth_to_space(c):
     return [g]
 
 
+@rule("CumSum")
+def _cum_sum(c):
+    # y_i sums x_j for j <= i (j < i when exclusive), so x_j reaches every y_i with i >= j (i > j): the adjoint is the
+    # same sum run the other way, at the node's own axis (an input, constant or not).
+    return [c("CumSum", c.g, c.x(1), exclusive=c.attr("exclusive", 0), reverse=1 - c.attr("reverse", 0)), None]
+
+
 @rule("Expand")
 def _expand(c):
     return [c.unbroadcast(c.g, c.x(0)), None]
