@@ -1006,6 +1006,14 @@ def _gather_nd(c):
     return [c.scatter_back(x, c.g, lambda idx: c("GatherND", idx, c.x(1), batch_dims=b)), None]
 
 
+@rule("TopK")
+def _top_k(c):
+    # The values are x read at the indices output (a required output, integer, so it carries no cotangent itself): g
+    # goes back to those positions, distinct along the axis.
+    x = c.x(0)
+    return [c("ScatterElements", c.zeros_like(x), c.y(1), c.g, axis=c.attr("axis", -1)), None]
+
+
 def _scatter_ops(c):
     """(scatter, gather) at the node's own indices: scatter(target, values, reduction) writes values there (ScatterND
     or ScatterElements along the node's axis), gather(t) reads a tensor shaped like the output back from there."""

@@ -294,6 +294,13 @@ CASES = {
                                  {"i": i64([[0], [2], [2]], [[-1], [1], [0]])}),
     "GatherND-batch_dims2-symbolic": case([node("GatherND", ["x", "i"], "y", batch_dims=2)], {"x": away(2, 3, 4)},
                                           {"i": R.integers(0, 4, (2, 3, 5, 1))}, sym={"x": ["N", 3, 4]}),
+    "TopK-largest-sorted": case([node("TopK", ["x", "k"], ["y", "i"])], {"x": distinct(2, 3, 5)}, {"k": i64(2)}),
+    "TopK-smallest-unsorted-axis1": case([node("TopK", ["x", "k"], ["y", "i"], axis=1, largest=0, sorted=0)],
+                                         {"x": distinct(2, 4, 3)}, {"k": i64(3)}),
+    "TopK-negative-axis-all": case([node("TopK", ["x", "k"], ["y", "i"], axis=-2)], {"x": distinct(2, 3, 2)},
+                                   {"k": i64(3)}),
+    "TopK-indices-used": case([node("TopK", ["x", "k"], ["v", "i"], axis=0), node("Cast", ["i"], "f", to=11),
+                               node("Mul", ["v", "f"], "y")], {"x": distinct(4, 3)}, {"k": i64(2)}),
     # scatters: under reduction none the indices are distinct (duplicates are undefined there); under the others
     # duplicates combine. mul: the updates landing on one position hold no zero, one zero or two zeros (y is
     # multilinear in the updates, so central differences are exact there too)
