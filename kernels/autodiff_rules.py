@@ -21,7 +21,8 @@ Other operators (sigmoid, tanh, softmax, ...) use their true gradient under ever
 Scatters (ScatterND, ScatterElements): under reduction none the indices are taken to be distinct (the spec leaves
 duplicates undefined); under max/min the cotangent is shared evenly among the values that tie for the result, data
 included, as torch's scatter_reduce does; under mul each update's product of the others is formed without dividing by
-a zero (`_product_of_others`).
+a zero (`_product_of_others`, which ReduceProd uses too: a lone zero in a group gets the product of the rest, a group
+with two zeros gets no gradient at all).
 """
 from __future__ import annotations
 
@@ -684,12 +685,14 @@ def _global_max_pool(c):
 
 
 @rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
-      "ReduceLogSumExp")
+      "ReduceLogSumExp", "ReduceProd")
 def _reduce(c):
     x, g, y = c.x(0), c.g, c.y(0)
     op = c.node.op_type
     axes = _reduce_axes(c)
-    if axes is not None and not axes and c.attr("noop_with_empty_axes", 0):
+    if not axes and c.attr("noop_with_empty_axes", 0) and op not in ("ReduceL1", "ReduceL2", "ReduceSumSquare"):
+        # Nothing is reduced (axes empty or not given): y = x. L1, L2 and SumSquare still map each element (to |x|,
+        # |x|, x^2, in onnxruntime and the reference runtime alike): their elementwise derivatives below apply as is.
         return [g, None]
     if axes == []:
         axes = None
@@ -713,6 +716,11 @@ def _reduce(c):
         return [c("Mul", x, _safe_div(c, g, y)), None]
     if op == "ReduceLogSumExp":
         return [c("Mul", c("Exp", c("Sub", x, y)), g), None]
+    if op == "ReduceProd":   # the product of the others, not y / x: x may hold zeros
+        def group_total(t, how):
+            red = "ReduceProd" if how == "mul" else "ReduceSum"
+            return c.reduce(red, t, axes) if axes is not None else c(red, t, keepdims=1)
+        return [c("Mul", _product_of_others(c, x, group_total), g), None]
     return [_max_mask_grad(c, x, y, g, c.i64(axes) if axes is not None else None), None]
 
 

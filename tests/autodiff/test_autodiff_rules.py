@@ -230,6 +230,11 @@ CASES = {
     "ReduceSum-negative-axes": case([node("ReduceSum", ["x", "ax"], "y", keepdims=0)],
                                     {"x": away(2, 3, 4)}, {"ax": i64(-2, 0)}),
     "ReduceSum-all": unary("ReduceSum", keepdims=0),
+    # noop_with_empty_axes: nothing reduced; L1, L2, SumSquare still map each element (|x|, |x|, x^2)
+    "ReduceMax-noop-no-axes": unary("ReduceMax", distinct(2, 3), opset=18, noop_with_empty_axes=1),
+    "ReduceL1-noop-no-axes": unary("ReduceL1", opset=18, noop_with_empty_axes=1),
+    "ReduceSumSquare-noop-empty-axes": case([node("ReduceSumSquare", ["x", "ax"], "y", noop_with_empty_axes=1)],
+                                            {"x": away(2, 3)}, {"ax": np.zeros(0, np.int64)}, opset=18),
     "ReduceMax-keepdims": case([node("ReduceMax", ["x", "ax"], "y")], {"x": distinct(2, 3, 4)}, {"ax": i64(1)},
                                opset=18),
     "ReduceMin-nokeep-attr": unary("ReduceMin", distinct(2, 3, 4), opset=13, axes=[-1], keepdims=0),
@@ -241,6 +246,16 @@ CASES = {
     "ReduceSumSquare-nokeep": unary("ReduceSumSquare", opset=13, axes=[0, 2], keepdims=0),
     "ReduceLogSumExp": case([node("ReduceLogSumExp", ["x", "ax"], "y", keepdims=0)], {"x": away(2, 3, 4) * 3},
                             {"ax": i64(1)}, opset=18),
+    "ReduceProd-axes-attr": unary("ReduceProd", away(2, 3, 4), opset=13, axes=[1]),
+    "ReduceProd-axes-input-nokeep": case([node("ReduceProd", ["x", "ax"], "y", keepdims=0)], {"x": away(2, 3, 4)},
+                                         {"ax": i64(-1, 0)}, opset=18),
+    "ReduceProd-all-nokeep": unary("ReduceProd", away(2, 3), opset=13, keepdims=0),
+    "ReduceProd-empty-axes-all": case([node("ReduceProd", ["x", "ax"], "y")], {"x": away(2, 3)},
+                                      {"ax": np.zeros(0, np.int64)}, opset=18),
+    "ReduceProd-noop-empty-axes": unary("ReduceProd", away(2, 3), opset=18, noop_with_empty_axes=1),
+    # rows with no zero, one zero and two zeros (y is multilinear in x: central differences are exact at 0)
+    "ReduceProd-zeros": unary("ReduceProd", np.array([[0.5, -1.2, 0.8], [0.0, 0.7, -0.9], [0.0, 0.6, 0.0]]), opset=13,
+                              axes=[1]),
     "LpNormalization-p2-last": unary("LpNormalization", away(2, 3, 4)),
     "LpNormalization-p1-axis1": unary("LpNormalization", away(2, 3, 4), axis=1, p=1),
     # LRN (onnxruntime runs 4-D inputs and odd window sizes only), also with a window wider than the channels
@@ -461,3 +476,32 @@ def test_scatter_max_shares_the_cotangent_among_ties(op):
     got = dict(zip([o.name for o in aug.graph.output], session(aug).run(None, {**feeds, "seed": seed})))
     np.testing.assert_array_equal(got["d__grad"], [1.0, 1.0, 2.0])
     np.testing.assert_array_equal(got["u__grad"], [1.0, 0.0, 2.0])
+
+
+@pytest.mark.parametrize("axes,keepdims", [([1], 1), ([0, 2], 0), (None, 0)])
+def test_reduce_prod_gradient_where_x_has_zeros(axes, keepdims):
+    """d prod / dx_i is the product of the other members of x_i's group: nonzero only at the zero of a group with exactly
+    one zero, zero everywhere in a group with two or more, the plain product of the others elsewhere."""
+    from adcheck import session
+    from onnxplain.kernels.autodiff import augment
+
+    x = away(3, 4, 2)
+    x[0, 1, 0] = 0.0                                # groups with one zero ...
+    x[2, 3, 1] = 0.0
+    x[1, 0, :] = 0.0                                # ... and with two
+    x[1, 2, 0] = 0.0
+    attrs = {"keepdims": keepdims} | ({"axes": axes} if axes is not None else {})
+    model, feeds, out = case([node("ReduceProd", ["x"], "y", **attrs)], {"x": x}, opset=13)(np.float64)
+    seed = R.standard_normal(session(model).run([out], feeds)[0].shape)
+    got = session(augment(model, scores=out)).run(["x__grad"], {**feeds, "seed": seed})[0]
+
+    red = range(3) if axes is None else axes
+    want = np.empty_like(x)
+    for i in np.ndindex(x.shape):   # the group of x[i] with x[i] itself set to 1, multiplied out
+        group = x[tuple(slice(None) if a in red else i[a] for a in range(3))].copy()
+        group[tuple(i[a] for a in red)] = 1.0
+        at = tuple(0 if a in red else i[a] for a in range(3)) if keepdims else tuple(i[a] for a in range(3) if a not in red)
+        want[i] = seed[at] * np.prod(group)
+    zero = x == 0   # the cases occur: a lone zero gets a gradient, a group with two zeros gets none
+    assert ((zero & (want != 0)).any() or axes is None) and (zero & (want == 0)).any() and (~zero & (want == 0)).any()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
