@@ -38,7 +38,7 @@ NON_DIFFERENTIABLE = {
     "Shape", "Size", "Constant", "ConstantOfShape", "Range", "NonZero", "ArgMax", "ArgMin", "Equal",
     "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
     "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-    "Sign", "Floor", "Ceil", "Round", "TopK_indices", "OneHot", "Bernoulli",
+    "Sign", "Floor", "Ceil", "Round", "TopK_indices", "OneHot", "Bernoulli", "Hardmax",
 }
 
 RULES: dict = {}
@@ -274,6 +274,16 @@ def _erf(c):
     x = c.x(0)
     local = c("Mul", _k(c, 2.0 / math.sqrt(math.pi)), c("Exp", c("Neg", c("Mul", x, x))))
     return [c("Mul", c.g, local)]
+
+
+@rule("Sin")
+def _sin(c):
+    return [c("Mul", c.g, c("Cos", c.x(0)))]
+
+
+@rule("Cos")
+def _cos(c):
+    return [c("Neg", c("Mul", c.g, c("Sin", c.x(0))))]
 
 
 @rule("Softplus")
@@ -1111,6 +1121,12 @@ def _cum_sum(c):
     # y_i sums x_j for j <= i (j < i when exclusive), so x_j reaches every y_i with i >= j (i > j): the adjoint is the
     # same sum run the other way, at the node's own axis (an input, constant or not).
     return [c("CumSum", c.g, c.x(1), exclusive=c.attr("exclusive", 0), reverse=1 - c.attr("reverse", 0)), None]
+
+
+@rule("Trilu")
+def _trilu(c):
+    # A mask that keeps or zeroes each element by its position alone: its own adjoint.
+    return [c("Trilu", c.g, *c.node.input[1:], upper=c.attr("upper", 1)), None]
 
 
 @rule("Expand")
