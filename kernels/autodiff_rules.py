@@ -658,11 +658,39 @@ def _average_pool(c):
     for i in range(nsp):  # windows are boxes, so the divisor map is an outer product of per-axis counts
         div = np.multiply.outer(div, _avg_divisors(ins[i], outs[i], kernel[i], s[i], d[i], pads[i],
                                                    pads[nsp + i], c.attr("count_include_pad", 0)))
-    scaled = c("Mul", c.g, c.const((1.0 / div)[None, None], like=x))
-    flat = c("Reshape", scaled, c.i64([-1, 1] + outs))  # channels as batch: one depthwise ones-kernel
+    return [_window_sum_back(c, c("Mul", c.g, c.const((1.0 / div)[None, None], like=x)), x, s, d, pads, kernel)]
+
+
+def _window_sum_back(c, t, x, s, d, pads, kernel):
+    """Adjoint of summing x over each pooling window, applied to t (shaped like the node's output)."""
+    nsp = len(kernel)
+    outs = c.static_dims(c.y(0), range(2, 2 + nsp))
+    shape = c.i64([-1, 1] + outs) if outs is not None else c("Concat", c.i64([-1, 1]), c.shape(c.y(0), 2), axis=0)
+    flat = c("Reshape", t, shape)  # channels as batch: one depthwise ones-kernel
     ones = c.const(np.ones([1, 1] + kernel), like=x)
-    dx = _transpose_back(c, flat, x, s, d, pads, kernel, ones, 1, nsp)
-    return [c("Reshape", dx, c.shape(x))]
+    return c("Reshape", _transpose_back(c, flat, x, s, d, pads, kernel, ones, 1, nsp), c.shape(x))
+
+
+@rule("LpPool")
+def _lp_pool(c):
+    # y = (sum over the window of |x|^p)^(1/p), zero padding adding nothing: each window's g * y^(1-p) goes back over
+    # the window and meets x's local factor sign(x) |x|^(p-1). Windows with y = 0 (all of it 0) give 0, not 0/0.
+    # onnxruntime's CPU provider runs LpPool in float32 only.
+    x, y, g = c.x(0), c.y(0), c.g
+    p = int(c.attr("p", 2))
+    if p < 1:
+        c.fail(f"p={p} (needs p >= 1)")
+    nsp = _spatial(c, x)
+    kernel = list(c.attr("kernel_shape"))
+    s, d, pads = _pool_geometry(c, x, nsp, kernel)
+    if p == 1:
+        local, back = c("Sign", x), g
+    elif p == 2:
+        local, back = x, _safe_div(c, g, y)
+    else:
+        local = c("Mul", c("Sign", x), c("Pow", c("Abs", x), _k(c, float(p - 1))))
+        back = _safe_div(c, g, c("Pow", y, _k(c, float(p - 1))))
+    return [c("Mul", local, _window_sum_back(c, back, x, s, d, pads, kernel))]
 
 
 @rule("GlobalAveragePool")

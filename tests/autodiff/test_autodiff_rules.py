@@ -224,6 +224,17 @@ CASES = {
                                           pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=1),
     "AveragePool-same-upper": unary("AveragePool", away(1, 2, 5, 5), kernel_shape=[2, 2], strides=[2, 2],
                                     auto_pad="SAME_UPPER"),
+    # LpPool: onnxruntime runs it in float32 only; ceil_mode and dilations are opset 18 attributes
+    "LpPool-p2-3x3": unary("LpPool", away(2, 2, 5, 5), kernel_shape=[3, 3]),
+    "LpPool-p1-s2-pads": unary("LpPool", away(1, 2, 6, 5), kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1],
+                               p=1),
+    "LpPool-p3-ceil": unary("LpPool", away(1, 2, 6, 6), opset=18, kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1,
+                            p=3),
+    "LpPool-p4-dilations": unary("LpPool", away(1, 1, 7, 6), opset=18, kernel_shape=[2, 2], dilations=[2, 3], p=4),
+    "LpPool-same-upper": unary("LpPool", away(1, 2, 5, 5), kernel_shape=[2, 2], strides=[2, 2], auto_pad="SAME_UPPER"),
+    "LpPool-1d": unary("LpPool", away(2, 2, 9), kernel_shape=[3], strides=[2]),
+    "LpPool-symbolic-spatial": case([node("LpPool", ["x"], "y", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
+                                    {"x": away(1, 2, 7, 6)}, sym={"x": ["N", 2, "H", "W"]}),
     "GlobalAveragePool": unary("GlobalAveragePool", away(2, 3, 3, 4)),
     "GlobalAveragePool-symbolic": case([node("GlobalAveragePool", ["x"], "y")], {"x": away(2, 3, 3, 4)},
                                        sym={"x": ["N", 3, "H", "W"]}),
@@ -455,14 +466,15 @@ def test_rectifier_variants_follow_their_definition(name, variant):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("op", ["ReduceL2", "LpNormalization"])
+@pytest.mark.parametrize("op", ["ReduceL2", "LpNormalization", "LpPool"])
 def test_norms_give_a_zero_gradient_where_the_norm_is_zero(op):
     """An all-zero row has a zero gradient (as torch's norm backward gives), not NaN; the other row is unchanged."""
     from adcheck import session
     from onnxplain.kernels.autodiff import augment
 
-    attrs = {"axes": [1]} if op == "ReduceL2" else {"axis": 1}
+    attrs = {"ReduceL2": {"axes": [1]}, "LpNormalization": {"axis": 1}, "LpPool": {"kernel_shape": [4]}}[op]
     x = np.stack([np.zeros(4), away(4)]).astype(np.float32)
+    x = x[:, None] if op == "LpPool" else x   # (N, C, L)
     model, feeds, out = case([node(op, ["x"], "y", **attrs)], {"x": x}, opset=13)(np.float32)
     seed = np.ones(session(model).run([out], feeds)[0].shape, np.float32)
     grad = session(augment(model, scores=out)).run(["x__grad"], {**feeds, "seed": seed})[0]
