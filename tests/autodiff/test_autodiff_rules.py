@@ -334,6 +334,9 @@ CASES = {
                                 {"i": np.array(0, np.int64)}),
     "GatherND-slices-duplicates": case([node("GatherND", ["x", "i"], "y")], {"x": away(2, 3, 4)},
                                        {"i": i64([1, -1], [0, 2], [1, 2])}),
+    # an opset-13 model: the walk lifts it to opset 16, where ScatterND has reduction="add"
+    "GatherND-opset13-lifted": case([node("GatherND", ["x", "i"], "y")], {"x": away(2, 3)}, {"i": i64([1], [-1], [0])},
+                                    opset=13),
     "GatherND-elements": case([node("GatherND", ["x", "i"], "y")], {"x": away(2, 3, 4)},
                               {"i": i64([[0, 1, 3], [1, 2, -1]], [[0, 1, 3], [1, 0, 0]])}),
     "GatherND-rows-symbolic": case([node("GatherND", ["x", "i"], "y")], {"x": away(3, 4)}, {"i": i64([2], [0], [2])},
