@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import time
 from typing import Callable, Iterator
 
+import grpc
+
 
 class Exhausted(Exception):
     pass
@@ -66,3 +68,45 @@ class Admission:
             with self._cond:
                 self.running -= 1
                 self._cond.notify()
+
+
+class WatchStreams(grpc.ServerInterceptor):
+    """At most `limit` streams open at once among the services the server hosts but whose calls no job admission
+    bounds: health Watch and reflection (onnxplain's own Explain streams are jobs, and capped in time). gRPC's sync
+    server gives every open stream a thread of its pool for as long as the client keeps it: client-side health
+    checking keeps one Watch per connection, for the connection's life. Unbounded, a few dozen such streams took
+    every thread, and the server answered nothing else, health Check included. Past the limit a stream is refused
+    at once with RESOURCE_EXHAUSTED; the pool has `limit` threads for them beyond the jobs' and the short calls'."""
+
+    def __init__(self, limit: int, own_prefix: str = "/onnxplain."):
+        self.limit = limit
+        self.own_prefix = own_prefix
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def _closed(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if (handler is None or not handler.response_streaming
+                or handler_call_details.method.startswith(self.own_prefix)):
+            return handler
+        behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def run(request, context):
+            with self._lock:
+                admitted = self.open < self.limit
+                self.open += admitted
+            if not admitted:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self.limit} health Watch and reflection streams are open, the server's limit "
+                              f"(limits.max_watch_streams): close one, or poll health with Check")
+            if not context.add_callback(self._closed):   # the call has already ended
+                self._closed()
+            return behaviour(request, context)
+
+        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler)
+        return make(run, handler.request_deserializer, handler.response_serializer)

@@ -657,7 +657,7 @@ def limits_info(limits: Limits, max_batch: int, device: str = "") -> service_pb2
         max_concurrent_jobs=limits.max_concurrent_jobs, max_queued_jobs=limits.max_queued_jobs,
         max_message_bytes=limits.max_message_bytes, max_masks=limits.max_masks, max_steps=limits.max_steps,
         max_iterations=limits.max_iterations, max_job_bytes=limits.max_job_bytes,
-        max_call_seconds=limits.max_call_seconds, device=device)
+        max_call_seconds=limits.max_call_seconds, max_watch_streams=limits.max_watch_streams, device=device)
 
 
 def method_info(method: Method, limits: Limits) -> methods_pb2.MethodInfo:

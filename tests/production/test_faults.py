@@ -1,7 +1,8 @@
 """Faults: an onnxruntime error inside a job fails that call only (maps already streamed are kept), a job over the
 memory budget is refused before any work, SIGTERM drains the server (health NOT_SERVING, no new calls, running
 calls finish) before it exits 0, a client that stops reading holds neither the compute slot nor (past
-max_call_seconds) a thread, and connections whose peer vanished, that grow old or sit idle are closed."""
+max_call_seconds) a thread, connections whose peer vanished, that grow old or sit idle are closed, and long-lived
+health Watch and reflection streams cannot take the threads that other calls need."""
 
 from __future__ import annotations
 
@@ -565,3 +566,117 @@ def test_a_sigterm_taken_by_another_thread_still_stops_the_server(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+# ----------------------------------------------------------------------------- long-lived streams, the thread pool
+
+def open_watch(address: str):
+    """A health Watch on its own connection, open once its first answer arrived (its channel, its stream)."""
+    channel = grpc.insecure_channel(address)
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+    return channel, stream
+
+
+def test_health_watch_and_reflection_streams_cannot_take_the_servers_threads():
+    """Client-side health checking keeps a Watch per connection open for the connection's life, and each holds a
+    thread of gRPC's pool: before the limit, 18 of them (the default pool) left nothing to answer other calls,
+    health Check included, and the 19th Watch itself never got an answer."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    srv = start([default_model_config()], metrics=False)
+    try:
+        assert srv.config.limits.max_watch_streams == 16
+        held = [open_watch(srv.address) for _ in range(16)]
+        channel = grpc.insecure_channel(srv.address)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_watch_streams" in refused.value.details()
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(reflection)   # reflection streams count with them
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # 30 more refusals later, the server still answers everything else at once
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError):
+                next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status \
+            == health_pb2.HealthCheckResponse.SERVING
+        prediction = service_pb2_grpc.ExplainerStub(channel).Predict(service_pb2.PredictRequest(
+            model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
+        assert prediction.predictions[0].top[0].label == "ring"
+        info = service_pb2_grpc.ExplainerStub(channel).GetModel(service_pb2.GetModelRequest(name="shapes"), timeout=5)
+        assert info.limits.max_watch_streams == 16   # the limit is reported with the others
+        # a closed stream gives its place back
+        first_channel, first_stream = held.pop(0)
+        first_stream.cancel()
+        first_channel.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                held.append(open_watch(srv.address))
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+        for c, s in held[:8]:   # and reflection works again once there is room
+            s.cancel()
+            c.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                [answer] = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+        assert "onnxplain.v1.Explainer" in [s.name for s in answer.list_services_response.service]
+        for c, s in held[8:]:
+            s.cancel()
+            c.close()
+    finally:
+        srv.stop(0)
+
+
+def test_a_call_past_the_thread_pool_is_refused_at_once_not_left_waiting(monkeypatch):
+    """Every thread busy (here: a Watch, a running job and a queued one, with no threads for short calls): a Check
+    gets RESOURCE_EXHAUSTED at once; before, it waited unanswered for a thread until its deadline."""
+    from onnxplain.server import main
+
+    monkeypatch.setattr(main, "SHORT_CALL_THREADS", 0)
+    srv = start([default_model_config()], metrics=False, max_concurrent_jobs=1, max_queued_jobs=1,
+                max_watch_streams=1)
+    try:
+        watch_channel, watch = open_watch(srv.address)
+        channel = grpc.insecure_channel(srv.address)
+        stub = service_pb2_grpc.ExplainerStub(channel)
+        running = stub.Explain(long_explain(), timeout=60)
+        assert next(running).WhichOneof("event") == "accepted"   # it holds the slot before the second call starts
+        queued = stub.Explain(long_explain(), timeout=60)
+        deadline = time.monotonic() + 10
+        while sum(a.queued for a in srv.explainer.admissions.values()) < 1:   # the second call waits for the slot
+            assert time.monotonic() < deadline, "the second Explain never queued"
+            time.sleep(0.02)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 2
+        running.cancel()
+        queued.cancel()
+        deadline = time.monotonic() + 10
+        while True:   # the cancelled calls give their threads back
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+        watch.cancel()
+        watch_channel.close()
+    finally:
+        srv.stop(0)
