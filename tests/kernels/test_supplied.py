@@ -1,6 +1,6 @@
 """A user-supplied gradient graph (kernels/supplied.py): checked at load, used by Runner.gradients for what it
-covers. The story: a model with an operator the engine has no rule for (GridSample, from a spatial-transformer warp),
-whose owner exports the same network with the warp written out (a fixed grid is a linear map: one matrix) and lets the
+covers. The story: a model with an operator the engine has no rule for (Col2Im, from F.fold: patch tokens folded back
+into an image), whose owner exports the same network with the fold written out (it is linear: one matrix) and lets the
 engine differentiate that instead."""
 
 from __future__ import annotations
@@ -18,43 +18,42 @@ from onnxplain.kernels import autodiff
 from onnxplain.kernels.runtime import Passes, Runner
 from onnxplain.kernels.supplied import GradientGraphError, load
 
+FOLD = dict(output_size=(16, 16), kernel_size=6, padding=1, stride=4)   # 16 overlapping 6 x 6 patches on 16 x 16
+
 
 class Net(torch.nn.Module):
     def __init__(self, written_out: bool):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8, 5)
+        self.embed = torch.nn.Conv2d(8, 2 * 36, 4, stride=4)   # per 4 x 4 block, a token: 2 channels x a 6 x 6 patch
+        self.fc = torch.nn.Linear(2, 5)
         self.written_out = written_out
-        angle, zoom = 0.3, 0.9   # a fixed rotation and zoom
-        theta = torch.tensor([[np.cos(angle), -np.sin(angle), 0.1], [np.sin(angle), np.cos(angle), 0.0]]) * zoom
-        self.register_buffer("grid", F.affine_grid(theta[None].float(), [1, 8, 16, 16], align_corners=False))
-        basis = torch.eye(256).reshape(256, 1, 16, 16)   # row i of the matrix: the warp of pixel i
-        self.register_buffer("warp", F.grid_sample(basis, self.grid.expand(256, -1, -1, -1),
-                                                   align_corners=False).reshape(256, 256))
+        basis = torch.eye(36 * 16).reshape(36 * 16, 36, 16)    # row i of the matrix: the fold of token entry i
+        self.register_buffer("fold", F.fold(basis, **FOLD).reshape(36 * 16, 256))
 
     def forward(self, x):
-        h = torch.tanh(self.conv(x))
-        if self.written_out:      # the warp as a matrix product
-            n, c, height, width = h.shape
-            h = (h.reshape(n, c, height * width) @ self.warp).reshape(n, c, height, width)
+        tokens = self.embed(torch.tanh(self.conv(x))).flatten(2)   # (N, 2 * 36, 16)
+        if self.written_out:      # the fold as a matrix product
+            h = (tokens.reshape(-1, 2, 36 * 16) @ self.fold).reshape(-1, 2, 16, 16)
         else:
-            h = F.grid_sample(h, self.grid.expand(h.shape[0], -1, -1, -1), align_corners=False)
+            h = F.fold(tokens, **FOLD)
         return self.fc((h * h.roll(1, 3)).mean((2, 3)))
 
 
 def export(written_out: bool) -> onnx.ModelProto:
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()   # the legacy exporter writes F.fold as Col2Im from opset 18 on
     torch.onnx.export(Net(written_out).eval(), torch.zeros(1, 3, 16, 16), buffer, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
-                      opset_version=17)
+                      opset_version=18)
     return onnx.load_from_string(buffer.getvalue())
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     model, written = export(False), export(True)
-    assert any(n.op_type == "GridSample" for n in model.graph.node)
+    assert any(n.op_type == "Col2Im" for n in model.graph.node)
+    assert not any(n.op_type == "Col2Im" for n in written.graph.node)
     path = tmp_path_factory.mktemp("supplied") / "grad.onnx"
     onnx.save(autodiff.augment(written, scores="logits"), path)
     return model, written, path
@@ -66,13 +65,13 @@ def torch_gradient(x, target):
     return t.grad.numpy()
 
 
-def test_the_engine_refuses_grid_sample_and_the_supplied_graph_gives_autograds_gradient(models):
+def test_the_engine_refuses_col2im_and_the_supplied_graph_gives_autograds_gradient(models):
     model, _, path = models
     runner = Runner(model, "logits", "input", providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
     seed = np.zeros((2, 5), np.float32)
     seed[0, 1] = seed[1, 3] = 1
-    with pytest.raises(Exception, match="GridSample"):
+    with pytest.raises(Exception, match="Col2Im"):
         runner.gradients(x, seed, Passes())
     runner.supplied.append(load(path, runner, (3, 16, 16)))
     passes = Passes()
@@ -154,33 +153,33 @@ def test_served_with_its_gradient_graph_and_refused_without_or_with_a_wrong_one(
     from support import start_server
 
     model, written, grad = models
-    onnx.save(model, tmp_path / "warp.onnx")
-    onnx.save(onnx.load(str(grad)), tmp_path / "warp.grad.onnx")
+    onnx.save(model, tmp_path / "fold.onnx")
+    onnx.save(onnx.load(str(grad)), tmp_path / "fold.grad.onnx")
     onnx.save(onnx.load(_edited(grad, tmp_path, _negate_input_grad)), tmp_path / "wrong.grad.onnx")
     pre = {"fit": "stretch", "mean": [0, 0, 0], "std": [1, 1, 1], "scale": 1.0}
-    configs = [ModelConfig("warp", tmp_path / "warp.onnx", preprocessing=pre,
-                           gradient_graph=tmp_path / "warp.grad.onnx"),
-               ModelConfig("plain", tmp_path / "warp.onnx", preprocessing=pre),
-               ModelConfig("wrong", tmp_path / "warp.onnx", preprocessing=pre,
+    configs = [ModelConfig("fold", tmp_path / "fold.onnx", preprocessing=pre,
+                           gradient_graph=tmp_path / "fold.grad.onnx"),
+               ModelConfig("plain", tmp_path / "fold.onnx", preprocessing=pre),
+               ModelConfig("wrong", tmp_path / "fold.onnx", preprocessing=pre,
                            gradient_graph=tmp_path / "wrong.grad.onnx")]
     server = start_server(configs)
     try:
         with Client(server.address, timeout=60) as client:
-            assert sorted(m.name for m in client.models()) == ["plain", "warp"]   # "wrong" is refused at load
+            assert sorted(m.name for m in client.models()) == ["fold", "plain"]   # "wrong" is refused at load
             x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
-            events = list(client.explain("warp", [x], [("gradient", {})], targets=[2], return_attribution=True))
+            events = list(client.explain("fold", [x], [("gradient", {})], targets=[2], return_attribution=True))
             served = next(e for e in events if isinstance(e, MapResult) and e.final)
             np.testing.assert_allclose(served.attribution, torch_gradient(x, 2)[0], rtol=1e-4, atol=1e-6)
             with pytest.raises(grpc.RpcError) as err:
                 list(client.explain("plain", [x], [("gradient", {})], targets=[2]))
-            assert "GridSample" in err.value.details()
+            assert "Col2Im" in err.value.details()
     finally:
         server.stop(0)
 
 
 def test_integrated_gradients_and_smoothgrad_run_around_the_supplied_graph(models):
     """The methods that compose their inputs and sums around the gradient graph compose them around the supplied
-    one too: on the warping model (which the engine refuses), integrated gradients against the same sum written out
+    one too: on the folding model (which the engine refuses), integrated gradients against the same sum written out
     with torch autograd at every path point."""
     from onnxplain.kernels.methods import METHODS, Job, Maps
 
