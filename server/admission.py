@@ -70,13 +70,24 @@ class Admission:
                 self._cond.notify()
 
 
-class WatchStreams(grpc.ServerInterceptor):
-    """At most `limit` streams open at once among the services the server hosts but whose calls no job admission
-    bounds: health Watch and reflection (onnxplain's own Explain streams are jobs, and capped in time). gRPC's sync
-    server gives every open stream a thread of its pool for as long as the client keeps it: client-side health
-    checking keeps one Watch per connection, for the connection's life. Unbounded, a few dozen such streams took
-    every thread, and the server answered nothing else, health Check included. Past the limit a stream is refused
-    at once with RESOURCE_EXHAUSTED; the pool has `limit` threads for them beyond the jobs' and the short calls'."""
+def non_blocking_like(behaviour, wrapper):
+    """`wrapper` (which takes gRPC's send_response_callback after the context when given one) marked as gRPC's
+    non-blocking streaming behaviour when `behaviour` is one. Health's Watch is: the sync server hands it a callback
+    and takes its thread back, so an open Watch holds no thread; a wrapper without the mark turned every Watch into
+    a thread held for the stream's life."""
+    for name in ("experimental_non_blocking", "experimental_thread_pool"):
+        if hasattr(behaviour, name):
+            setattr(wrapper, name, getattr(behaviour, name))
+    return wrapper
+
+
+class ReflectionStreams(grpc.ServerInterceptor):
+    """At most `limit` reflection streams open at once. gRPC's sync server gives a stream a thread of its pool for
+    as long as its client keeps it open, and reflection's streams are bidirectional: a client may keep one for
+    ever. Unbounded, a few dozen took every thread and the server answered nothing else, health Check included.
+    Past the limit a stream is refused at once with RESOURCE_EXHAUSTED; the pool has `limit` threads for them beyond
+    the jobs' and the short calls'. The rule covers any stream, other than onnxplain's own, that holds a thread
+    (onnxplain's Explain streams are jobs, and capped in time); health Watch holds none (non_blocking_like)."""
 
     def __init__(self, limit: int, own_prefix: str = "/onnxplain."):
         self.limit = limit
@@ -94,6 +105,8 @@ class WatchStreams(grpc.ServerInterceptor):
                 or handler_call_details.method.startswith(self.own_prefix)):
             return handler
         behaviour = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        if getattr(behaviour, "experimental_non_blocking", False):
+            return handler
 
         def run(request, context):
             with self._lock:
@@ -101,8 +114,8 @@ class WatchStreams(grpc.ServerInterceptor):
                 self.open += admitted
             if not admitted:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self.limit} health Watch and reflection streams are open, the server's limit "
-                              f"(limits.max_watch_streams): close one, or poll health with Check")
+                              f"{self.limit} reflection streams are open, the server's limit "
+                              f"(limits.max_reflection_streams): close one and retry")
             if not context.add_callback(self._closed):   # the call has already ended
                 self._closed()
             return behaviour(request, context)

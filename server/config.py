@@ -112,10 +112,10 @@ class Limits:
     # DEADLINE_EXCEEDED (service.CallCap), as if the client's deadline had passed. A client that stops reading an
     # Explain stream holds a server thread and the job's undelivered maps until then.
     max_call_seconds: int = 600
-    # Health Watch and reflection streams open at once. Each holds a server thread for as long as its client keeps
-    # it (client-side health checking keeps a Watch for the connection's life); past this they are refused with
-    # RESOURCE_EXHAUSTED, so that they cannot take the threads that jobs and short calls are served on.
-    max_watch_streams: int = 16
+    # Reflection streams open at once. Each holds a server thread for as long as its client keeps it; past this they
+    # are refused with RESOURCE_EXHAUSTED, so that they cannot take the threads jobs and short calls are served on.
+    # (Health Watch streams hold no thread and need no limit.)
+    max_reflection_streams: int = 16
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from . import config as config_module
 from . import logs
 from .config import ConfigError, ServerConfig
 from .admin import Admin
-from .admission import WatchStreams
+from .admission import ReflectionStreams
 from .registry import load_registry
 from .security import TokenAuth, load_tokens, server_credentials
 from .service import Explainer, MalformedRequests
@@ -31,9 +31,11 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
 ADMIN_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 DRAIN_SETTLE = 0.25   # seconds between NOT_SERVING and closing the port at shutdown (within the grace period)
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "[::1]"}
-# Threads for calls that are neither jobs nor long-lived streams (Check, ListModels, GetModel, Admin, refusals),
-# and for Explain streams still sending to slow readers after their job ended.
-SHORT_CALL_THREADS = 8
+# Threads for calls that are neither jobs nor reflection streams (Check, ListModels, GetModel, Admin, refusals), and
+# for Explain streams still sending to slow readers after their job ended. Generous (idle threads cost little, and
+# are only made when needed): a call refused past the pool is answered by gRPC itself, which the metrics and logs
+# never see, so ordinary overload should meet the admission queue's refusal first.
+SHORT_CALL_THREADS = 32
 
 
 class Server:
@@ -62,11 +64,12 @@ class Server:
         options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                    ("grpc.max_send_message_length", limits.max_message_bytes),
                    ("grpc.so_reuseport", 0), *config.connections.options(limits)]
-        interceptors.append(WatchStreams(limits.max_watch_streams))
-        # Waiting jobs hold a thread, so the pool has room for every running and queued job, the health Watch and
-        # reflection streams, and short calls. A call past the pool is refused with RESOURCE_EXHAUSTED ("Concurrent
-        # RPC limit exceeded!", gRPC's words) rather than left waiting, unanswered, for a thread to free up.
-        workers = limits.max_concurrent_jobs + limits.max_queued_jobs + limits.max_watch_streams + SHORT_CALL_THREADS
+        interceptors.append(ReflectionStreams(limits.max_reflection_streams))
+        # Waiting jobs hold a thread, so the pool has room for every running and queued job, the reflection streams
+        # and short calls (health Watch streams hold none). A call past the pool is refused with RESOURCE_EXHAUSTED
+        # ("Concurrent RPC limit exceeded!", gRPC's words) rather than left waiting, unanswered, for a thread.
+        workers = (limits.max_concurrent_jobs + limits.max_queued_jobs + limits.max_reflection_streams
+                   + SHORT_CALL_THREADS)
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnxplain"),
                                 options=options, interceptors=interceptors, maximum_concurrent_rpcs=workers)
         admin_pb2_grpc.add_AdminServicer_to_server(Admin(self.registry), self.grpc)

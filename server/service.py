@@ -37,7 +37,7 @@ from onnxplain.kernels.runtime import Passes
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 from . import logs, validation
-from .admission import Admission, Exhausted, Gone
+from .admission import Admission, Exhausted, Gone, non_blocking_like
 from .config import Limits
 from .metrics import Metrics
 from .registry import ModelEntry, Registry
@@ -269,12 +269,12 @@ class MalformedRequests(grpc.ServerInterceptor):
                 return Malformed(f"the request is not a valid message for {method}: {exc}")
 
         def guarded(behaviour):
-            def run(request, context):
+            def run(request, context, *send_response_callback):
                 if isinstance(request, Malformed):
                     self.refused(method, request.started)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, logs.status_detail(request.message))
-                return behaviour(request, context)
-            return run
+                return behaviour(request, context, *send_response_callback)
+            return non_blocking_like(behaviour, run)
 
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(guarded(handler.unary_stream), deserializer,
@@ -657,7 +657,7 @@ def limits_info(limits: Limits, max_batch: int, device: str = "") -> service_pb2
         max_concurrent_jobs=limits.max_concurrent_jobs, max_queued_jobs=limits.max_queued_jobs,
         max_message_bytes=limits.max_message_bytes, max_masks=limits.max_masks, max_steps=limits.max_steps,
         max_iterations=limits.max_iterations, max_job_bytes=limits.max_job_bytes,
-        max_call_seconds=limits.max_call_seconds, max_watch_streams=limits.max_watch_streams, device=device)
+        max_call_seconds=limits.max_call_seconds, max_reflection_streams=limits.max_reflection_streams, device=device)
 
 
 def method_info(method: Method, limits: Limits) -> methods_pb2.MethodInfo:

@@ -578,79 +578,86 @@ def open_watch(address: str):
     return channel, stream
 
 
-def test_health_watch_and_reflection_streams_cannot_take_the_servers_threads():
-    """Client-side health checking keeps a Watch per connection open for the connection's life, and each holds a
-    thread of gRPC's pool: before the limit, 18 of them (the default pool) left nothing to answer other calls,
-    health Check included, and the 19th Watch itself never got an answer."""
+def open_reflection(address: str):
+    """A reflection stream on its own connection, kept open after its first answer (its channel, its stream);
+    `None` when the server refused it, RESOURCE_EXHAUSTED."""
+    import queue
+
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    srv = start([default_model_config()], metrics=False)
+    channel = grpc.insecure_channel(address)
+    requests = queue.Queue()
+    requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+    stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter(requests.get, None),
+                                                                                    timeout=60)
     try:
-        assert srv.config.limits.max_watch_streams == 16
-        held = [open_watch(srv.address) for _ in range(16)]
+        answer = next(stream)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+        assert "limits.max_reflection_streams" in exc.details()
+        channel.close()
+        return None
+    assert "onnxplain.v1.Explainer" in [s.name for s in answer.list_services_response.service]
+    return channel, stream
+
+
+def close(opened) -> None:
+    for channel, stream in opened:
+        stream.cancel()
+        channel.close()
+
+
+def test_health_watch_streams_hold_no_thread_and_reflection_streams_are_limited():
+    """Client-side health checking keeps a Watch per connection open for the connection's life. Health's Watch
+    answers through a callback and holds no thread, but the server's request-parsing interceptor wrapped it
+    without saying so, and every Watch held a thread of gRPC's pool: 18 of them (the default pool then) left
+    nothing to answer other calls, health Check included. Reflection streams do hold a thread each; they are
+    limited instead."""
+    srv = start([default_model_config()], metrics=False)
+    watches, reflections = [], []
+    try:
+        limits = srv.config.limits
+        pool = limits.max_concurrent_jobs + limits.max_queued_jobs + limits.max_reflection_streams + 8
+        watches = [open_watch(srv.address) for _ in range(pool + 20)]   # more than the pool has threads
         channel = grpc.insecure_channel(srv.address)
-        with pytest.raises(grpc.RpcError) as refused:
-            next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "limits.max_watch_streams" in refused.value.details()
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-        with pytest.raises(grpc.RpcError) as refused:
-            next(reflection)   # reflection streams count with them
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # 30 more refusals later, the server still answers everything else at once
-        for _ in range(30):
-            with pytest.raises(grpc.RpcError):
-                next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status \
             == health_pb2.HealthCheckResponse.SERVING
+        assert limits.max_reflection_streams == 16
+        reflections = [open_reflection(srv.address) for _ in range(16)]
+        assert None not in reflections
+        assert open_reflection(srv.address) is None, "the 17th reflection stream is refused"
         prediction = service_pb2_grpc.ExplainerStub(channel).Predict(service_pb2.PredictRequest(
             model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
-        assert prediction.predictions[0].top[0].label == "ring"
+        assert prediction.predictions[0].top[0].label == "ring", "the server serves other calls meanwhile"
         info = service_pb2_grpc.ExplainerStub(channel).GetModel(service_pb2.GetModelRequest(name="shapes"), timeout=5)
-        assert info.limits.max_watch_streams == 16   # the limit is reported with the others
-        # a closed stream gives its place back
-        first_channel, first_stream = held.pop(0)
-        first_stream.cancel()
-        first_channel.close()
+        assert info.limits.max_reflection_streams == 16   # reported with the other limits
+        srv.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)   # every Watch still gets the news
+        assert all(next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING for _, stream in watches)
+        close(reflections[:1])   # a closed stream gives its place back
+        reflections = reflections[1:]
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                held.append(open_watch(srv.address))
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
-                time.sleep(0.05)
-        for c, s in held[:8]:   # and reflection works again once there is room
-            s.cancel()
-            c.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                [answer] = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
-                time.sleep(0.05)
-        assert "onnxplain.v1.Explainer" in [s.name for s in answer.list_services_response.service]
-        for c, s in held[8:]:
-            s.cancel()
-            c.close()
+        while (opened := open_reflection(srv.address)) is None:
+            assert time.monotonic() < deadline, "the closed reflection stream's place never came back"
+            time.sleep(0.05)
+        reflections.append(opened)
     finally:
+        close(watches)
+        close([r for r in reflections if r is not None])
         srv.stop(0)
 
 
 def test_a_call_past_the_thread_pool_is_refused_at_once_not_left_waiting(monkeypatch):
-    """Every thread busy (here: a Watch, a running job and a queued one, with no threads for short calls): a Check
-    gets RESOURCE_EXHAUSTED at once; before, it waited unanswered for a thread until its deadline."""
+    """Every thread busy (here: a reflection stream, a running job and a queued one, with no threads for short
+    calls): a Check gets RESOURCE_EXHAUSTED at once; before, it waited unanswered for a thread until its
+    deadline."""
     from onnxplain.server import main
 
     monkeypatch.setattr(main, "SHORT_CALL_THREADS", 0)
     srv = start([default_model_config()], metrics=False, max_concurrent_jobs=1, max_queued_jobs=1,
-                max_watch_streams=1)
+                max_reflection_streams=1)
+    reflection = None
     try:
-        watch_channel, watch = open_watch(srv.address)
+        reflection = open_reflection(srv.address)
         channel = grpc.insecure_channel(srv.address)
         stub = service_pb2_grpc.ExplainerStub(channel)
         running = stub.Explain(long_explain(), timeout=60)
@@ -676,7 +683,7 @@ def test_a_call_past_the_thread_pool_is_refused_at_once_not_left_waiting(monkeyp
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
                 time.sleep(0.05)
-        watch.cancel()
-        watch_channel.close()
     finally:
+        if reflection is not None:
+            close([reflection])
         srv.stop(0)

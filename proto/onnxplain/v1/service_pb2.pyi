@@ -89,7 +89,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., prefix_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., op_type: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_pixels", "max_images", "max_methods", "max_targets", "max_batch", "max_concurrent_jobs", "max_queued_jobs", "max_message_bytes", "max_masks", "max_steps", "max_iterations", "max_job_bytes", "max_call_seconds", "max_watch_streams", "device")
+    __slots__ = ("max_image_pixels", "max_images", "max_methods", "max_targets", "max_batch", "max_concurrent_jobs", "max_queued_jobs", "max_message_bytes", "max_masks", "max_steps", "max_iterations", "max_job_bytes", "max_call_seconds", "max_reflection_streams", "device")
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -103,7 +103,7 @@ class Limits(_message.Message):
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_JOB_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    MAX_WATCH_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFLECTION_STREAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     max_image_pixels: int
     max_images: int
@@ -118,9 +118,9 @@ class Limits(_message.Message):
     max_iterations: int
     max_job_bytes: int
     max_call_seconds: int
-    max_watch_streams: int
+    max_reflection_streams: int
     device: str
-    def __init__(self, max_image_pixels: _Optional[int] = ..., max_images: _Optional[int] = ..., max_methods: _Optional[int] = ..., max_targets: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_masks: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_job_bytes: _Optional[int] = ..., max_call_seconds: _Optional[int] = ..., max_watch_streams: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    def __init__(self, max_image_pixels: _Optional[int] = ..., max_images: _Optional[int] = ..., max_methods: _Optional[int] = ..., max_targets: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_masks: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_job_bytes: _Optional[int] = ..., max_call_seconds: _Optional[int] = ..., max_reflection_streams: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "description", "inputs", "outputs", "score_tensor", "preprocessing", "num_classes", "labels", "layers", "execution_provider", "limits")
