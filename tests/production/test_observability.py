@@ -98,6 +98,61 @@ def test_a_call_past_max_call_seconds_stops_within_one_batch_as_if_its_deadline_
         srv.stop(0)
 
 
+def test_a_queued_call_past_max_call_seconds_leaves_the_queue(monkeypatch):
+    """The cap ends a call that waits for a compute slot as it ends a running one: DEADLINE_EXCEEDED naming the
+    limit, and its place in the queue is freed while the running job goes on. The running call is exempted from
+    the cap here, so that it outlasts the queued one."""
+    from onnxplain.server.service import CallCap
+
+    capped = CallCap.watch
+    exempt = []
+
+    def watch(self, call):
+        if not exempt:   # the first call, the one that will hold the slot
+            exempt.append(call)
+            return
+        capped(self, call)
+
+    monkeypatch.setattr(CallCap, "watch", watch)
+    srv = start([default_model_config()], max_batch=BATCH, max_call_seconds=2, max_concurrent_jobs=1,
+                max_queued_jobs=1)
+
+    def slots():
+        return [(a.running, a.queued) for a in srv.explainer.admissions.values()]
+
+    try:
+        stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(srv.address))
+        running = stub.Explain(long_request(), timeout=60)
+        assert next(running).WhichOneof("event") == "accepted"
+        started = time.monotonic()
+        queued = stub.Explain(long_request(), timeout=60)
+        while slots() != [(1, 1)]:
+            assert time.monotonic() - started < 2, f"the second call did not queue: {slots()}"
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(queued)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "limits.max_call_seconds = 2 s" in caught.value.details()
+        assert 2 <= time.monotonic() - started < 3.5
+        left = time.monotonic()
+        while slots() != [(1, 0)]:   # the queue checks on its callers every 50 ms
+            assert time.monotonic() - left < 1, f"the capped call still holds its place in the queue: {slots()}"
+            time.sleep(0.02)
+        assert exempt[0].context.is_active() and srv.explainer.jobs[0].status == "running"
+        again = stub.Explain(long_request(), timeout=60)   # the freed place takes a new call
+        while slots() != [(1, 1)]:
+            assert time.monotonic() - started < 8, f"the freed place was not taken: {slots()}"
+            time.sleep(0.02)
+        again.cancel()
+        running.cancel()
+        deadline = time.monotonic() + 10
+        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
+            assert time.monotonic() < deadline, "the capped queued call was not counted as DEADLINE_EXCEEDED"
+            time.sleep(0.1)
+    finally:
+        srv.stop(0)
+
+
 def test_metrics_count_calls_maps_bytes_and_show_the_queue(server):
     stub = service_pb2_grpc.ExplainerStub(grpc.insecure_channel(server.address))
     before = scrape(server)
