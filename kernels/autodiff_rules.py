@@ -1238,3 +1238,134 @@ def _resize_matrix(n_in, n_out, scale, attrs):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rows = sess.run(None, {"x": np.eye(n_in, dtype=np.float32)})[0]  # row i = resize of basis vector e_i
     return np.ascontiguousarray(rows.T)
+
+
+@rule("GridSample")
+def _grid_sample(c):
+    # Y[n, :, p] reads X[n] at grid[n, p] = (gx, gy), unnormalised as onnxruntime and the spec's reference do:
+    # u = ((g + 1) S - 1) / 2, or (g + 1) / 2 (S - 1) with align_corners, S = (W, H). Border padding then clips u to
+    # [0, S - 1]; reflection mirrors it at lo and hi (-0.5 and S - 0.5, or 0 and S - 1): with t = (u - lo) mod 2 span,
+    # span = hi - lo, u' = lo + min(t, 2 span - t), whose slope is -1 where t > span. linear blends the four corners
+    # floor(u') + {0, 1} by the opposite fractions; a corner off the image reads 0 (zeros) or the pixel it is clamped
+    # to (border; and reflection, whose corners of nonzero weight lie in -1 .. S, where reflecting is clamping).
+    # nearest reads the pixel at u rounded half to even (std::nearbyint, as Round does): the grid gets no gradient.
+    # dX: g scatter-added at each corner with its weight (points sharing a pixel add up). dgrid: the sum over channels
+    # of g times the blend's slope along u, times du/dg = S / 2 (or (S - 1) / 2), times the padding's slope. At a kink
+    # (u' an integer, u on a clip bound or a mirror) the slope is one side's.
+    x, grid, g = c.x(0), c.x(1), c.g
+    mode = c.attr("mode", "linear" if c.opset >= 20 else "bilinear")
+    if mode not in ("linear", "bilinear", "nearest"):
+        c.fail(f"mode={mode!r} is not supported (linear/bilinear and nearest are)")
+    if c.need_rank(x) != 4:
+        c.fail(f"only 2-D sampling (N x C x H x W) is supported, not a rank-{c.rank(x)} (volumetric) input")
+    pad = c.attr("padding_mode", "zeros")
+    if pad not in ("zeros", "border", "reflection"):
+        c.fail(f"padding_mode={pad!r} is not supported")
+    hw = c.static_dims(x, [2, 3])
+    if hw is not None:
+        size, width = c.const([hw[1], hw[0]], like=grid), c.i64(hw[1])
+    else:
+        size = c("CastLike", c("Gather", c.shape(x), c.i64([3, 2])), grid)
+        width = c("Gather", c.shape(x), c.i64(3))
+    zero, one, two = (_k(c, v, like=grid) for v in (0.0, 1.0, 2.0))
+    last = c("Sub", size, one)
+    shifted = c("Add", c("Reshape", grid, c.i64([0, 1, -1, 2])), one)   # (N, 1, P, 2): P points, (x, y) last
+    corners_aligned = c.attr("align_corners", 0)
+    if corners_aligned:
+        u = c("Mul", c("Div", shifted, two), last)
+    else:
+        u = c("Div", c("Sub", c("Mul", shifted, size), one), two)
+    if mode == "nearest":
+        u = c("Round", u)
+    slope = None
+    if pad == "border":
+        slope = c("CastLike", c("And", c("Greater", u, zero), c("Less", u, last)), grid)
+        u = c("Max", c("Min", u, last), zero)
+    elif pad == "reflection":
+        lo, hi = (zero, last) if corners_aligned else (_k(c, -0.5, like=grid), c("Sub", size, _k(c, 0.5, like=grid)))
+        span = c("Sub", hi, lo)
+        period = c("Add", span, span)
+        a = c("Sub", u, lo)
+        t = c("Sub", a, c("Mul", period, c("Floor", c("Div", a, period))))
+        u = c("Add", lo, c("Min", t, c("Sub", period, t)))
+        slope = c("Sub", one, c("Mul", two, c("CastLike", c("Greater", t, span), grid)))
+
+    def part(t, axis):   # the x (0) or y (1) part of a (..., 2) tensor
+        return c("Gather", t, c.i64(axis), axis=-1)
+
+    last_x, last_y = part(last, 0), part(last, 1)
+    ux, uy = part(u, 0), part(u, 1)                            # (N, 1, P)
+    spread_shape = c("Concat", c.shape(x, 0, 2), c.shape(ux, 2), axis=0)
+    xflat = c("Reshape", x, c.i64([0, 0, -1]))                 # (N, C, H * W)
+    gflat = c("Reshape", g, c.i64([0, 0, -1]))                 # (N, C, P)
+
+    def as_x(t):
+        return t if c.dtype(x) == c.dtype(grid) else c("CastLike", t, x)
+
+    def corner(iy, ix):
+        """Where pixel (iy, ix) sits in xflat, as (N, C, P) indices, clamped onto the image, and (zeros padding)
+        whether it lies on it, as 0/1 of shape (N, 1, P); (iy, ix) are (N, 1, P) float."""
+        on = None
+        if pad == "zeros":
+            on = c("CastLike", c("And", c("And", c("GreaterOrEqual", iy, zero), c("LessOrEqual", iy, last_y)),
+                                 c("And", c("GreaterOrEqual", ix, zero), c("LessOrEqual", ix, last_x))), grid)
+        iy, ix = (c("Cast", c("Max", c("Min", i, m), zero), to=7) for i, m in ((iy, last_y), (ix, last_x)))
+        return c("Expand", c("Add", c("Mul", iy, width), ix), spread_shape), on
+
+    if mode == "nearest":
+        where, on = corner(uy, ux)
+        corners, weights = [(where, on)], [on]
+    else:
+        bx, by = c("Floor", ux), c("Floor", uy)
+        fx, fy = c("Sub", ux, bx), c("Sub", uy, by)
+        rx, ry = c("Sub", one, fx), c("Sub", one, fy)
+        bx1, by1 = c("Add", bx, one), c("Add", by, one)
+        corners = [corner(by, bx), corner(by, bx1), corner(by1, bx), corner(by1, bx1)]
+        weights = [c("Mul", ry, rx), c("Mul", ry, fx), c("Mul", fy, rx), c("Mul", fy, fx)]
+        weights = [w if on is None else c("Mul", w, on) for w, (_, on) in zip(weights, corners)]
+    dx = dgrid = None
+    if c.needs(0):
+        updates = [gflat if w is None else c("Mul", gflat, as_x(w)) for w in weights]
+        idx = [where for where, _ in corners]
+        flat = c("ScatterElements", c("Reshape", c.zeros_like(x), c.i64([0, 0, -1])),
+                 c("Concat", *idx, axis=2) if len(idx) > 1 else idx[0],
+                 c("Concat", *updates, axis=2) if len(updates) > 1 else updates[0], axis=2, reduction="add")
+        dx = c("Reshape", flat, c.shape(x))
+    if c.needs(1) and mode == "nearest":
+        dgrid = c.zeros_like(grid)
+    elif c.needs(1):
+        p00, p01, p10, p11 = (c("GatherElements", xflat, where, axis=2) if on is None else
+                              c("Mul", c("GatherElements", xflat, where, axis=2), as_x(on)) for where, on in corners)
+
+        def along(rest, frac, near_a, near_b, far_a, far_b):
+            """g times the blend's slope along one axis, (1 - f) (near_b - near_a) + f (far_b - far_a) with f the
+            other axis's fraction, summed over channels: (N, 1, P, 1)."""
+            rate = c("Add", c("Mul", as_x(rest), c("Sub", near_b, near_a)),
+                     c("Mul", as_x(frac), c("Sub", far_b, far_a)))
+            return c("Unsqueeze", c("ReduceSum", c("Mul", gflat, rate), c.i64([1]), keepdims=1), c.i64([-1]))
+
+        du = c("Concat", along(ry, fy, p00, p01, p10, p11), along(rx, fx, p00, p10, p01, p11), axis=-1)
+        du = du if c.dtype(x) == c.dtype(grid) else c("CastLike", du, grid)
+        scale = c("Mul", last if corners_aligned else size, _k(c, 0.5, like=grid))   # du/dg
+        factor = scale if slope is None else c("Mul", slope, scale)
+        dgrid = c("Reshape", c("Mul", du, factor), c.shape(grid))
+    return [dx, dgrid]
+
+
+@rule("AffineGrid")
+def _affine_grid(c):
+    # grid[n, p] = theta[n] (b_p, 1): each output point is theta applied to its homogeneous base point b_p, which
+    # depends only on size and align_corners. So dtheta[n] = sum over points of g[n, p] (b_p, 1)^T, a MatMul. The base
+    # points come from the node's own operator at the identity (batch 1): exactly the forward's, static size or not.
+    theta, size, g = c.x(0), c.x(1), c.g
+    k = (c.static_dims(theta, [1]) or [None])[0]
+    if k is None and c.static_dims(size):
+        k = c.static_dims(size)[0] - 2
+    if k not in (2, 3):
+        c.fail(f"needs the number of spatial axes (2 or 3): a static dim 1 of {theta!r} or length of {size!r}")
+    one_image = c("Concat", c.i64([1]), c("Slice", size, c.i64([1]), c.i64([k + 2])), axis=0)
+    base = c("AffineGrid", c.const(np.eye(k, k + 1)[None], like=theta), one_image,
+             align_corners=c.attr("align_corners", 0))
+    points = c("Pad", c("Reshape", base, c.i64([-1, k])), c.i64([0, 0, 0, 1]), _k(c, 1.0, like=theta))   # (P, k + 1)
+    per_point = c("Transpose", c("Reshape", g, c.i64([0, -1, k])), perm=[0, 2, 1])                     # (N, k, P)
+    return [c("MatMul", per_point, points), None]

@@ -57,6 +57,34 @@ def binary(op, a, b, opset=17):
     return case([node(op, ["a", "b"], "y")], {"a": a, "b": b}, opset=opset)
 
 
+GS = np.random.default_rng(7)   # GridSample's and AffineGrid's cases draw from their own generator, leaving R's draws
+
+
+def sample_points(n, ho, wo, h, w, corners, reach=2):
+    """A GridSample grid (n, ho, wo, 2) whose unnormalised coordinates (x over w, y over h) are an integer in
+    -reach * size .. (reach + 1) * size (so beyond [-1, 1] on both sides, mirrored several times) plus a fraction in
+    [0.1, 0.4] or [0.6, 0.9]: no finite-difference step crosses a pixel (integers), a border clip (0, size - 1), a
+    mirror (integers with align_corners, half-integers without) or a rounding tie of nearest (half-integers)."""
+    axes = []
+    for size in (w, h):
+        u = (GS.integers(-reach * size, (reach + 1) * size, (n, ho, wo)) + GS.uniform(0.1, 0.4, (n, ho, wo))
+             + 0.5 * GS.integers(0, 2, (n, ho, wo)))
+        axes.append(2 * u / (size - 1) - 1 if corners else (2 * u + 1) / size - 1)
+    return np.stack(axes, -1)
+
+
+def grid_sample(mode, pad, corners, opset=20):
+    attrs = dict(mode=mode, padding_mode=pad, align_corners=corners)
+    return case([node("GridSample", ["x", "g"], "y", **attrs)],
+                {"x": GS.standard_normal((2, 3, 4, 5)), "g": sample_points(2, 3, 4, 4, 5, corners)}, opset=opset)
+
+
+def theta(*shape, zoom=1.4):
+    """Affine maps near a zoom-out (identity * zoom plus noise): their grids reach past [-1, 1]."""
+    k = shape[-2]
+    return np.eye(k, k + 1) * zoom + GS.uniform(-0.3, 0.3, shape)
+
+
 W = lambda *s: R.standard_normal(s) * 0.5  # noqa: E731
 
 
@@ -426,6 +454,31 @@ CASES = {
                            {"sc": np.array([1, 1, 2, 3], np.float32)}),
     "Resize-nhwc-axes": case([node("Resize", ["x", "", "sc"], "y", mode="linear", axes=[1, 2])],
                              {"x": away(1, 3, 3, 2)}, {"sc": np.array([2, 2], np.float32)}, opset=19),
+    # GridSample: every supported mode x padding x align_corners; opset 20 (linear, nearest) in float64, opset 16's
+    # spellings (bilinear, nearest) in float32 (onnxruntime has no float64 kernel for GridSample-16)
+    **{f"GridSample{op}-{mode}-{pad}-ac{ac}": grid_sample(mode, pad, ac, opset=op)
+       for op, modes in ((20, ("linear", "nearest")), (16, ("bilinear", "nearest"))) for mode in modes
+       for pad in ("zeros", "border", "reflection") for ac in (0, 1)},
+    "GridSample16-default-attributes": case([node("GridSample", ["x", "g"], "y")],
+                                            {"x": GS.standard_normal((1, 2, 3, 4)),
+                                             "g": sample_points(1, 4, 2, 3, 4, 0)}, opset=16),
+    "GridSample-symbolic-sizes": case([node("GridSample", ["x", "g"], "y", padding_mode="reflection")],
+                                      {"x": GS.standard_normal((2, 2, 5, 3)), "g": sample_points(2, 2, 6, 5, 3, 0)},
+                                      opset=20, sym={"x": ["N", 2, "H", "W"], "g": ["N", "h", "w", 2]}),
+    "GridSample-constant-image": case([node("GridSample", ["x", "g"], "y", padding_mode="border", align_corners=1)],
+                                      {"g": sample_points(2, 3, 3, 4, 4, 1)}, {"x": GS.standard_normal((2, 3, 4, 4))},
+                                      opset=20),
+    "GridSample-constant-grid": case([node("GridSample", ["x", "g"], "y")], {"x": GS.standard_normal((2, 3, 4, 4))},
+                                     {"g": sample_points(2, 5, 5, 4, 4, 0)}, opset=20),
+    # AffineGrid (opset 20): 2-D and 3-D, with and without align_corners; then a spatial transformer whose size
+    # comes from the image's shape (symbolic batch), as the legacy exporter writes F.affine_grid at opset 20
+    **{f"AffineGrid-{k}d-ac{ac}": case([node("AffineGrid", ["t", "s"], "y", align_corners=ac)],
+                                       {"t": theta(2, k, k + 1)}, {"s": i64(2, 3, *[4, 3, 5][3 - k:])}, opset=20)
+       for k in (2, 3) for ac in (0, 1)},
+    "AffineGrid-GridSample-size-from-shape": case(
+        [node("Shape", ["x"], "s"), node("AffineGrid", ["t", "s"], "g"),
+         node("GridSample", ["x", "g"], "y", padding_mode="reflection", align_corners=1)],
+        {"x": GS.standard_normal((2, 2, 4, 5)), "t": theta(2, 2, 3)}, opset=20, sym={"x": ["N", 2, 4, 5]}),
     # an opset-11 model (Softmax with 2-D coercion) is converted to opset 16 before differentiation
     "opset11-model": case([node("Conv", ["x", "w"], "c", pads=[1, 1, 1, 1]), node("Flatten", ["c"], "f"),
                            node("Softmax", ["f"], "y", axis=1)], {"x": away(2, 2, 3, 3)}, {"w": W(2, 2, 3, 3)},
@@ -528,3 +581,74 @@ def test_reduce_prod_gradient_where_x_has_zeros(axes, keepdims):
     zero = x == 0   # the cases occur: a lone zero gets a gradient, a group with two zeros gets none
     assert ((zero & (want != 0)).any() or axes is None) and (zero & (want == 0)).any() and (~zero & (want == 0)).any()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def _mirror(v, lo, hi):
+    """The ONNX reference's reflection of one coordinate into [lo, hi] (GridSample._gs_reflect)."""
+    span = hi - lo
+    if lo <= v <= hi:
+        return v
+    d = lo - v if v < lo else v - hi
+    n = int(d / span)
+    r = d - n * span
+    return (lo + r if n % 2 == 0 else hi - r) if v < lo else (hi - r if n % 2 == 0 else lo + r)
+
+
+@pytest.mark.parametrize("pad", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("corners", [0, 1])
+def test_grid_sample_nearest_sends_g_to_the_rounded_pixel(pad, corners):
+    """Nearest GridSample's dX against numpy: each point's g is added at the pixel its unnormalised coordinates round
+    to, half to even (onnxruntime's std::nearbyint: the grid holds exact ties), then clipped (border) or mirrored
+    (reflection), nowhere when off the image (zeros); points that share a pixel add up. The forward reads those very
+    pixels, and the grid gets a zero gradient."""
+    from adcheck import session
+    from onnxplain.kernels.autodiff import augment
+
+    h, w = (5, 3) if corners else (4, 8)   # sizes whose unnormalisation is exact, so the ties stay ties
+    u = GS.integers(-4 * np.array([w, h]), 6 * np.array([w, h]), (2, 6, 7, 2)) * 0.5   # multiples of 0.5
+    sizes = np.array([w, h], np.float64)
+    g = 2 * u / (sizes - 1) - 1 if corners else (2 * u + 1) / sizes - 1
+    x = GS.standard_normal((2, 3, h, w))
+    model, feeds, out = case([node("GridSample", ["x", "g"], "y", mode="nearest", padding_mode=pad,
+                                   align_corners=corners)], {"x": x, "g": g}, opset=20)(np.float64)
+    lo, hi = (np.zeros(2), sizes - 1) if corners else (np.full(2, -0.5), sizes - 0.5)
+    idx = np.rint(u)
+    assert ((u % 1 == 0.5) & (idx != np.floor(u + 0.5))).any()   # ties that half-away-from-zero would round up
+    if pad == "border":
+        idx = np.clip(idx, 0, sizes - 1)
+    elif pad == "reflection":
+        idx = np.array([[_mirror(v, lo[a], hi[a]) for a, v in enumerate(pt)]
+                        for pt in idx.reshape(-1, 2)]).reshape(idx.shape)
+    on = ((idx >= 0) & (idx <= sizes - 1)).all(-1)
+    ix, iy = (np.clip(idx[..., a], 0, sizes[a] - 1).astype(int) for a in (0, 1))
+    n = np.arange(2)[:, None, None, None]
+    ch = np.arange(3)[None, :, None, None]
+    seed = GS.standard_normal((2, 3, 6, 7))
+    want = np.zeros_like(x)
+    np.add.at(want, (n, ch, iy[:, None], ix[:, None]), seed * on[:, None])
+    aug = augment(model, scores=out)
+    y, dx, dg = session(aug).run([out, "x__grad", "g__grad"], {**feeds, "seed": seed})
+    np.testing.assert_array_equal(y, x[n, ch, iy[:, None], ix[:, None]] * on[:, None])
+    np.testing.assert_allclose(dx, want, rtol=0, atol=1e-12)
+    assert not dg.any() and dg.shape == g.shape
+
+
+@pytest.mark.parametrize("opset,mode", [(20, "cubic"), (16, "bicubic")])
+def test_grid_sample_cubic_is_refused_by_name(opset, mode):
+    from onnxplain.kernels.autodiff import AutodiffError, augment
+
+    model, _, out = case([node("GridSample", ["x", "g"], "y", mode=mode)],
+                         {"x": GS.standard_normal((1, 2, 4, 4)), "g": sample_points(1, 2, 2, 4, 4, 0)},
+                         opset=opset)(np.float32)
+    with pytest.raises(AutodiffError, match=f"GridSample node .*mode='{mode}' is not supported"):
+        augment(model, scores=out)
+
+
+def test_volumetric_grid_sample_is_refused_by_name():
+    from onnxplain.kernels.autodiff import AutodiffError, augment
+
+    model, _, out = case([node("GridSample", ["x", "g"], "y")], {"x": GS.standard_normal((1, 2, 3, 4, 4)),
+                                                                 "g": GS.uniform(-1, 1, (1, 2, 2, 2, 3))},
+                         opset=20)(np.float32)
+    with pytest.raises(AutodiffError, match="GridSample node .*volumetric"):
+        augment(model, scores=out)
