@@ -1,4 +1,4 @@
-"""Tiny torch nets with the operator mix of ResNet, MobileNetV3, DenseNet, ViT and ConvNeXt."""
+"""Tiny torch nets with the operator mix of ResNet, MobileNetV3, DenseNet, ViT and ConvNeXt, and spatial transformers."""
 import torch, torch.nn as nn, torch.nn.functional as F
 class ResBlock(nn.Module):
     def __init__(s, c):
@@ -63,4 +63,21 @@ class TinySdpaViT(nn.Module):
         x=s.pe(x).flatten(2).transpose(1,2); x=torch.cat([s.cls.expand(x.shape[0],-1,-1),x],1); B,N,D=x.shape
         q,k,v=s.qkv(s.n1(x)).reshape(B,N,3,2,D//2).permute(2,0,3,1,4)
         x=x+s.o(F.scaled_dot_product_attention(q,k,v).transpose(1,2).reshape(B,N,D)); return s.head(s.n(x)[:,0])
+class TinySTN(nn.Module):
+    """A spatial-transformer classifier: a localisation net predicts theta (near a zoom-out, so the grid reaches past
+    the image), F.affine_grid and F.grid_sample warp a feature map, a conv head classifies. written: the grid as base
+    points times theta^T, by hand (the legacy exporter has affine_grid at opset 20 only)."""
+    def __init__(s, mode="bilinear", padding="zeros", align=False, written=False):
+        super().__init__(); s.mode,s.padding,s.align,s.written=mode,padding,align,written
+        s.loc=nn.Conv2d(3,4,3,2,1); s.theta=nn.Linear(4,6); s.feat=nn.Sequential(nn.Conv2d(3,6,3,padding=1), nn.Tanh()); s.head=nn.Conv2d(6,8,3,2,1); s.fc=nn.Linear(8,5)
+        with torch.no_grad(): s.theta.weight.mul_(0.5); s.theta.bias.copy_(torch.tensor([1.3,0.2,0.1,-0.15,1.25,0.05]))
+        base=F.affine_grid(torch.eye(2,3)[None],[1,1,16,16],align_corners=align).reshape(256,2)
+        s.register_buffer("base", torch.cat([base, torch.ones(256,1)],1))
+    def forward(s,x):
+        theta=s.theta(F.relu(s.loc(x)).mean((2,3))).view(-1,2,3); f=s.feat(x)
+        grid=(s.base@theta.transpose(1,2)).view(-1,16,16,2) if s.written else F.affine_grid(theta,list(f.shape),align_corners=s.align)
+        return s.fc(F.relu(s.head(F.grid_sample(f,grid,mode=s.mode,padding_mode=s.padding,align_corners=s.align))).mean((2,3)))
+STNS={"stn":TinySTN, "stn_reflect":lambda: TinySTN(padding="reflection",align=True), "stn_border":lambda: TinySTN(padding="border",written=True),
+      "stn_nearest":lambda: TinySTN(mode="nearest",align=True)}
 NETS={"sdpa_vit":TinySdpaViT,"cosine":TinyCosine,"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
+NETS.update(STNS)

@@ -9,13 +9,20 @@ import torch
 
 from adcheck import assert_standard, rel, session
 from onnxplain.kernels.autodiff import augment
-from autodiff_tiny_nets import NETS
+from autodiff_tiny_nets import NETS, STNS
 
 torch.set_num_threads(1)
 
-EXPORTS = [(name, "legacy", 13) for name in NETS if name not in ("vit", "sdpa_vit")] + [
+EXPORTS = [(name, "legacy", 13) for name in NETS if name not in ("vit", "sdpa_vit", *STNS)] + [
     ("vit", "legacy", 14), ("vit", "legacy", 17)] + [(name, "dynamo", 18) for name in NETS] + [
     ("sdpa_vit", "dynamo", 23)]   # ONNX Attention and RMSNormalization
+# Spatial transformers: the legacy exporter writes F.affine_grid as AffineGrid (opset 20; below it refuses it, so
+# stn_border builds its grid by hand) and F.grid_sample as GridSample; dynamo writes GridSample (opset 16's at 18,
+# opset 20's at 20) and affine_grid as elementwise arithmetic.
+STN_EXPORTS = [("stn", "legacy", 20), ("stn", "dynamo", 20), ("stn_reflect", "legacy", 20),
+               ("stn_reflect", "dynamo", 20), ("stn_border", "legacy", 16), ("stn_border", "legacy", 17),
+               ("stn_nearest", "legacy", 20)]
+EXPORTS += STN_EXPORTS
 
 
 def make_net(name):
@@ -101,6 +108,31 @@ def test_layer_gradient_matches_torch(exporter, opset):
     want_x, want_act, want_gact = torch_grads(net, x, seed, net.layer)
     assert rel(act, want_act) < 1e-5
     assert rel(gact, want_gact) < 1e-5
+    assert rel(gx, want_x) < 1e-4
+
+
+STN_LAYER_CASES = [("stn", "legacy", 20), ("stn", "dynamo", 18), ("stn_reflect", "dynamo", 20),
+                   ("stn_border", "legacy", 16), ("stn_nearest", "dynamo", 18)]
+
+
+@pytest.mark.parametrize("name,exporter,opset", STN_LAYER_CASES, ids=[f"{n}-{e}-{o}" for n, e, o in STN_LAYER_CASES])
+def test_spatial_transformer_layer_gradient_matches_torch(name, exporter, opset):
+    """The feature map a spatial transformer warps, and the input, against torch autograd, with a different seed row per
+    sample; the export holds the operators named above."""
+    net, model = export(name, exporter, opset)
+    ops = {n.op_type for n in model.graph.node}
+    assert "GridSample" in ops and ("AffineGrid" in ops) == (exporter == "legacy" and not net.written)
+    layer = next(n for n in model.graph.node if n.op_type == "GridSample").input[0]
+    aug = augment(model, layers=[layer], scores=model.graph.output[0].name)
+    assert_standard(aug)
+    inp = model.graph.input[0].name
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    seed = rng.standard_normal((2, 5)).astype(np.float32)
+    act, gact, gx = session(aug).run([layer, f"{layer}__grad", f"{inp}__grad"], {inp: x, "seed": seed})
+    want_x, want_act, want_gact = torch_grads(net, x, seed, net.feat)
+    assert rel(act, want_act) < 1e-5
+    assert rel(gact, want_gact) < 1e-4
     assert rel(gx, want_x) < 1e-4
 
 
