@@ -38,7 +38,7 @@ NON_DIFFERENTIABLE = {
     "Shape", "Size", "Constant", "ConstantOfShape", "Range", "NonZero", "ArgMax", "ArgMin", "Equal",
     "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
     "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-    "Sign", "Floor", "Ceil", "Round", "TopK_indices", "OneHot", "Bernoulli", "Hardmax",
+    "Sign", "Floor", "Ceil", "Round", "OneHot", "Bernoulli", "Hardmax",
 }
 
 RULES: dict = {}
