@@ -40,6 +40,17 @@ def scrape(server) -> dict[str, float]:
     return samples
 
 
+def wait_for_calls(server, seconds: float, why: str, count: int = 1, **labels) -> None:
+    """Wait until onnxplain_calls_total with `labels` reaches `count` (the server counts a call as it ends, a moment
+    after its client saw the status); fail with `why` after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while metric(scrape(server), "onnxplain_calls_total", **labels) < count:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
+
+
 def metric(samples: dict[str, float], name: str, **labels) -> float:
     """The sum of a metric's samples whose labels include `labels`."""
     total = 0.0

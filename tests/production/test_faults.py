@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnxplain import tensors
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
-from production import faulty_model, metric, scrape, start
+from production import faulty_model, metric, scrape, start, wait_for_calls
 from support import captured_json_logs, default_model_config, sample_png
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -320,9 +320,8 @@ def test_a_stalled_stream_without_a_deadline_ends_at_max_call_seconds_as_if_its_
             prediction = other.Predict(service_pb2.PredictRequest(
                 model="shapes", images=[tensor_pb2.Image(encoded=sample_png("ring"))], top_k=1), timeout=15)
             assert prediction.predictions[0].top[0].label == "ring", "the server serves other calls meanwhile"
-            while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
-                assert time.monotonic() - started < cap + 1.5, "the stalled call was not ended at max_call_seconds"
-                time.sleep(0.05)
+            wait_for_calls(srv, started + cap + 1.5 - time.monotonic(), "the stalled call was not ended at "
+                           "max_call_seconds", rpc="Explain", code="DEADLINE_EXCEEDED")
             assert threads_sending() == 0, "the call's thread is released"
             gc.collect()
             assert held() is None, "and the job's undelivered maps with it"
@@ -337,10 +336,8 @@ def test_a_stalled_stream_without_a_deadline_ends_at_max_call_seconds_as_if_its_
             with pytest.raises(grpc.RpcError) as caught:
                 list(expiring)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            deadline = time.monotonic() + 10
-            while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 2:
-                assert time.monotonic() < deadline, "the client's deadline was not counted"
-                time.sleep(0.05)
+            wait_for_calls(srv, 10, "the client's deadline was not counted", count=2, rpc="Explain",
+                           code="DEADLINE_EXCEEDED")
             samples = scrape(srv)
             assert metric(samples, "onnxplain_calls_total", rpc="Explain") == 2
             assert metric(samples, "onnxplain_call_seconds_count", rpc="Explain", model="shapes") == 2
@@ -421,9 +418,7 @@ def test_keepalive_closes_a_connection_whose_peer_vanished_and_frees_its_call():
         proxy.frozen.set()
         frozen = time.monotonic()
         record = next(r for r in srv.explainer.jobs if r.job_id == job_id)
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain") < 1:
-            assert time.monotonic() - frozen < 5, "the call of a vanished peer is still open"
-            time.sleep(0.05)
+        wait_for_calls(srv, frozen + 5 - time.monotonic(), "the call of a vanished peer is still open", rpc="Explain")
         assert record.status == "cancelled"
     finally:
         proxy.close()
@@ -518,10 +513,8 @@ def test_decoding_stops_when_the_caller_is_gone(monkeypatch):
             stub.Predict(service_pb2.PredictRequest(model="shapes", images=[tensor_pb2.Image(encoded=sample_png())] * 20),
                          timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 10
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Predict", code="DEADLINE_EXCEEDED") < 1:
-            assert time.monotonic() < deadline, "the call was not recorded as DEADLINE_EXCEEDED"
-            time.sleep(0.05)
+        wait_for_calls(srv, 10, "the call was not recorded as DEADLINE_EXCEEDED", rpc="Predict",
+                       code="DEADLINE_EXCEEDED")
         # ~2 images fit in the 0.5 s deadline, and the one being decoded when it passed ends; not all 20
         assert counts["done"] <= 6, f"{counts['done']} of 20 images decoded for a caller that had gone"
     finally:

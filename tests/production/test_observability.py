@@ -11,7 +11,7 @@ import pytest
 
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
-from production import metric, scrape, start
+from production import metric, scrape, start, wait_for_calls
 from support import captured_json_logs, default_model_config, sample_png
 
 BATCH = 8
@@ -64,10 +64,7 @@ def test_a_cancelled_or_expired_call_stops_within_one_batch(server, how):
     assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
     assert after - before < 10_000 / 2, "the job did not run to completion"
     code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
-    deadline = time.monotonic() + 10
-    while metric(scrape(server), "onnxplain_calls_total", rpc="Explain", code=code) < 1:
-        assert time.monotonic() < deadline, f"no Explain call counted as {code}"
-        time.sleep(0.1)
+    wait_for_calls(server, 10, f"no Explain call counted as {code}", rpc="Explain", code=code)
 
 
 def test_a_call_past_max_call_seconds_stops_within_one_batch_as_if_its_deadline_passed():
@@ -90,10 +87,7 @@ def test_a_call_past_max_call_seconds_stops_within_one_batch_as_if_its_deadline_
         assert after < 10_000 / 2, "the job did not run to completion"
         record = srv.explainer.jobs[-1]
         assert record.status == "cancelled" and record.samples() - record.samples_at_end <= BATCH
-        deadline = time.monotonic() + 10
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
-            assert time.monotonic() < deadline, "no Explain call counted as DEADLINE_EXCEEDED"
-            time.sleep(0.1)
+        wait_for_calls(srv, 10, "no Explain call counted as DEADLINE_EXCEEDED", rpc="Explain", code="DEADLINE_EXCEEDED")
     finally:
         srv.stop(0)
 
@@ -145,10 +139,8 @@ def test_a_queued_call_past_max_call_seconds_leaves_the_queue(monkeypatch):
             time.sleep(0.02)
         again.cancel()
         running.cancel()
-        deadline = time.monotonic() + 10
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="DEADLINE_EXCEEDED") < 1:
-            assert time.monotonic() < deadline, "the capped queued call was not counted as DEADLINE_EXCEEDED"
-            time.sleep(0.1)
+        wait_for_calls(srv, 10, "the capped queued call was not counted as DEADLINE_EXCEEDED", rpc="Explain",
+                       code="DEADLINE_EXCEEDED")
     finally:
         srv.stop(0)
 
@@ -240,10 +232,7 @@ def test_a_call_whose_deadline_passes_in_the_queue_is_recorded_as_deadline_excee
                 call()
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, rpc
         busy.cancel()
-        deadline = time.monotonic() + 10
-        while metric(scrape(srv), "onnxplain_calls_total", rpc="Explain", code="CANCELLED") < 1:   # the busy call
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_calls(srv, 10, "the busy call was not counted as CANCELLED", rpc="Explain", code="CANCELLED")
         samples = scrape(srv)
         for rpc in queued:
             assert metric(samples, "onnxplain_calls_total", rpc=rpc, code="DEADLINE_EXCEEDED") == 1, rpc
