@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .autodiff_rules import NON_DIFFERENTIABLE, RULES, RULE_VARIANTS
+from .autodiff_rules import NON_DIFFERENTIABLE, QUANTIZED, RULES, RULE_VARIANTS
 
 __all__ = ["augment", "augment_cached", "differentiate", "AutodiffError", "RULE_VARIANTS"]
 
@@ -220,6 +220,11 @@ class _Graph:
         self.const_cache, self.shape_cache = {}, {}
         self.active = set()
         self.cot_dtype = {}
+        self.real = {}   # quantized tensor on the path -> element type of the real value it stands for
+
+    def cotangent_dtype(self, name):
+        """Element type of the cotangent of forward tensor `name` (a quantized tensor's is its real value's)."""
+        return self.real.get(name) or self.dtype(name)
 
     # static info
     def dims(self, name):
@@ -337,7 +342,13 @@ def _path(g: _Graph, of: str, wrt: Sequence[str]):
         if n.op_type in NON_DIFFERENTIABLE and n.domain in ("", "ai.onnx"):
             continue  # (a custom-domain node stays on the path, so that the walk reports it has no rule)
         if any(i in active for i in n.input):
-            active.update(o for o in n.output if o and g.dtype(o) in _FLOAT_TYPES)
+            for o in n.output:
+                if o and g.dtype(o) in _FLOAT_TYPES:
+                    active.add(o)
+                elif o and n.op_type in QUANTIZED and n.domain in ("", "ai.onnx"):
+                    active.add(o)
+                    g.real[o] = g.dtype(n.input[0])
+    _refuse_integer_cuts(g, nodes, active, of, wrt)
     needed = {of}
     on_path = []
     for n in reversed(nodes):
@@ -350,6 +361,38 @@ def _path(g: _Graph, of: str, wrt: Sequence[str]):
     return on_path[::-1]
 
 
+def _refuse_integer_cuts(g: _Graph, nodes, active: set, of: str, wrt) -> None:
+    """Raise where the derivative would silently stop at an integer tensor that the score still depends on: a node
+    without a rule that turns a tensor on the path into integers (DynamicQuantizeLinear), or any node but
+    DequantizeLinear that reads a quantized tensor (QLinearConv and the other QOperator-format ops). Left alone,
+    the walk would find no path there and return a zero gradient for a model whose output plainly depends on it.
+    Integer outputs of nodes that have a rule (Cast to an integer type, TopK's indices) and of NON_DIFFERENTIABLE
+    nodes are true zeros and pass."""
+    reaches = {of}
+    for n in reversed(nodes):
+        if any(o in reaches for o in n.output):
+            reaches.update(i for i in n.input if i)
+    for n in nodes:
+        if n.domain not in ("", "ai.onnx") or n.op_type in NON_DIFFERENTIABLE:
+            continue
+        cut = [o for o in n.output if o and o not in active and o in reaches]
+        if not cut or not any(i in active for i in n.input):
+            continue
+        reads_quantized = any(i in g.real for i in n.input) and n.op_type != "DequantizeLinear"
+        if reads_quantized or n.op_type not in RULES:
+            hint = (" Operators that compute on integers (the QOperator format, dynamic quantization) have no rules: "
+                    "quantize the model in the QDQ format instead (QuantizeLinear/DequantizeLinear around float "
+                    "operators, differentiated with the straight-through estimator) or serve it with a gradient "
+                    "graph of your own." if reads_quantized or "Quantize" in n.op_type else "")
+            raise AutodiffError(f"no gradient rule for operator {n.op_type!r} (node {n.name!r}) on the path from "
+                                f"{list(wrt)} to {of!r}: its output {cut[0]!r} is {_type_name(g.dtype(cut[0]))}, "
+                                f"so no derivative would reach the score through it.{hint}")
+
+
+def _type_name(dtype) -> str:
+    return helper.tensor_dtype_to_string(dtype).replace("TensorProto.", "").lower()
+
+
 def _backward(g: _Graph, of: str, seed: str, wrt: Sequence[str], rule: str) -> dict:
     """Reverse walk: each node turns its outputs' summed cotangents into its inputs' cotangents."""
     grads: dict[str, list[str]] = {of: [seed]}
@@ -360,7 +403,7 @@ def _backward(g: _Graph, of: str, seed: str, wrt: Sequence[str], rule: str) -> d
             return None
         if len(parts) > 1:  # a tensor with several consumers: its cotangent is the sum of theirs
             grads[name] = [g.emit("Sum", parts, 1, {}, hint=f"{name}/sum")]
-            g.cot_dtype[grads[name][0]] = g.dtype(name)
+            g.cot_dtype[grads[name][0]] = g.cotangent_dtype(name)
         return grads[name][0]
 
     for node in reversed(_path(g, of, wrt)):
@@ -378,7 +421,7 @@ def _backward(g: _Graph, of: str, seed: str, wrt: Sequence[str], rule: str) -> d
                 if dxs[i] is None:
                     raise AutodiffError(f"{node.op_type} node {node.name!r}: no gradient for its input {i} "
                                         f"({name!r}), which lies on the path to {of!r}")
-                g.cot_dtype.setdefault(dxs[i], g.dtype(name))
+                g.cot_dtype.setdefault(dxs[i], g.cotangent_dtype(name))
                 grads.setdefault(name, []).append(dxs[i])
     return {w: total(w) for w in wrt}
 

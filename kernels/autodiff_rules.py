@@ -15,7 +15,8 @@ Rule variants for ReLU-like activations (`c.rule`), after Springenberg et al. 20
 - "deconvnet": dx = max(g, 0), ignoring x entirely (Zeiler & Fergus's backward ReLU). The same holds for
   Clip/ReLU6, LeakyRelu, PRelu, HardSwish and GELU: each is treated as the rectifier it approximates.
   Elu, Selu, Celu, Mish and ThresholdedRelu are ReLU-like too and follow the same two variants (guided: their
-  own local derivative times max(g, 0)).
+  own local derivative times max(g, 0)). So does a QuantizeLinear whose range starts at exactly 0 (zero point at
+  the integer type's minimum): quantizers fold a ReLU or ReLU6 into that range and remove the node.
 Other operators (sigmoid, tanh, softmax, ...) use their true gradient under every variant, as captum does.
 
 Scatters (ScatterND, ScatterElements): under reduction none the indices are taken to be distinct (the spec leaves
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 RULE_VARIANTS = ("standard", "guided", "deconvnet")
 
@@ -177,6 +178,56 @@ def _identity(c):
 @rule("Cast", "CastLike")
 def _cast(c):
     return [c("Cast", c.g, to=c.dtype(c.x(0))), None]
+
+
+# Quantized tensors (QDQ models, and PyTorch's export of fake quantisation: QuantizeLinear -> DequantizeLinear pairs).
+# QuantizeLinear's integer output q stands for the real value s * (q - z); the walk lets it carry a float cotangent
+# taken with respect to that value (QUANTIZED). So DequantizeLinear passes its cotangent on unchanged, and
+# QuantizeLinear passes it where round(x / s) + z fell inside the integer type's range and nowhere else: the
+# straight-through estimator with saturation, exactly the backward of torch.fake_quantize_per_{tensor,channel}_affine.
+# (The true derivative of rounding is zero almost everywhere, which would make every quantized model's map zero.)
+QUANTIZED = {"QuantizeLinear"}
+_INT_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
+               TensorProto.INT16: (-32768, 32767), TensorProto.UINT4: (0, 15), TensorProto.INT4: (-8, 7)}
+
+
+def _along_axis(c, v, x):
+    """Per-axis quantization parameter `v` (1-D, one value per slice of x along the node's axis) shaped to broadcast
+    against x; a scalar as it is."""
+    if c.rank(v) != 1:
+        return v
+    rank = c.need_rank(x)
+    axis = c.attr("axis", 1) % rank
+    return c("Reshape", v, c.i64([-1] + [1] * (rank - 1 - axis)))
+
+
+@rule("QuantizeLinear")
+def _quantize_linear(c):
+    x, scale, zero = c.x(0), c.x(1), c.x(2)
+    if c.attr("block_size", 0):
+        c.fail("blocked quantization (block_size > 0) has no gradient rule")
+    qtype = c.dtype(zero) if zero else c.attr("output_dtype", 0) or TensorProto.UINT8
+    if qtype not in _INT_RANGES:
+        c.fail(f"quantization to {helper.tensor_dtype_to_string(qtype)} has no gradient rule (integer types only)")
+    lo, hi = _INT_RANGES[qtype]
+    q = c("Round", c("Div", x, _along_axis(c, scale, x)))
+    if zero:
+        q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
+    inside = c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
+    local = lambda g: _mask(c, inside, g)
+    zeros = c.ints(zero) if zero else [0]
+    if zeros is not None and all(z == lo for z in zeros):
+        # The range starts at exactly 0: a rectifier. Quantizers write ReLU/ReLU6 into the range and drop the node
+        # (onnxruntime's does), so under guided and deconvnet this is where the model's ReLU went.
+        return [_rectify(c, local), None, None]
+    return [local(c.g), None, None]
+
+
+@rule("DequantizeLinear")
+def _dequantize_linear(c):
+    if c.attr("block_size", 0):
+        c.fail("blocked quantization (block_size > 0) has no gradient rule")
+    return [c.g, None, None]   # the cotangent of a quantized tensor is already with respect to its real value
 
 
 @rule("Add")

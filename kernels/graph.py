@@ -20,7 +20,9 @@ Near-duplicates are dropped: a tensor is not listed when every consumer is a poi
 only switches a map between NCHW and NHWC is not listed (its input is). So ``Conv -> BN -> ReLU`` lists the ReLU output only, a residual
 ``Add -> ReLU`` lists the ReLU output, ``x * sigmoid(x)`` lists the product, and a tensor that also feeds a
 Conv, a pool or the next residual branch stays listed. The listed tensor always carries the same map as the
-dropped ones, after the activation -- what Grad-CAM style methods conventionally explain.
+dropped ones, after the activation -- what Grad-CAM style methods conventionally explain. In a quantized (QDQ)
+model QuantizeLinear and DequantizeLinear count as pointwise, and tensors of integers are never listed: a map is
+listed as its DequantizeLinear output, the values the next operator reads.
 
 Default layer (``default_layer``): the last listed spatial map (the one feeding the classifier head). For token
 models: the last token tensor that the scores depend on through *all* of its tokens. With mean pooling over
@@ -464,11 +466,13 @@ class _Graph:
             for i in n.input:
                 if i:
                     self.consumers.setdefault(i, []).append(n)
-        self.shapes = {}
+        self.shapes, self.dtypes = {}, {}
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             s = _dims(vi)
             if s is not None:
                 self.shapes[vi.name] = s
+            if vi.type.tensor_type.elem_type:
+                self.dtypes[vi.name] = vi.type.tensor_type.elem_type
         for t in g.initializer:
             self.shapes[t.name] = tuple(t.dims)
 
@@ -551,6 +555,7 @@ _POINTWISE = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
     "Softplus", "Softsign", "Gelu", "Mish", "Erf", "ThresholdedRelu", "Swish", "BatchNormalization",
     "Add", "Sub", "Mul", "Div", "Dropout", "Identity", "Cast", "Neg", "Abs", "Pow", "Sqrt", "Max", "Min",
+    "QuantizeLinear", "DequantizeLinear",
 }
 
 
@@ -664,8 +669,8 @@ def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
             if not o or o not in computed or o == score:
                 continue
             s = gi.shapes.get(o)
-            if s is None:
-                continue
+            if s is None or gi.dtypes.get(o, TensorProto.FLOAT) not in _FLOAT_TYPES:
+                continue  # (a quantized map's integers are codes, not activations: its DequantizeLinear is listed)
             if n.op_type == "Transpose" and n.input[0] in lay:
                 continue  # the same map in the other layout: its input is the layer
             if len(s) == 4 and o in lay and _batch_like(s[0], batch):

@@ -31,6 +31,7 @@ import onnx
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from onnxplain import tensors
+from onnxplain.kernels.autodiff import AutodiffError
 from onnxplain.kernels.images import upsample_bilinear
 from onnxplain.kernels.methods import METHODS, Job, Maps, Method, ParamError, Progress
 from onnxplain.kernels.runtime import Passes
@@ -74,12 +75,15 @@ ORT_ERRORS = tuple(getattr(ort_errors, name) for name in (
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status of a failed call. A fault inside the server (an onnxruntime error included) fails this
-    call only: RESOURCE_EXHAUSTED when memory ran out, INTERNAL otherwise."""
+    """The gRPC status of a failed call. A model that the engine cannot differentiate: FAILED_PRECONDITION. A
+    fault inside the server (an onnxruntime error included) fails this call only: RESOURCE_EXHAUSTED when memory
+    ran out, INTERNAL otherwise."""
     if isinstance(exc, RequestError):
         return exc.code, exc.message
     if isinstance(exc, ParamError):   # a parameter that only the method itself could judge
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, AutodiffError):   # the model has an operator without a rule: no retry helps until the
+        return grpc.StatusCode.FAILED_PRECONDITION, f"the model cannot be differentiated: {exc}"   # model changes
     if isinstance(exc, Exhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     text = f"{type(exc).__name__}: {exc}"

@@ -51,9 +51,11 @@ def png_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
-def pointing_game(client, held_out, method: str, params: dict | None = None) -> tuple[int, int]:
-    """The pointing game on held-out images of the shipped default model (`shapes.generate(...)`), with the map
-    of each image's top-1 class made by `method` through the server: (hits, hits on the exact mask).
+def pointing_game(client, held_out, method: str, params: dict | None = None, model: str = "shapes"
+                  ) -> tuple[int, int]:
+    """The pointing game on held-out images of the shipped default model (`shapes.generate(...)`; `model` names it
+    or a version of it on the server), with the map of each image's top-1 class made by `method` through the
+    server: (hits, hits on the exact mask).
 
     A hit is the map's maximum falling inside the object's bounding box, the pointing game's convention where
     an object is known by its box (the map's pixel centre, mapped to the image's pixels, inside [x0, x1) x
@@ -64,7 +66,7 @@ def pointing_game(client, held_out, method: str, params: dict | None = None) -> 
 
     from onnxplain.client import MapResult
 
-    events = list(client.explain("shapes", [png_bytes(i) for i in held_out.images], [(method, params or {})]))
+    events = list(client.explain(model, [png_bytes(i) for i in held_out.images], [(method, params or {})]))
     maps = {e.image_index: e.map for e in events if isinstance(e, MapResult) and e.final}
     assert sorted(maps) == list(range(len(held_out)))
     hits = on_mask = 0

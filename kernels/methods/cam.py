@@ -108,6 +108,7 @@ def layer_run(combine: Callable, gradients: bool = True) -> Callable[[Job], Iter
 
 LINEAR = {"Gemm", "MatMul"}
 RESHAPES = {"Flatten", "Reshape", "Squeeze", "Identity"}
+QDQ = {"QuantizeLinear", "DequantizeLinear"}   # a quantized head: the pairs round values, the head stays linear
 
 
 def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.ndarray:
@@ -121,6 +122,9 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in model.graph.node:   # int8 weights: their dequantized values
+        if node.op_type == "DequantizeLinear" and all(i in constants for i in node.input if i):
+            constants[node.output[0]] = _dequantized(node, *(constants.get(i) for i in node.input[:3]))
     path, name = [], layer
     while True:
         following = consumers.get(name, [])
@@ -133,7 +137,7 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
             break
     ops = [n.op_type for n in path]
     pooled = ops[:1] == ["GlobalAveragePool"] or (ops[:1] == ["ReduceMean"])
-    if not pooled or not path or path[-1].op_type not in LINEAR or not set(ops[1:-1]) <= RESHAPES:
+    if not pooled or not path or path[-1].op_type not in LINEAR or not set(ops[1:-1]) <= RESHAPES | QDQ:
         raise ParamError(f"cam needs a global-average-pooling + linear head after layer {layer}; found {ops or 'none'}"
                          " (use gradcam, which works with any head)")
     linear = path[-1]
@@ -150,10 +154,20 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
     rest = linear.output[0]
     while rest != score:   # only a bias Add (or identities) may stand between the linear layer and the scores
         following = consumers.get(rest, [])
-        if len(following) != 1 or following[0].op_type not in {"Add", "Identity"}:
+        if len(following) != 1 or following[0].op_type not in {"Add", "Identity"} | QDQ:
             raise ParamError(f"cam: the linear head of layer {layer} does not lead straight to the scores")
         rest = following[0].output[0]
     return weight
+
+
+def _dequantized(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    """DequantizeLinear of constants: scale * (q - zero), per tensor or along the node's axis."""
+    shape = [1] * q.ndim
+    if np.ndim(scale) == 1 and q.ndim > 0:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape[axis % q.ndim] = -1
+    zero = np.zeros(1) if zero is None else zero
+    return (q.astype(np.float64) - zero.reshape(shape or ())) * scale.astype(np.float64).reshape(shape or ())
 
 
 def head_weights(runner, layer) -> np.ndarray:

@@ -1,0 +1,360 @@
+"""Quantized models: QuantizeLinear / DequantizeLinear under the straight-through estimator.
+
+The true derivative of a quantized network is zero almost everywhere (rounding is piecewise constant), and before
+these rules the walk stopped at QuantizeLinear's integer output and returned exactly that: all-zero gradients for
+every QDQ model, without a word. Now a quantized tensor carries the cotangent of the real value it stands for, and
+QuantizeLinear passes it where x fell inside the integer range: torch.fake_quantize_*'s backward. Checked against a
+numpy re-derivation of that mask (per tensor, per axis, every integer type, with and without a zero point), against
+torch autograd on fake-quantised nets exported by both exporters (the ONNX form of quantisation-aware training), and
+on onnxruntime's own quantizer's output; models that compute on integers get an error naming the operator.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from adcheck import assert_standard, rel, session
+from onnxplain.kernels import graph as G
+from onnxplain.kernels.autodiff import AutodiffError, augment
+
+torch.set_num_threads(1)
+
+RANGES = {np.int8: (-128, 127), np.uint8: (0, 255), np.int16: (-32768, 32767), np.uint16: (0, 65535)}
+
+
+def qdq_model(shape, scale, zero, axis=None, opset=None):
+    """y = w * DequantizeLinear(QuantizeLinear(x)): `zero` None leaves the zero point out (uint8 then)."""
+    inits = {"s": np.asarray(scale, np.float32), "w": np.random.default_rng(5).standard_normal(shape).astype(np.float32)}
+    names = ["x", "s"]
+    if zero is not None:
+        inits["z"] = np.asarray(zero)
+        names.append("z")
+    attrs = {} if axis is None else {"axis": axis}
+    nodes = [helper.make_node("QuantizeLinear", names, ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", *names[1:]], ["d"], **attrs),
+             helper.make_node("Mul", ["d", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    wide = zero is not None and zero.dtype.itemsize > 1   # 16-bit quantization is opset 21's
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or (21 if wide else 19))])
+    model.ir_version = 10
+    return model, inits
+
+
+def numpy_ste(x, scale, zero, axis, lo, hi):
+    """(dequantized x, straight-through mask), written out from the ONNX spec and torch's fake-quantize backward."""
+    shape = [1] * x.ndim
+    if np.ndim(scale) == 1:
+        shape[axis % x.ndim] = -1
+    s = np.reshape(scale, shape).astype(np.float32)
+    z = np.reshape(np.asarray(0 if zero is None else zero), shape).astype(np.float32)
+    t = np.rint(x / s) + z                           # rint: round half to even, as the spec
+    return (np.clip(t, lo, hi) - z) * s, ((t >= lo) & (t <= hi)).astype(np.float32)
+
+
+CASES = {
+    "int8 per tensor, zero point": (np.int8, 0.02, -7, None),
+    "uint8 per tensor, no zero point": (np.uint8, 0.015, None, None),
+    "uint8 per channel (axis 1)": (np.uint8, [0.01, 0.02, 0.04], [128, 100, 3], 1),
+    "int8 per last axis (axis -1)": (np.int8, [0.01, 0.03, 0.02, 0.05, 0.015], [0, 5, -3, 0, 9], -1),
+    "int16 per tensor": (np.int16, 1e-4, 1000, None),
+    "uint16 per channel": (np.uint16, [2e-5, 5e-5, 1e-5], [30000, 0, 65000], 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantize_dequantize_passes_the_gradient_inside_the_integer_range(case):
+    dtype, scale, zero, axis = CASES[case]
+    shape = (2, 3, 4, 5)
+    zero_arr = None if zero is None else np.asarray(zero, dtype)
+    model, inits = qdq_model(shape, scale, zero_arr, axis)
+    lo, hi = RANGES[dtype]
+    span = np.max(np.asarray(scale)) * (hi - lo)
+    x = np.random.default_rng(1).uniform(-span, span, shape).astype(np.float32)  # many values saturate, both ends
+    aug = augment(model, scores="y")
+    assert_standard(aug)
+    seed = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    y, gx = session(aug).run(["y", "x__grad"], {"x": x, "seed": seed})
+    dq, mask = numpy_ste(x, np.asarray(scale, np.float32), zero_arr, 1 if axis is None else axis, lo, hi)
+    np.testing.assert_allclose(y, dq * inits["w"], rtol=1e-6, atol=1e-7)   # the forward is what we think it is
+    assert 0.2 < mask.mean() < 0.9, "the case must exercise both the range and the saturation"
+    np.testing.assert_allclose(gx, seed * inits["w"] * mask, rtol=1e-6, atol=0)
+
+
+def test_the_zero_point_type_sets_the_range():
+    """Same x, same scale: an int8 zero point saturates at -128/127, a uint8 one at 0/255."""
+    shape = (1, 1, 2, 3)
+    x = np.array([[[[-3.0, -1.0, 0.5], [1.0, 2.0, 3.0]]]], np.float32)
+    got = {}
+    for dtype in (np.int8, np.uint8):
+        model, inits = qdq_model(shape, 0.01, np.asarray(0, dtype))
+        gx, = session(augment(model, scores="y")).run(["x__grad"], {"x": x, "seed": 1 / inits["w"]})
+        got[dtype] = np.round(gx).astype(int).ravel().tolist()
+    assert got[np.int8] == [0, 1, 1, 1, 0, 0]    # |x| / 0.01 within [-128, 127]
+    assert got[np.uint8] == [0, 0, 1, 1, 1, 0]   # x / 0.01 within [0, 255]
+
+
+@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
+def test_a_range_starting_at_zero_is_a_rectifier_under_guided_and_deconvnet(rule):
+    """Quantizers fold ReLU / ReLU6 into a range that starts at 0 and drop the node (onnxruntime's removes every
+    Clip of EfficientNet-Lite0): such a QuantizeLinear follows the ReLU variants; a range that does not start at
+    0 keeps the true (straight-through) gradient under every rule."""
+    shape = (2, 3, 4, 5)
+    x = np.random.default_rng(6).uniform(-2, 6, shape).astype(np.float32)
+    seed = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    for zero, rectifier in ((np.asarray(0, np.uint8), True), (None, True), (np.asarray(-128, np.int8), True),
+                            (np.asarray(-7, np.int8), False), (np.asarray([0, 0, 3], np.uint8), False)):
+        per_axis = zero is not None and zero.ndim == 1
+        scale = np.full(3, 0.02, np.float32) if per_axis else np.float32(0.02)
+        model, inits = qdq_model(shape, scale, zero, 1 if per_axis else None)
+        lo, hi = RANGES[np.uint8 if zero is None else zero.dtype.type]
+        _, mask = numpy_ste(x, scale, zero, 1, lo, hi)
+        g = seed * inits["w"]
+        want = mask * g if not rectifier else np.maximum(g, 0) * (mask if rule == "guided" else 1)
+        gx, = session(augment(model, scores="y", rule=rule)).run(["x__grad"], {"x": x, "seed": seed})
+        np.testing.assert_allclose(gx, want, rtol=1e-6, atol=0, err_msg=f"zero point {zero}")
+
+
+# --------------------------------------------------------------------------------------------- torch QAT nets
+class FakeQuant(nn.Module):
+    def __init__(self, scale, zero, lo=-128, hi=127):
+        super().__init__()
+        self.scale, self.zero, self.lo, self.hi = scale, zero, lo, hi
+
+    def forward(self, x):
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.lo, self.hi)
+
+
+class QConv(nn.Conv2d):
+    """A convolution with per-output-channel int8 fake-quantised weights (what QAT leaves in the graph)."""
+
+    def forward(self, x):
+        w = self.weight
+        scale = (w.detach().abs().amax(dim=(1, 2, 3)) / 127).float()
+        zero = torch.zeros(w.shape[0], dtype=torch.int32)
+        return self._conv_forward(x, torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127), self.bias)
+
+
+class TinyQAT(nn.Module):
+    """Quantised input, a residual block, MaxPool and a uint8 stage: activations saturate at both ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_in = FakeQuant(0.02, 0)
+        self.stem = QConv(3, 8, 3, padding=1)
+        self.q_stem = FakeQuant(0.04, -20)
+        self.body = QConv(8, 8, 3, padding=1)
+        self.q_body = FakeQuant(0.05, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.down = QConv(8, 16, 3, stride=2, padding=1)
+        self.q_feat = FakeQuant(0.01, 0, 0, 255)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.q_stem(torch.relu(self.stem(self.q_in(x))))
+        x = self.q_body(torch.relu(x + self.body(x)))
+        self.feat = torch.relu(self.down(self.pool(x)))
+        return self.head(self.q_feat(self.feat).mean((2, 3)))
+
+
+_EXPORTS = {}
+
+
+def qat_export(exporter, opset):
+    if (exporter, opset) not in _EXPORTS:
+        torch.manual_seed(0)
+        net = TinyQAT().eval()
+        x = torch.randn(2, 3, 16, 16)
+        if exporter == "dynamo":
+            with contextlib.redirect_stdout(io.StringIO()):   # (a symbolic batch: torch's fake-quantize has no
+                model = torch.onnx.export(net, (x,), dynamo=True, input_names=["x"],  # meta kernel for torch.export)
+                                          opset_version=opset).model_proto
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(net, (x,), f, dynamo=False, opset_version=opset, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+            model = onnx.load_from_string(f.getvalue())
+        _EXPORTS[exporter, opset] = net, model
+    return _EXPORTS[exporter, opset]
+
+
+QAT = [("legacy", 13), ("legacy", 17), ("dynamo", 18)]
+
+
+@pytest.mark.parametrize("exporter,opset", QAT, ids=[f"{e}-{o}" for e, o in QAT])
+def test_fake_quantised_net_matches_torch_autograd(exporter, opset):
+    """Input and layer gradients of a QAT-style net at batch 2 with different seed rows, against torch's own
+    straight-through backward; the export is made of QuantizeLinear/DequantizeLinear pairs around float ops."""
+    net, model = qat_export(exporter, opset)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 4 and ops.count("DequantizeLinear") >= 4
+    inp, out = model.graph.input[0].name, model.graph.output[0].name
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 3, 16, 16)) * 1.5).astype(np.float32)   # the input quantiser saturates too
+    seed = rng.standard_normal((2, 5)).astype(np.float32)
+    xx = torch.from_numpy(x).requires_grad_()
+    logits = net(xx)
+    net.feat.retain_grad()
+    (logits * torch.from_numpy(seed)).sum().backward()
+    layer = _tensor_like(model, inp, x, net.feat.detach().numpy())
+    aug = augment(model, layers=[layer], scores=out)
+    assert_standard(aug)
+    got = dict(zip([out, layer, f"{layer}__grad", f"{inp}__grad"],
+                   session(aug).run([out, layer, f"{layer}__grad", f"{inp}__grad"], {inp: x, "seed": seed})))
+    np.testing.assert_allclose(got[out], logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(got[f"{inp}__grad"]).max() > 0
+    assert rel(got[f"{layer}__grad"], net.feat.grad.numpy()) < 1e-4
+    assert rel(got[f"{inp}__grad"], xx.grad.numpy()) < 1e-4
+
+
+def _tensor_like(model, inp, x, want):
+    """The float tensor of the graph whose value is `want` (names differ between exporters)."""
+    names = [o for n in model.graph.node for o in n.output if n.op_type in ("Relu", "Conv", "Add")]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    values = session(probe).run(names, {inp: x})
+    return next(n for n, v in zip(names, values) if v.shape == want.shape and np.allclose(v, want, atol=1e-4))
+
+
+def test_quantized_tensors_are_no_layers_and_each_map_is_listed_once():
+    """A QDQ map is listed as its DequantizeLinear output (the real values), not as the integer codes nor as the
+    float map the quantizer reads (the same map, before rounding)."""
+    _, model = qat_export("legacy", 17)
+    inferred = G.infer_shapes(model)
+    layers = G.candidate_layers(inferred)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert [producer[layer.name] for layer in layers] == ["DequantizeLinear", "DequantizeLinear", "MaxPool",
+                                                          "DequantizeLinear"]
+    assert G.default_layer(inferred).name == layers[-1].name
+
+
+# --------------------------------------------------------------------------------------------- onnxruntime's quantizer
+class _Float(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, 2, 1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A float net and the three forms onnxruntime.quantization writes of it: QDQ (per channel), QOperator, dynamic."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    d = tmp_path_factory.mktemp("quantized")
+    torch.manual_seed(0)
+    torch.onnx.export(_Float().eval(), (torch.randn(2, 3, 16, 16),), str(d / "float.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter({"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+                              for i in range(8))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(d / "float.onnx"), str(d / "qdq.onnx"), Calibration(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    quantize_static(str(d / "float.onnx"), str(d / "qop.onnx"), Calibration(), quant_format=QuantFormat.QOperator)
+    quantize_dynamic(str(d / "float.onnx"), str(d / "dynamic.onnx"))
+    return {k: onnx.load(str(d / f"{k}.onnx")) for k in ("float", "qdq", "qop", "dynamic")}
+
+
+def torch_reading(model):
+    """The QDQ graph evaluated by torch, op by op (the few ops onnxruntime's quantizer writes here): each
+    QuantizeLinear -> DequantizeLinear pair on an activation becomes torch.fake_quantize_per_tensor_affine, whose
+    backward is the straight-through estimator; quantized weights and biases are dequantized constants."""
+    import torch.nn.functional as F
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantized = {}
+
+    def run(x):
+        env = {model.graph.input[0].name: x}
+        val = lambda name: env[name] if name in env else torch.from_numpy(inits[name].astype(np.float32))
+        for n in model.graph.node:
+            a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
+            i = list(n.input)
+            if n.op_type == "QuantizeLinear":
+                quantized[n.output[0]] = (i[0], i[1], i[2])
+                continue
+            if n.op_type == "DequantizeLinear" and i[0] in quantized:
+                src, s, z = quantized[i[0]]
+                lo, hi = RANGES[inits[z].dtype.type]
+                out = torch.fake_quantize_per_tensor_affine(env[src], float(inits[s]), int(inits[z]), lo, hi)
+            elif n.op_type == "DequantizeLinear":   # a constant: weights per output channel, biases
+                s, z = inits[i[1]], inits[i[2]]
+                shape = [-1] + [1] * (inits[i[0]].ndim - 1) if s.ndim == 1 and inits[i[0]].ndim > 1 else [-1]
+                w = (inits[i[0]].astype(np.float64) - z.reshape(shape)) * s.reshape(shape)
+                out = torch.from_numpy(w.astype(np.float32))
+            elif n.op_type == "Conv":
+                pads = a.get("pads", [0, 0, 0, 0])
+                assert pads[:2] == pads[2:]
+                out = F.conv2d(val(i[0]), val(i[1]), val(i[2]) if len(i) > 2 else None, a.get("strides", 1), pads[:2],
+                               a.get("dilations", 1), a.get("group", 1))
+            elif n.op_type == "Relu":
+                out = torch.relu(val(i[0]))
+            elif n.op_type == "ReduceMean":
+                out = val(i[0]).mean(dim=tuple(a["axes"]), keepdim=bool(a.get("keepdims", 1)))
+            elif n.op_type == "Gemm":
+                assert a.get("transB") == 1 and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
+                out = val(i[0]) @ val(i[1]).T + val(i[2])
+            else:
+                raise AssertionError(f"the reading has no {n.op_type}")
+            env[n.output[0]] = out
+        return env[model.graph.output[0].name]
+
+    return run
+
+
+def test_onnxruntime_qdq_model_matches_torch_reading_of_it(quantized):
+    """onnxruntime.quantization's QDQ output (uint8 activations, int8 weights per channel): input gradient at batch 3
+    with different seed rows against torch autograd on the same graph read op by op."""
+    qdq = quantized["qdq"]
+    assert {n.op_type for n in qdq.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"}
+    x = (np.random.default_rng(4).standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
+    seed = np.random.default_rng(5).standard_normal((3, 5)).astype(np.float32)
+    aug = augment(qdq)
+    assert_standard(aug)
+    logits, gx = session(aug).run(["logits", "x__grad"], {"x": x, "seed": seed})
+    xx = torch.from_numpy(x).requires_grad_()
+    want = torch_reading(qdq)(xx)
+    (want * torch.from_numpy(seed)).sum().backward()
+    np.testing.assert_allclose(logits, want.detach().numpy(), rtol=1e-4, atol=1e-4)
+    assert np.abs(gx).max() > 0
+    assert rel(gx, xx.grad.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("form, operator", [("qop", "QLinearConv"), ("dynamic", "DynamicQuantizeLinear")])
+def test_models_that_compute_on_integers_are_refused_by_name(quantized, form, operator):
+    """Before: the walk stopped at the integer tensor and every gradient came back zero."""
+    with pytest.raises(AutodiffError, match=f"{operator}.*QDQ format"):
+        augment(quantized[form])
+
+
+def test_blocked_and_float8_quantization_are_refused_by_name():
+    shape = (1, 4, 2, 2)
+    blocked, _ = qdq_model(shape, np.full((1, 2, 2, 2), 0.1, np.float32), np.zeros((1, 2, 2, 2), np.int8), axis=1,
+                           opset=21)
+    for node in blocked.graph.node[:2]:
+        node.attribute.append(helper.make_attribute("block_size", 2))
+    with pytest.raises(AutodiffError, match="block_size"):
+        augment(blocked, scores="y")
+    fp8, _ = qdq_model(shape, 0.1, None, opset=19)
+    fp8.graph.initializer.append(helper.make_tensor("z", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    for node in fp8.graph.node[:2]:
+        node.input.append("z")
+    with pytest.raises(AutodiffError, match="FLOAT8E4M3FN|float8e4m3fn"):
+        augment(fp8, scores="y")
