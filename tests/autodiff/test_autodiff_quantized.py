@@ -89,6 +89,27 @@ def test_quantize_dequantize_passes_the_gradient_inside_the_integer_range(case):
     np.testing.assert_allclose(gx, seed * inits["w"] * mask, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype, zero, lo, hi", [(TensorProto.INT4, -2, -8, 7), (TensorProto.UINT4, 3, 0, 15)])
+def test_four_bit_quantization(dtype, zero, lo, hi):
+    """Opset 21's int4 / uint4 (numpy has no 4-bit type, so the zero point is written as a TensorProto)."""
+    shape = (2, 3, 4, 5)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                              [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                               helper.make_tensor("z", dtype, [], [zero])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = np.random.default_rng(0).uniform(-2, 2, shape).astype(np.float32)
+    seed = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    y, gx = session(augment(model, scores="y")).run(["y", "x__grad"], {"x": x, "seed": seed})
+    dq, mask = numpy_ste(x, np.float32(0.1), np.asarray(zero), 1, lo, hi)
+    np.testing.assert_allclose(y, dq, rtol=1e-6, atol=1e-7)
+    assert 0.2 < mask.mean() < 0.9
+    np.testing.assert_allclose(gx, seed * mask, rtol=1e-6, atol=0)
+
+
 def test_the_zero_point_type_sets_the_range():
     """Same x, same scale: an int8 zero point saturates at -128/127, a uint8 one at 0/255."""
     shape = (1, 1, 2, 3)
