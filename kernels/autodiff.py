@@ -307,6 +307,39 @@ def _lift_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _fold_dequantized_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each DequantizeLinear of constants (a QDQ model's int8 weights and int32 biases) replaced by
+    its value, the same bits onnxruntime computes. onnxruntime keeps those nodes so as to fuse them into integer
+    kernels, which the augmented graph rules out (the backward reads the float weights); left in, every weight is
+    dequantized on every run, and each convolution's backward is a ConvTranspose of a computed kernel instead of
+    a Conv of the transposed constant that its rule writes when the weight is known (EfficientNet-Lite0 quantized
+    by onnxruntime: 50 ms for forward + backward with them, against 18 ms for the float model)."""
+    g = model.graph
+    values = {t.name: t for t in g.initializer}
+    keep, folded = [], []
+    for n in g.node:
+        if (n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx") and len(n.input) >= 2
+                and all(i in values for i in n.input if i) and not any(a.name == "block_size" and a.i
+                                                                       for a in n.attribute)):
+            q, scale = numpy_helper.to_array(values[n.input[0]]), numpy_helper.to_array(values[n.input[1]])
+            zero = numpy_helper.to_array(values[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
+            if q.dtype.kind in "iu" and (zero is None or zero.dtype.kind in "iu"):
+                shape = [1] * q.ndim
+                if scale.ndim == 1 and q.ndim:
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                    shape[axis % q.ndim] = -1
+                diff = q.astype(np.int64) - (0 if zero is None else zero.astype(np.int64).reshape(shape))
+                value = diff.astype(scale.dtype) * scale.reshape(shape)
+                folded.append(numpy_helper.from_array(value.astype(scale.dtype), n.output[0]))
+                continue
+        keep.append(n)
+    if folded:
+        del g.node[:]
+        g.node.extend(keep)
+        g.initializer.extend(folded)
+    return model
+
+
 def _restore_names(before: onnx.ModelProto, after: onnx.ModelProto) -> onnx.ModelProto:
     """Give tensors the version converter renamed their old names back: it writes a replaced node's output under a
     new name (opset 9's Upsample becomes a Resize writing `_v_17`), and the layers callers list, found on the model as
@@ -439,7 +472,7 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str
         raise AutodiffError(f"rule must be one of {sorted(RULE_VARIANTS)}, got {rule!r}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    m = _lift_opset(m)
+    m = _fold_dequantized_constants(_lift_opset(m))
     g = _Graph(m)
     known = g.taken
     for name in [of, *wrt, *extra_outputs]:

@@ -210,12 +210,20 @@ def _quantize_linear(c):
     if qtype not in _INT_RANGES:
         c.fail(f"quantization to {helper.tensor_dtype_to_string(qtype)} has no gradient rule (integer types only)")
     lo, hi = _INT_RANGES[qtype]
-    q = c("Round", c("Div", x, _along_axis(c, scale, x)))
-    if zero:
-        q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
-    inside = c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
-    local = lambda g: _mask(c, inside, g)
     zeros = c.ints(zero) if zero else [0]
+    s, z = _scalar(c, scale), (zeros[0] if zeros is not None and len(zeros) == 1 else None)
+    if s is not None and z is not None and s > 0 and c.dtype(x) == TensorProto.FLOAT:
+        # One scale and zero point: round(x / s) + z lies in [lo, hi] iff x lies strictly between the two rounding
+        # boundaries (up to ties at exactly half a step), a band mask in two passes that stay in onnxruntime's
+        # blocked layout instead of nine elementwise ops.
+        bounds = [float(np.float32((b - z + d) * s)) for b, d in ((lo, -0.5), (hi, 0.5))]
+        local = lambda g: _band_mask(c, x, *bounds, g)
+    else:
+        q = c("Round", c("Div", x, _along_axis(c, scale, x)))
+        if zero:
+            q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
+        inside = c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
+        local = lambda g: _mask(c, inside, g)
     if zeros is not None and all(z == lo for z in zeros):
         # The range starts at exactly 0: a rectifier. Quantizers write ReLU/ReLU6 into the range and drop the node
         # (onnxruntime's does), so under guided and deconvnet this is where the model's ReLU went.

@@ -358,6 +358,29 @@ def test_onnxruntime_qdq_model_matches_torch_reading_of_it(quantized):
     assert rel(gx, xx.grad.numpy()) < 1e-4
 
 
+def test_dequantized_weights_are_folded_exactly(quantized):
+    """The augmented graph holds a QDQ model's weights and biases as their dequantized values (so a convolution's
+    backward is a Conv of the transposed constant, and no weight is dequantized per run): no DequantizeLinear of
+    constants is left, and with onnxruntime's optimisations off (the ONNX semantics, operator by operator) its
+    outputs equal the model's bit for bit."""
+    import onnxruntime as ort
+
+    qdq = quantized["qdq"]
+    constants = {t.name for t in qdq.graph.initializer}
+    weights = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert len(weights) >= 5   # 3 weights (per channel) and their biases
+    aug = augment(qdq)
+    assert not [n for n in aug.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in
+                {t.name for t in aug.graph.initializer}]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = np.random.default_rng(8).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    plain = ort.InferenceSession(qdq.SerializeToString(), opts).run(["logits"], {"x": x})[0]
+    folded = ort.InferenceSession(aug.SerializeToString(), opts).run(
+        ["logits"], {"x": x, "seed": np.zeros((2, 5), np.float32)})[0]
+    np.testing.assert_array_equal(folded, plain)
+
+
 @pytest.mark.parametrize("form, operator", [("qop", "QLinearConv"), ("dynamic", "DynamicQuantizeLinear")])
 def test_models_that_compute_on_integers_are_refused_by_name(quantized, form, operator):
     """Before: the walk stopped at the integer tensor and every gradient came back zero."""
