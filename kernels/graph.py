@@ -199,8 +199,10 @@ def _merge_shapes(inferred: onnx.ModelProto, better: dict) -> None:
     inferred.graph.value_info.extend(v for name, v in better.items() if name not in known)
 
 
-# The batch sizes a model with a symbolic batch is probed at: not 1, which Squeeze without axes would remove.
-_PROBE_BATCHES = (2, 3)
+# The batch sizes a model with a symbolic batch is probed at: not 1, which Squeeze without axes would remove; three,
+# so that a dimension computed from the batch that two sizes happen to agree on (N // 2 is 1 at both 2 and 3) is
+# not taken for a number (N // k up to k = 7 differs at 7).
+_PROBE_BATCHES = (2, 3, 7)
 
 
 def _batch_probes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict:
@@ -210,8 +212,8 @@ def _batch_probes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict:
     ONNX shape inference does not cancel a symbolic batch: a Reshape of an N x 16 x 4 x 4 map to [N, 16, -1] (the
     legacy exporter's flatten(2) with a dynamic batch) has an unknown last dimension, and with it the token count
     of every later tensor; nor can a Shape of a tensor with a symbolic batch fold. Inference and folding with the
-    batch fixed at two sizes resolve them: a dimension that is the same number at both does not depend on the
-    batch, one that is each batch size is the batch, any other stays unknown."""
+    batch fixed at each of _PROBE_BATCHES resolve them: a dimension that is the same number at all does not depend on
+    the batch, one that is each batch size is the batch, any other stays unknown."""
     real = {vi.name: _dims(vi) for vi in _real_inputs(model)}
     if any(not dims or None in dims[1:] for dims in real.values()):
         return {}
@@ -237,8 +239,8 @@ def _batch_probes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict:
     before = {v.name: v for v in inferred.graph.value_info}
     better = {}
     for name, first in runs[0].items():
-        if name in runs[1]:
-            vi = _agreed(before.get(name), first, runs[1][name], batch or None)
+        if all(name in run for run in runs[1:]):
+            vi = _agreed(before.get(name), [run[name] for run in runs], batch or None)
             if vi is not None:
                 better[name] = vi
     return better
@@ -250,28 +252,28 @@ def _has_unknown_dims(model: onnx.ModelProto) -> bool:
     return any(o and (shapes.get(o) is None or None in shapes[o][1:]) for n in model.graph.node for o in n.output)
 
 
-def _agreed(before, first, second, batch):
-    """The value info `before` (None: no shape was inferred) with the unknown dimensions that the probes `first`
-    and `second` agree on; None when that adds nothing."""
-    a, b = _dims(first), _dims(second)
-    if a is None or b is None or len(a) != len(b):
+def _agreed(before, probes, batch):
+    """The value info `before` (None: no shape was inferred) with the unknown dimensions that the value infos
+    `probes` (one per probe batch size) agree on; None when that adds nothing."""
+    shapes = [_dims(p) for p in probes]
+    if any(d is None or len(d) != len(shapes[0]) for d in shapes):
         return None
     old = list(before.type.tensor_type.shape.dim) if before is not None and _dims(before) is not None else None
-    if old is not None and len(old) != len(a):
+    if old is not None and len(old) != len(shapes[0]):
         return None
     dims, gained = [], old is None
-    for k, pair in enumerate(zip(a, b)):
+    for k, seen in enumerate(zip(*shapes)):
         dim = old[k] if old is not None else None
         if dim is not None and dim.HasField("dim_value"):
             dims.append(dim.dim_value)
-        elif pair[0] is not None and pair[0] == pair[1]:
-            dims.append(pair[0])
+        elif seen[0] is not None and len(set(seen)) == 1:
+            dims.append(seen[0])
             gained = True
         elif dim is not None and dim.HasField("dim_param"):
             dims.append(dim.dim_param)
         else:
-            dims.append(batch if pair == _PROBE_BATCHES else None)
-    return helper.make_tensor_value_info(first.name, first.type.tensor_type.elem_type, dims) if gained else None
+            dims.append(batch if seen == _PROBE_BATCHES else None)
+    return helper.make_tensor_value_info(probes[0].name, probes[0].type.tensor_type.elem_type, dims) if gained else None
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict:

@@ -272,3 +272,22 @@ def test_a_symbolic_batch_keeps_the_dimensions_that_do_not_depend_on_it():
     assert [d.dim_value for d in shapes["tokens"][1:]] == [16, 16] and shapes["tokens"][0].dim_param == "N"
     assert shapes["rows"][1].dim_value == 16
     assert not shapes["rows"][0].HasField("dim_value") and shapes["rows"][0].dim_param != "N"
+
+
+def test_a_dimension_computed_from_the_batch_is_not_taken_for_a_number():
+    """x: N x 16 x 4 x 4 reshaped to [N // 2, -1]: the first dimension is 1 at batch 2 and at batch 3, and 3 at
+    batch 7; it depends on the batch, so it must stay unknown (with two probe sizes it was recorded as 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["n"], end=1),
+             helper.make_node("Div", ["n", "two"], ["half"]),
+             helper.make_node("Concat", ["half", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["pairs"]),
+             helper.make_node("Relu", ["pairs"], ["y"])]
+    g = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array([2], np.int64), "two"),
+                           numpy_helper.from_array(np.array([-1], np.int64), "rest")])
+    model = G.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    dims = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}.get("pairs")
+    assert dims is None or not any(d.HasField("dim_value") for d in dims), dims
