@@ -10,7 +10,8 @@ configured as onnxplain's Runner configures them: no intra-op spinning; torch de
 and the ratios aug/fwd (target <= 2.5) and aug/torch (target <= 1.0).
 
 Networks: the shared EfficientNet-Lite0 (../shared; rebuilt for torch from its own ONNX weights by a tiny
-interpreter) and a ResNet-50 with the real torchvision shapes and random weights (defined here: torchvision is not
+interpreter), optionally its int8 QDQ form (--models effnet-int8: onnxruntime.quantization's output; fwd is then
+onnxruntime's integer kernels, torch runs fake quantisation) and a ResNet-50 with the real torchvision shapes and random weights (defined here: torchvision is not
 installable), exported once with the legacy exporter (opset 17, dynamic batch) to a temporary directory; both
 defined in benchmarks/nets.py.
 """
@@ -71,11 +72,37 @@ def bench(label: str, model: onnx.ModelProto, torch_model: nn.Module, batches, r
     return rows
 
 
+def quantized_effnet() -> str:
+    """The shared EfficientNet-Lite0 as onnxruntime.quantization writes it by default (QDQ: uint8 activations,
+    int8 weights per channel), calibrated on the shared photos preprocessed as its README says."""
+    from PIL import Image
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    def prepared(path):
+        image = Image.open(path).convert("RGB")
+        s = min(image.size)
+        left, top = (image.size[0] - s) // 2, (image.size[1] - s) // 2
+        image = image.crop((left, top, left + s, top + s)).resize((224, 224), Image.Resampling.BILINEAR)
+        return ((np.asarray(image, np.float32) - 127.5) / 128).transpose(2, 0, 1)[None].copy()
+
+    class Photos(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter({"input": prepared(p)} for p in sorted((EFFNET.parents[1] / "images").glob("*.jpg")))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    target = Path(tempfile.mkdtemp()) / "efficientnet_lite0_qdq.onnx"
+    quantize_static(str(EFFNET), str(target), Photos(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return str(target)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--models", nargs="+", default=["effnet", "resnet50"], choices=["effnet", "resnet50"])
+    ap.add_argument("--models", nargs="+", default=["effnet", "resnet50"],
+                    choices=["effnet", "effnet-int8", "resnet50"])
     args = ap.parse_args(argv)
     rows = []
     if "effnet" in args.models:
@@ -85,6 +112,10 @@ def main(argv=None):
                           args.repeats)
         else:
             print(f"skipping EfficientNet-Lite0: {EFFNET} is absent", file=sys.stderr)
+    if "effnet-int8" in args.models and EFFNET.exists():
+        m = G.load_model(quantized_effnet())
+        rows += bench("effnet-l0 int8", m, OnnxInTorch(m, G.default_layer(m).name).eval(), args.batches,
+                      args.repeats)
     if "resnet50" in args.models:
         net = resnet50()
         with tempfile.TemporaryDirectory() as d:

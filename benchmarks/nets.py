@@ -85,7 +85,9 @@ def export_resnet50(model: nn.Module, dirpath: str, size: int = 224) -> str:
 
 
 class OnnxInTorch(nn.Module):
-    """EfficientNet-Lite0's op set (Conv, Clip, Add, GlobalAveragePool, Flatten, Gemm) run by torch."""
+    """EfficientNet-Lite0's op set (Conv, Clip, Add, GlobalAveragePool, Flatten, Gemm) run by torch, and its QDQ
+    form: QuantizeLinear -> DequantizeLinear of an activation as torch.fake_quantize_per_tensor_affine (what a
+    quantisation-aware-trained net runs), DequantizeLinear of constant int8 weights as their values."""
 
     def __init__(self, model: onnx.ModelProto, layer: str):
         super().__init__()
@@ -102,6 +104,16 @@ class OnnxInTorch(nn.Module):
             i = [env[k] if k else None for k in n.input]
             if n.op_type == "Constant":
                 y = torch.from_numpy(onnx.numpy_helper.to_array(a["value"]).copy())
+            elif n.op_type == "QuantizeLinear":
+                y = ("quantized", i[0], float(i[1]), int(i[2]), i[2].dtype)
+            elif n.op_type == "DequantizeLinear" and isinstance(i[0], tuple):
+                _, v, scale, zero, dtype = i[0]
+                lo, hi = (0, 255) if dtype == torch.uint8 else (-128, 127)
+                y = torch.fake_quantize_per_tensor_affine(v, scale, zero, lo, hi)
+            elif n.op_type == "DequantizeLinear":
+                shape = [-1] + [1] * (i[0].dim() - 1) if i[1].dim() == 1 and i[0].dim() > 1 else [-1]
+                y = (i[0].double() - i[2].double().reshape(shape)) * i[1].double().reshape(shape)
+                y = y.float().reshape(i[0].shape)
             elif n.op_type == "Conv":
                 p = list(a.get("pads", [0, 0, 0, 0]))
                 y = F.conv2d(i[0], i[1], i[2] if len(i) > 2 else None, list(a.get("strides", [1, 1])), p[:2],
