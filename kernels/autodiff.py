@@ -321,16 +321,9 @@ def _fold_dequantized_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         if (n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx") and len(n.input) >= 2
                 and all(i in values for i in n.input if i) and not any(a.name == "block_size" and a.i
                                                                        for a in n.attribute)):
-            q, scale = numpy_helper.to_array(values[n.input[0]]), numpy_helper.to_array(values[n.input[1]])
-            zero = numpy_helper.to_array(values[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
-            if q.dtype.kind in "iu" and (zero is None or zero.dtype.kind in "iu"):
-                shape = [1] * q.ndim
-                if scale.ndim == 1 and q.ndim:
-                    axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-                    shape[axis % q.ndim] = -1
-                diff = q.astype(np.int64) - (0 if zero is None else zero.astype(np.int64).reshape(shape))
-                value = diff.astype(scale.dtype) * scale.reshape(shape)
-                folded.append(numpy_helper.from_array(value.astype(scale.dtype), n.output[0]))
+            args = [numpy_helper.to_array(values[i]) if i else None for i in n.input[:3]]
+            if all(a is None or a.dtype.kind in "iu" for a in (args[0], *args[2:])):
+                folded.append(numpy_helper.from_array(dequantized(n, *args), n.output[0]))
                 continue
         keep.append(n)
     if folded:
@@ -338,6 +331,17 @@ def _fold_dequantized_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         g.node.extend(keep)
         g.initializer.extend(folded)
     return model
+
+
+def dequantized(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
+    """DequantizeLinear `node` evaluated on constants: (q - zero) * scale, per tensor or along the node's axis, in
+    the scale's type, with the one rounding onnxruntime's kernel makes."""
+    shape = [1] * q.ndim
+    if scale.ndim == 1 and q.ndim:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape[axis % q.ndim] = -1
+    diff = q.astype(np.int64) - (0 if zero is None else zero.astype(np.int64).reshape(shape or ()))
+    return (diff.astype(scale.dtype) * scale.reshape(shape or ())).astype(scale.dtype)
 
 
 def _restore_names(before: onnx.ModelProto, after: onnx.ModelProto) -> onnx.ModelProto:

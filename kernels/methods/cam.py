@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..autodiff import dequantized
 from .base import Event, Job, Maps, Method, ParamError, Progress
 from .gradients import input_gradients, reduce_channels
 from .layers import as_maps, one_hot, repeated
@@ -123,8 +124,9 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     for node in model.graph.node:   # int8 weights: their dequantized values
-        if node.op_type == "DequantizeLinear" and all(i in constants for i in node.input if i):
-            constants[node.output[0]] = _dequantized(node, *(constants.get(i) for i in node.input[:3]))
+        if (node.op_type == "DequantizeLinear" and all(i in constants for i in node.input if i)
+                and constants[node.input[0]].dtype.kind in "iu"):
+            constants[node.output[0]] = dequantized(node, *(constants.get(i) if i else None for i in node.input[:3]))
     path, name = [], layer
     while True:
         following = consumers.get(name, [])
@@ -158,16 +160,6 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
             raise ParamError(f"cam: the linear head of layer {layer} does not lead straight to the scores")
         rest = following[0].output[0]
     return weight
-
-
-def _dequantized(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    """DequantizeLinear of constants: scale * (q - zero), per tensor or along the node's axis."""
-    shape = [1] * q.ndim
-    if np.ndim(scale) == 1 and q.ndim > 0:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape[axis % q.ndim] = -1
-    zero = np.zeros(1) if zero is None else zero
-    return (q.astype(np.float64) - zero.reshape(shape or ())) * scale.astype(np.float64).reshape(shape or ())
 
 
 def head_weights(runner, layer) -> np.ndarray:
