@@ -18,6 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from onnxplain import tensors
+from onnxplain.server.main import DRAIN_SETTLE
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 
 CLIENTS = 8
@@ -138,11 +139,18 @@ def test_sigterm_under_load_loses_no_admitted_call(tmp_path):
                 assert len(finals) == o.accepted.total_maps == o.events[-1].done.maps == 1
                 array = tensors.from_proto(finals[0].map)
                 assert array.shape == (96, 96) and np.isfinite(array).all()
+            elif o.code == grpc.StatusCode.CANCELLED:
+                # gRPC itself cancels a call that reaches the port as Server.stop closes it, DRAIN_SETTLE after the
+                # signal (the servicer answers UNAVAILABLE before that); this client kept calling after NOT_SERVING.
+                # (50 ms: the server's window opens when it takes the signal, and a call leaves after `sent`.)
+                assert o.sent - signalled >= DRAIN_SETTLE - 0.05 and o.sent > not_serving_at[0], (
+                    o.details, o.sent - signalled, o.ended - signalled)
             else:
                 assert o.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE), (
                     o.code, o.details, o.sent - signalled, o.ended - signalled)
             if o.sent > not_serving_at[0]:
-                assert o.code == grpc.StatusCode.UNAVAILABLE, "a call sent once NOT_SERVING was reported"
+                assert o.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), (
+                    "a call sent once NOT_SERVING was reported", o.code)
         refused_after = sum(o.code == grpc.StatusCode.UNAVAILABLE for o in outcomes)
         assert refused_after >= CLIENTS, "every client's next call after the signal was refused"
         print(f"\ndrain: {len(outcomes)} calls ({codes}); {len(in_flight)} in flight at SIGTERM (running or queued), all "
