@@ -224,7 +224,7 @@ def _quantize_linear(c):
             q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
         inside = c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
         local = lambda g: _mask(c, inside, g)
-    if zeros is not None and all(z == lo for z in zeros):
+    if zeros is not None and all(v == lo for v in zeros):
         # The range starts at exactly 0: a rectifier. Quantizers write ReLU/ReLU6 into the range and drop the node
         # (onnxruntime's does), so under guided and deconvnet this is where the model's ReLU went.
         return [_rectify(c, local), None, None]

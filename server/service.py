@@ -82,8 +82,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, ParamError):   # a parameter that only the method itself could judge
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, AutodiffError):   # the model has an operator without a rule: no retry helps until the
-        return grpc.StatusCode.FAILED_PRECONDITION, f"the model cannot be differentiated: {exc}"   # model changes
+    if isinstance(exc, AutodiffError):   # an operator without a rule: no retry helps until the model changes
+        return grpc.StatusCode.FAILED_PRECONDITION, f"the model cannot be differentiated: {exc}"
     if isinstance(exc, Exhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     text = f"{type(exc).__name__}: {exc}"

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..autodiff import dequantized
+from ..autodiff import dequantized_constants
 from .base import Event, Job, Maps, Method, ParamError, Progress
 from .gradients import input_gradients, reduce_channels
 from .layers import as_maps, one_hot, repeated
@@ -123,10 +123,7 @@ def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.nda
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    for node in model.graph.node:   # int8 weights: their dequantized values
-        if (node.op_type == "DequantizeLinear" and all(i in constants for i in node.input if i)
-                and constants[node.input[0]].dtype.kind in "iu"):
-            constants[node.output[0]] = dequantized(node, *(constants.get(i) if i else None for i in node.input[:3]))
+    constants.update(dequantized_constants(model))   # int8 weights: their dequantized values
     path, name = [], layer
     while True:
         following = consumers.get(name, [])
