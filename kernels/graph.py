@@ -14,6 +14,14 @@ A candidate is a tensor that
   NCHW in ONNX; Transpose permutes the layout; Reshape/Flatten/... forget it) -- or a transformer token tensor
   ``N x T x C`` ("tokens") whose C is the patch-embedding Conv's output channels and whose T is that Conv's
   output grid ``gh * gw`` plus ``prefix_tokens`` (0..8: CLS / distillation tokens concatenated in front).
+  Hierarchical transformers merge patches (Swin: strided slices + Concat, or timm's Reshape + Transpose +
+  Reshape): their later stages are token tensors of ``(gh / f) * (gw / f)`` tokens (f = 2, 4, ...) whose C is the
+  width of a residual stream of that many tokens, with the batch itself as first dimension, or channels-last maps
+  found by following the space-to-depth.
+* and shows the image in place: its map is upsampled over the whole image, so a map that torch.roll shifted
+  (Swin's shifted windows: Slices joined by a Concat along a spatial axis), anything computed from it until the
+  roll is undone, a crop and a mirror are not listed, nor a Slice that only subsamples a map (what is computed
+  from the subsample is).
 
 Near-duplicates are dropped: a tensor is not listed when every consumer is a pointwise op that keeps its shape
 (activation, BatchNormalization, bias/residual Add, Mul by a gate, Dropout/Identity ...), and a Transpose that
@@ -468,11 +476,14 @@ class _Graph:
             for i in n.input:
                 if i:
                     self.consumers.setdefault(i, []).append(n)
-        self.shapes, self.dtypes = {}, {}
+        self.shapes, self.dtypes, self.leading = {}, {}, {}
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             s = _dims(vi)
             if s is not None:
                 self.shapes[vi.name] = s
+                if s:        # the first dimension as a number or a symbol: which tensors carry the batch
+                    d = vi.type.tensor_type.shape.dim[0]
+                    self.leading[vi.name] = d.dim_value if d.HasField("dim_value") else d.dim_param or None
             if vi.type.tensor_type.elem_type:
                 self.dtypes[vi.name] = vi.type.tensor_type.elem_type
         for t in g.initializer:
@@ -577,8 +588,8 @@ def _layouts(gi: _Graph, input_name: str, input_layout: str) -> dict:
                     out = "".join(src[p] for p in perm)
                     if out in ("NCHW", "NHWC"):
                         lay[o] = out
-            elif n.op_type == "Reshape" and _reshaped_back(gi, n, lay):
-                lay[o] = _reshaped_back(gi, n, lay)
+            elif n.op_type == "Reshape" and (_reshaped_back(gi, n, lay) or _space_to_depth(gi, n, lay)):
+                lay[o] = _reshaped_back(gi, n, lay) or _space_to_depth(gi, n, lay)
             elif n.op_type in _LAYOUT_BREAKERS:
                 continue
             elif n.op_type == "MatMul":
@@ -614,6 +625,123 @@ def _reshaped_back(gi: _Graph, node, lay: dict) -> str | None:
             return None
         name, seen = producer.input[0], seen + 1
     return None
+
+
+def _space_to_depth(gi: _Graph, node, lay: dict) -> str | None:
+    """"NHWC" when a Reshape ends a space-to-depth of a channels-last map, as timm's Swin merges patches:
+    (N, H, W, C) -> Reshape (N, H/a, a, W/b, b, C) -> Transpose keeping N, H/a, W/b in front -> Reshape
+    (N, H/a, W/b, a*b*C). The result is the map at a coarser grid, each cell holding its a x b patch."""
+    out = gi.shapes.get(node.output[0])
+    t = gi.producer.get(node.input[0])
+    if out is None or len(out) != 4 or None in out[1:] or t is None or t.op_type != "Transpose":
+        return None
+    r = gi.producer.get(t.input[0])
+    perm = list(_attr(t, "perm") or [])
+    if r is None or r.op_type != "Reshape" or perm[:3] != [0, 1, 3] or lay.get(r.input[0]) != "NHWC":
+        return None
+    src, six = gi.shapes.get(r.input[0]), gi.shapes.get(r.output[0])
+    if src is None or six is None or len(six) != 6 or None in src[1:] or None in six[1:]:
+        return None
+    _, h, a, w, b, c = six
+    return "NHWC" if (h * a, w * b, c) == src[1:] and out[1:] == (h, w, a * b * c) else None
+
+
+def _offsets(gi: _Graph, lay: dict) -> dict:
+    """Maps that do not show the image in place: tensor -> (dy, dx) for a map whose cell (i, j) holds cell
+    (i + dy, j + dx) (mod H, W) of the map in place -- torch.roll, which exporters write as Slices joined by a
+    Concat along a spatial axis (Swin's shifted windows) -- or None for a map that does not cover the image (a
+    crop, such as a piece of a roll, or a mirror) or mixes different shifts. Maps in place are absent. Followed
+    through every op that keeps a layout; a strided subsample that starts within its first step (Swin's patch
+    merging by x[:, 0::2, 0::2]) covers the image and keeps its input's offset."""
+    off: dict = {}
+    for n in gi.nodes:
+        o = n.output[0] if n.output else ""
+        if not o or o not in lay:
+            continue
+        axes = (2, 3) if lay[o] == "NCHW" else (1, 2)
+        if n.op_type == "Slice":
+            off[o] = _sliced(gi, n, axes, off.get(n.input[0], (0, 0)))
+        elif n.op_type == "Concat" and _rolled(gi, n, axes) is not None:
+            axis, k, src = _rolled(gi, n, axes)
+            base = off.get(src, (0, 0))
+            size = gi.shapes[o][axes[axis]]
+            off[o] = None if base is None else tuple((v + k * (j == axis)) % size for j, v in enumerate(base))
+        else:
+            seen = {off.get(i, (0, 0)) for i in n.input if i in lay}
+            off[o] = (0, 0) if not seen else seen.pop() if len(seen) == 1 else None
+        if off[o] == (0, 0):
+            del off[o]
+    return off
+
+
+def _spatial_dims(shape, layout: str):
+    return None if shape is None or len(shape) != 4 else (shape[2], shape[3]) if layout == "NCHW" else shape[1:3]
+
+
+def _slice_args(gi: _Graph, node, rank: int) -> dict | None:
+    """{axis: (start, end, step)} of a Slice with constant arguments (opset 10+), None otherwise."""
+    args = [gi.const(node.input[k]) if len(node.input) > k and node.input[k] else None for k in range(1, 5)]
+    starts, ends, axes, steps = args
+    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) or (
+            len(node.input) > 4 and node.input[4] and steps is None):
+        return None
+    starts, ends = np.ravel(starts), np.ravel(ends)
+    axes = np.arange(len(starts)) if axes is None else np.ravel(axes)
+    steps = np.ones(len(starts), np.int64) if steps is None else np.ravel(steps)
+    return {int(a) % rank: (int(b), int(e), int(st)) for a, b, e, st in zip(axes, starts, ends, steps)}
+
+
+def _sliced(gi: _Graph, node, axes, base):
+    """The offset of a Slice's output given its input's (see _offsets)."""
+    src, out = gi.shapes.get(node.input[0]), gi.shapes.get(node.output[0])
+    if src is None or out is None or any(src[a] is None or out[a] is None for a in axes):
+        return None
+    args = _slice_args(gi, node, len(src))
+    for a in axes:
+        if args is None:
+            if out[a] != src[a]:
+                return None
+            continue
+        b, _, st = args.get(a, (0, 0, 1))
+        b = b + src[a] if b < 0 else b
+        if st <= 0 or not 0 <= b < st or out[a] != -(-src[a] // st):
+            return None       # a crop or a mirror
+        if st > 1 and base not in ((0, 0), None):
+            return None       # a subsample of a shifted map: the shift is not a whole number of coarse cells
+    return base
+
+
+def _rolled(gi: _Graph, node, axes):
+    """(0 or 1, k, X) when a Concat along spatial axis `axes[0 or 1]` joins contiguous slices X[k:] and X[:k] of
+    one tensor X (torch.roll by -k), else None."""
+    out = gi.shapes.get(node.output[0])
+    axis = _attr(node, "axis")
+    if out is None or axis is None or int(axis) % len(out) not in axes or len(node.input) < 2:
+        return None
+    axis = int(axis) % len(out)
+    src, ranges = None, []
+    for i in node.input:
+        p = gi.producer.get(i)
+        if p is None or p.op_type != "Slice" or src not in (None, p.input[0]):
+            return None
+        src = p.input[0]
+        size = (gi.shapes.get(src) or (None,) * len(out))[axis]
+        args = _slice_args(gi, p, len(out))
+        if size is None or args is None or any(a != axis for a in args):
+            return None
+        b, e, st = args[axis]
+        b, e = (b + size if b < 0 else b), min(e + size if e < 0 else e, size)
+        if st != 1:
+            return None
+        ranges.append((b, e))
+    if gi.shapes.get(src) != out:
+        return None
+    k = ranges[0][0]
+    rotated = [((b - k) % out[axis], (e - k) % out[axis] or out[axis]) for b, e in ranges]
+    if any(r[0] != (prev[1] if prev else 0) for prev, r in zip([None] + rotated[:-1], rotated)) or \
+            rotated[-1][1] != out[axis]:
+        return None
+    return axes.index(axis), k, src
 
 
 def _on_path(gi: _Graph, input_name: str, score: str) -> set:
@@ -664,11 +792,13 @@ def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
     computed = _computed(gi, path)
     lay = _layouts(gi, input_name, in_layout)
     grids = _patch_grids(gi, path, lay)
+    off = _offsets(gi, lay)
+    streams = _residual_streams(gi, computed)
     batch = in_shape[0]
     layers = []
     for n in gi.nodes:
         for o in n.output:
-            if not o or o not in computed or o == score:
+            if not o or o not in computed or o == score or o in off:
                 continue
             s = gi.shapes.get(o)
             if s is None or gi.dtypes.get(o, TensorProto.FLOAT) not in _FLOAT_TYPES:
@@ -679,10 +809,12 @@ def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
                 h, w = (s[2], s[3]) if lay[o] == "NCHW" else (s[1], s[2])
                 if h is None or w is None or h <= 1 or w <= 1 or _is_duplicate(gi, o, lay):
                     continue
+                if n.op_type == "Slice" and _spatial_dims(gi.shapes.get(n.input[0]), lay[o]) != (h, w):
+                    continue  # a subsample of a map (what is computed from it is listed, and the map itself)
                 kind = "spatial" if lay[o] == "NCHW" else "spatial_nhwc"
                 layers.append(Layer(o, s, kind, (h, w), 0, n.op_type))
             elif len(s) == 3 and _batch_like(s[0], batch) and s[1] is not None and s[2] is not None:
-                grid = _token_grid(gi, o, s, grids)
+                grid = _token_grid(gi, o, s, grids) or _merged_grid(gi, o, s, grids, streams, input_name)
                 if grid is None or _is_duplicate(gi, o, lay):
                     continue
                 (gh, gw), prefix = grid
@@ -701,6 +833,38 @@ def _token_grid(gi: _Graph, name: str, shape, grids):
             anc = gi.ancestors([name])
         if conv_out in anc:
             return (gh, gw), prefix
+    return None
+
+
+def _residual_streams(gi: _Graph, computed: set) -> set:
+    """(T, C) of every residual stream of tokens: an Add of two computed N x T x C tensors."""
+    out = set()
+    for n in gi.nodes:
+        if n.op_type == "Add" and len(n.input) == 2 and all(i in computed for i in n.input):
+            a, b = (gi.shapes.get(i) for i in n.input)
+            if a is not None and a == b and len(a) == 3 and None not in a[1:]:
+                out.add(a[1:])
+    return out
+
+
+def _merged_grid(gi: _Graph, name: str, shape, grids, streams: set, input_name: str):
+    """((gh / f, gw / f), 0) when `name` is N x T x C below a patch-embedding Conv of grid gh x gw, with T =
+    (gh / f) (gw / f) for a whole f >= 2, and C the width of a residual stream of T tokens: the tokens of a
+    hierarchical transformer after patch merging (Swin's later stages, which merge 2 x 2 patches by strided
+    slices and a Concat). Their first dimension must be the batch itself (not the windows x batch of window
+    attention), and C a stream's width so that, as with the patch grid's C, the wider MLP and QKV tensors are
+    left out."""
+    if shape[1:] not in streams or gi.leading.get(name) != gi.leading.get(input_name):
+        return None
+    anc = None
+    for conv_out, _, gh, gw in reversed(grids):
+        f = int(round((gh * gw / shape[1]) ** 0.5))
+        if f < 2 or gh % f or gw % f or (gh // f) * (gw // f) != shape[1]:
+            continue
+        if anc is None:
+            anc = gi.ancestors([name])
+        if conv_out in anc:
+            return (gh // f, gw // f), 0
     return None
 
 
