@@ -7,6 +7,11 @@ Nets (deterministic seeded weights, eval mode, BatchNorm running statistics rand
   mobilenet inverted residuals, depthwise Conv, HardSwish, squeeze-excite with HardSigmoid
   convnext  depthwise 7x7 Conv, channels-last LayerNorm (Transpose), Linear (MatMul), GELU, layer scale
   vit       patch-embedding Conv, CLS token (Concat), position embedding, attention (Softmax), LayerNorm, GELU
+  swin      Swin transformer: window attention with a relative position bias (Gather), shifted windows
+            (torch.roll: Slice + Concat) with their attention mask, patch merging (strided slices + Concat), a
+            second stage at half the grid; tokens N x T x C between blocks, mean pooling
+  swin_nhwc the same net in timm's newer layout: the residual stream is an N x H x W x C map, patch merging by
+            Reshape + Transpose + Reshape (space to depth)
 
 Each net has ``probes``: named submodules whose *output* is a tensor of the exported graph, for checks against
 PyTorch (forward hooks): ``"default"`` is the layer ``kernels.graph.default_layer`` should pick, ``"early"`` an
@@ -37,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-NAMES = ("resnet", "densenet", "mobilenet", "convnext", "vit")
+NAMES = ("resnet", "densenet", "mobilenet", "convnext", "vit", "swin", "swin_nhwc")
 EXPORTERS = ("legacy", "dynamo")
 LEGACY_OPSET = 17
 DYNAMO_OPSET = 18
@@ -296,8 +301,134 @@ class ViTLike(nn.Module):
         return {"default": self.blocks[-1].norm1, "early": self.blocks[0].out}
 
 
+# ----------------------------------------------------------------------------------------------- Swin
+
+
+def _windows(x, w):
+    """N x H x W x C -> (N * windows) x w*w x C."""
+    n, h, wd, c = x.shape
+    return x.view(n, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+
+
+def _unwindow(x, w, h, wd):
+    c = x.shape[-1]
+    return x.view(-1, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, wd, c)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, c, w, heads):
+        super().__init__()
+        self.w, self.heads, self.scale = w, heads, (c // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads) * 0.5)
+        coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+        self.register_buffer("index", rel[..., 0] * (2 * w - 1) + rel[..., 1])
+
+    def forward(self, x, mask=None):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn + self.table[self.index.view(-1)].view(t, t, -1).permute(2, 0, 1)[None]
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = (attn.view(b // windows, windows, self.heads, t, t) + mask[None, :, None]).view(-1, self.heads, t, t)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, c, grid, w, heads, shift):
+        super().__init__()
+        self.grid, self.w, self.shift = grid, w, shift
+        self.norm1, self.attn = nn.LayerNorm(c), WindowAttention(c, w, heads)
+        self.norm2, self.mlp = nn.LayerNorm(c), nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.register_buffer("mask", None)
+        if shift:
+            regions, k = torch.zeros(1, *grid, 1), 0
+            for hs in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+                for ws in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+                    regions[:, hs, ws] = k
+                    k += 1
+            ids = _windows(regions, w).squeeze(-1)
+            diff = ids[:, None, :] - ids[:, :, None]
+            self.register_buffer("mask", torch.where(diff != 0, -100.0, 0.0))
+
+    def mix(self, x):
+        """Shifted-window attention of an N x H x W x C map."""
+        if self.shift:
+            x = torch.roll(x, (-self.shift, -self.shift), (1, 2))
+        x = _unwindow(self.attn(_windows(x, self.w), self.mask), self.w, *self.grid)
+        return torch.roll(x, (self.shift, self.shift), (1, 2)) if self.shift else x
+
+    def forward(self, x):                 # tokens N x T x C
+        n, t, c = x.shape
+        x = x + self.mix(self.norm1(x).view(n, *self.grid, c)).reshape(n, t, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, grid, c):
+        super().__init__()
+        self.grid, self.norm, self.reduction = grid, nn.LayerNorm(4 * c), nn.Linear(4 * c, 2 * c, bias=False)
+
+    def forward(self, x):                 # tokens N x T x C -> N x T/4 x 2C
+        n, t, c = x.shape
+        x = x.view(n, *self.grid, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.view(n, -1, 4 * c)))
+
+
+class SwinLike(nn.Module):
+    input_shape = (3, 32, 48)             # patch grid 8 x 12, then 4 x 6 after merging
+    patch = 4
+
+    def __init__(self, classes=10, c=16):
+        super().__init__()
+        g1 = (self.input_shape[1] // self.patch, self.input_shape[2] // self.patch)
+        g2 = (g1[0] // 2, g1[1] // 2)
+        self.patch_embed, self.embed_norm = nn.Conv2d(3, c, self.patch, self.patch), nn.LayerNorm(c)
+        self.stage1 = nn.Sequential(self.block(c, g1, 4, 2, 0), self.block(c, g1, 4, 2, 2))
+        self.merge = self.merging(g1, c)
+        self.stage2 = nn.Sequential(self.block(2 * c, g2, 2, 4, 0), self.block(2 * c, g2, 2, 4, 1))
+        self.norm, self.head = nn.LayerNorm(2 * c), nn.Linear(2 * c, classes)
+
+    block, merging = SwinBlock, PatchMerging
+
+    def forward(self, x):
+        x = self.embed_norm(self.patch_embed(x).flatten(2).transpose(1, 2))
+        x = self.norm(self.stage2(self.merge(self.stage1(x))))
+        return self.head(x.mean(1))
+
+    @property
+    def probes(self):
+        # mean pooling: every token of the last stage reaches the scores
+        return {"default": self.norm, "early": self.stage1[-1]}
+
+
+class SwinBlockNHWC(SwinBlock):
+    def forward(self, x):                 # N x H x W x C
+        x = x + self.mix(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMergingNHWC(PatchMerging):
+    def forward(self, x):                 # N x H x W x C -> N x H/2 x W/2 x 2C, as timm: space to depth
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class SwinNHWCLike(SwinLike):
+    block, merging = SwinBlockNHWC, PatchMergingNHWC
+
+    def forward(self, x):
+        x = self.embed_norm(self.patch_embed(x).permute(0, 2, 3, 1))
+        x = self.norm(self.stage2(self.merge(self.stage1(x))))
+        return self.head(x.mean((1, 2)))
+
+
 _CLASSES = {"resnet": ResNetLike, "densenet": DenseNetLike, "mobilenet": MobileNetV3Like,
-            "convnext": ConvNeXtLike, "vit": ViTLike}
+            "convnext": ConvNeXtLike, "vit": ViTLike, "swin": SwinLike, "swin_nhwc": SwinNHWCLike}
 
 
 def build(name: str) -> nn.Module:

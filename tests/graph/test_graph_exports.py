@@ -95,7 +95,34 @@ class TokenNet(nn.Module):
         return {"early": self.blocks[0].out, "default": self.blocks[-1].ln1}
 
 
-NETS = {"groupnorm": GroupNormNet, "tokens": TokenNet}
+class ShiftNet(nn.Module):
+    """Maps that are not the image in place: a rolled map (torch.roll: Slices joined by a Concat), a convolution of
+    it (shifted too), a crop; and maps that are: the roll undone, a strided subsample starting within its first
+    step (Swin's patch merging)."""
+
+    input_shape = (3, 8, 12)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.c4, self.fc = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(16, 5)
+
+    def parts(self, x):
+        y = torch.relu(self.c1(x))
+        rolled = torch.roll(y, (2, -3), (2, 3))
+        z = torch.relu(self.c2(rolled))
+        back = torch.roll(z, (-2, 3), (2, 3))
+        crop = torch.relu(self.c3(back[:, :, 1:-1, 2:]))
+        sub = torch.relu(self.c4(back[:, :, 1::2, ::2]))
+        return {"y": y, "rolled": rolled, "z": z, "back": back, "crop": crop, "sub": sub}
+
+    def forward(self, x):
+        p = self.parts(x)
+        return self.fc(torch.cat([p["crop"].mean((2, 3)), p["sub"].mean((2, 3))], 1))
+
+
+NETS = {"groupnorm": GroupNormNet, "tokens": TokenNet, "shift": ShiftNet}
 # (exporter, opset, dynamic batch)
 EXPORTS = {
     "legacy-13-batch": ("legacy", 13, True),
@@ -226,6 +253,28 @@ def test_token_gradients_match_autograd(how, exported):
     the final LayerNorm before the CLS head reaches only the CLS token: the default was its Pow.)"""
     net, model = exported("tokens", how)
     _check_gradients(net, model, G.candidate_layers(model))
+
+
+@pytest.mark.parametrize("how", ["legacy-17-batch", "dynamo-18-batch"])
+def test_shifted_and_cropped_maps_are_not_layers(how, exported):
+    """A layer's map is upsampled over the whole image, so it must show the image in place: a rolled map, what is
+    computed from it before the roll is undone, a crop and the pieces a roll is made of are not listed; the roll
+    undone and a strided subsample are."""
+    net, model = exported("shift", how)
+    layers = G.candidate_layers(model)
+    x = torch.randn(BATCH, *net.input_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        parts = {k: v.numpy() for k, v in net.parts(x).items()}
+    out = _run(G.expose(model, [l.name for l in layers]), {"input": x.numpy()})
+    listed = [out[l.name] for l in layers]
+
+    def found(ref):
+        return any(v.shape == ref.shape and _rel(v, ref) < 1e-5 for v in listed)
+
+    assert all(found(parts[k]) for k in ("y", "back", "sub")), [l.name for l in layers]
+    assert not any(found(parts[k]) for k in ("rolled", "z", "crop")), [l.name for l in layers]
+    assert {l.grid for l in layers} == {(8, 12), (4, 6)}, [(l.name, l.grid) for l in layers]
+    assert G.default_layer(model).grid == (4, 6)
 
 
 # ------------------------------------------------------------------------------------------------- folding

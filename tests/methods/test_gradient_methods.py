@@ -65,11 +65,14 @@ class Net:
         if a.ndim == 3:  # tokens: drop the CLS token, tokens to the patch grid, channels first
             h, w = self.layer.grid
             a, g = (v[:, self.layer.prefix_tokens:].reshape(len(v), h, w, -1).transpose(0, 3, 1, 2) for v in (a, g))
+        elif self.layer.kind == "spatial_nhwc":
+            a, g = a.transpose(0, 3, 1, 2), g.transpose(0, 3, 1, 2)
         return a.astype(np.float64), g.astype(np.float64)
 
 
 @pytest.fixture(scope="module", params=[("resnet", "legacy"), ("resnet", "dynamo"), ("densenet", "legacy"),
-                                        ("vit", "legacy"), ("vit", "dynamo")], ids=lambda p: "-".join(p))
+                                        ("vit", "legacy"), ("vit", "dynamo"), ("swin", "legacy"),
+                                        ("swin", "dynamo"), ("swin_nhwc", "dynamo")], ids=lambda p: "-".join(p))
 def net(request, zoo_model):
     return Net(*request.param, zoo_model(*request.param))
 
@@ -155,7 +158,8 @@ def test_guided_backprop_and_deconvnet_are_captum(relu_net):
 
 def test_gradcam_is_captum_layer_gradcam_and_guided_gradcam(net):
     ours = net.run("gradcam")
-    if net.name == "vit":  # Captum's LayerGradCam averages over the last dims of N x T x C: use the formula
+    if net.name in ("vit", "swin", "swin_nhwc"):
+        # Captum's LayerGradCam averages over the last dims (N x T x C, N x H x W x C): use the formula
         a, g = net.layer_tensors()
         expected = np.maximum((g.mean((2, 3), keepdims=True) * a).sum(1), 0)
         assert rel(ours.maps, expected) <= 1e-3
@@ -227,7 +231,8 @@ def test_cam_reads_the_linear_head_weights(net):
             net.run("cam")
         return
     a, _ = net.layer_tensors()
-    weights = net.torch.fc.weight.detach().numpy().astype(np.float64)
+    weights = (net.torch.head if net.name.startswith("swin") else net.torch.fc).weight.detach().numpy()
+    weights = weights.astype(np.float64)
     expected = np.einsum("tk,tkhw->thw", weights[list(TARGETS)], a)
     ours = net.run("cam").maps
     for t in range(len(TARGETS)):

@@ -104,6 +104,34 @@ def test_vit_token_grid_is_found_and_every_method_runs(vit_server):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "global-average-pooling" in err.value.details()
 
 
+@pytest.fixture(scope="module")
+def swin_server(zoo_model):
+    configs = [ModelConfig(name, pathlib.Path(zoo_model(name, "legacy")), None, "Swin-like",
+                           {"fit": "stretch", "mean": [0.5] * 3, "std": [0.25] * 3}) for name in ("swin", "swin_nhwc")]
+    srv = start_server(configs)
+    yield srv
+    srv.stop(0)
+
+
+@pytest.mark.parametrize("name, kind", [("swin", "tokens"), ("swin_nhwc", "spatial_nhwc")])
+def test_swin_last_stage_grid_is_found_and_every_method_runs(swin_server, name, kind):
+    """A hierarchical transformer: the default layer is the last stage (4 x 6 after patch merging), not the
+    end of the first stage (8 x 12), and no shifted (rolled) map is offered as a layer."""
+    perturbation = {"scorecam": {}, "ablationcam": {}, "rise": {"masks": 64}, "opticam": {"iterations": 3}}
+    with Client(swin_server.address, timeout=120) as c:
+        layers = c.model(name).layers
+        default = next(layer for layer in layers if layer.is_default)
+        assert (default.kind, default.grid_height, default.grid_width, default.prefix_tokens) == (kind, 4, 6, 0)
+        assert {(layer.grid_height, layer.grid_width) for layer in layers} == {(8, 12), (4, 6)}
+        image = png_bytes(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+        for method in GRADIENT_METHODS + CAM_METHODS + list(perturbation):
+            params = {**FAST, **perturbation}.get(method, {})
+            maps = final_maps(c.explain(name, [image], [(method, params)], targets=[1, 4]))
+            assert len(maps) == 2 and maps[0].map.shape == (32, 48), method
+            assert all(m.layer == default.name for m in maps if method in CAM_METHODS + ["scorecam", "ablationcam", "opticam"])
+            assert np.isfinite(maps[0].map).all() and np.ptp(maps[0].map) > 0, method
+
+
 def test_cli_runs_a_cam_method(server, tmp_path):
     from importlib.resources import files
 
