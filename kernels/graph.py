@@ -20,8 +20,8 @@ A candidate is a tensor that
   found by following the space-to-depth.
 * and shows the image in place: its map is upsampled over the whole image, so a map that torch.roll shifted
   (Swin's shifted windows: Slices joined by a Concat along a spatial axis), anything computed from it until the
-  roll is undone, a crop and a mirror are not listed, nor a Slice that only subsamples a map (what is computed
-  from the subsample is).
+  roll is undone, a crop and a mirror are not listed, nor a Slice that only subsamples a map or a Pad that
+  gives it a border (what is computed from either is).
 
 Near-duplicates are dropped: a tensor is not listed when every consumer is a pointwise op that keeps its shape
 (activation, BatchNormalization, bias/residual Add, Mul by a gate, Dropout/Identity ...), and a Transpose that
@@ -809,8 +809,9 @@ def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
                 h, w = (s[2], s[3]) if lay[o] == "NCHW" else (s[1], s[2])
                 if h is None or w is None or h <= 1 or w <= 1 or _is_duplicate(gi, o, lay):
                     continue
-                if n.op_type == "Slice" and _spatial_dims(gi.shapes.get(n.input[0]), lay[o]) != (h, w):
-                    continue  # a subsample of a map (what is computed from it is listed, and the map itself)
+                if n.op_type in ("Slice", "Pad") and _spatial_dims(gi.shapes.get(n.input[0]), lay[o]) != (h, w):
+                    continue  # a subsample of a map, or a map with a border (its input is listed, and what
+                    # is computed from it: a Pad then a VALID convolution is a SAME convolution)
                 kind = "spatial" if lay[o] == "NCHW" else "spatial_nhwc"
                 layers.append(Layer(o, s, kind, (h, w), 0, n.op_type))
             elif len(s) == 3 and _batch_like(s[0], batch) and s[1] is not None and s[2] is not None:

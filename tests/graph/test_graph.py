@@ -428,6 +428,8 @@ def test_layers_behind_a_reflect_pad_with_computed_pads(tmp_path):
     assert [n.op_type for n in model.graph.node] == [n.op_type for n in raw.graph.node]
     relus = [layer for layer in G.candidate_layers(model) if layer.op_type == "Relu"]
     assert [(layer.shape, layer.kind) for layer in relus] == [((None, 8, 16, 16), "spatial")] * 2
+    # the padded maps (18 x 18: the map and a border) are not layers: a map is upsampled over the whole image
+    assert [layer.grid for layer in G.candidate_layers(model)] == [(16, 16)] * 2
     layer = G.default_layer(model)
     assert layer.name == relus[-1].name
 
