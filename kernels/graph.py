@@ -588,8 +588,8 @@ def _layouts(gi: _Graph, input_name: str, input_layout: str) -> dict:
                     out = "".join(src[p] for p in perm)
                     if out in ("NCHW", "NHWC"):
                         lay[o] = out
-            elif n.op_type == "Reshape" and (_reshaped_back(gi, n, lay) or _space_to_depth(gi, n, lay)):
-                lay[o] = _reshaped_back(gi, n, lay) or _space_to_depth(gi, n, lay)
+            elif n.op_type == "Reshape" and (found := _reshaped_back(gi, n, lay) or _space_to_depth(gi, n, lay)):
+                lay[o] = found
             elif n.op_type in _LAYOUT_BREAKERS:
                 continue
             elif n.op_type == "MatMul":
@@ -661,8 +661,8 @@ def _offsets(gi: _Graph, lay: dict) -> dict:
         axes = (2, 3) if lay[o] == "NCHW" else (1, 2)
         if n.op_type == "Slice":
             off[o] = _sliced(gi, n, axes, off.get(n.input[0], (0, 0)))
-        elif n.op_type == "Concat" and _rolled(gi, n, axes) is not None:
-            axis, k, src = _rolled(gi, n, axes)
+        elif n.op_type == "Concat" and (roll := _rolled(gi, n, axes)) is not None:
+            axis, k, src = roll
             base = off.get(src, (0, 0))
             size = gi.shapes[o][axes[axis]]
             off[o] = None if base is None else tuple((v + k * (j == axis)) % size for j, v in enumerate(base))
@@ -915,21 +915,15 @@ def _restricts(gi: _Graph, node, inp: str, restricted: dict):
             return (T, int(idx.max()) + 1)
         return None
     if node.op_type == "Slice" and node.input[0] == inp:
-        starts, ends = gi.const(node.input[1]), gi.const(node.input[2])
-        axes = gi.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        steps = gi.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-        if starts is None or ends is None:
+        args = _slice_args(gi, node, len(s))
+        if args is None:
             return None
-        axes = np.arange(len(starts)) if axes is None else axes
-        for k, ax in enumerate(np.asarray(axes).ravel()):
-            ax = int(ax) + (len(s) if ax < 0 else 0)
-            if ax == 1:
-                st = 1 if steps is None else int(np.asarray(steps).ravel()[k])
-                b, e = int(np.asarray(starts).ravel()[k]), int(np.asarray(ends).ravel()[k])
-                b = b + T if b < 0 else b
-                e = min(e + T if e < 0 else e, T)
-                if st > 0 and 0 <= b < e:
-                    return (T, e)
+        if 1 in args:
+            b, e, st = args[1]
+            b = b + T if b < 0 else b
+            e = min(e + T if e < 0 else e, T)
+            if st > 0 and 0 <= b < e:
+                return (T, e)
         return _follow(node, restricted, T)
     # per-token ops: pass the restriction of their (first) output through
     out = node.output[0]
