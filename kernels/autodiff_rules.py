@@ -614,12 +614,38 @@ def _conv(c):
             # Conv is markedly faster than its ConvTranspose.
             dx = c("Conv", g, flipped, dilations=d, pads=back, group=group)
         else:
-            dx = _transpose_back(c, g, x, s, d, pads, kernel, w, group, nsp)
-            channels = _map_channels(c, x)
-            if channels:
-                dx = _blocked(c, dx, channels)
+            dx = _depthwise_spread_back(c, g, x, w, s, d, pads, kernel, group, nsp)
+            if dx is None:
+                dx = _transpose_back(c, g, x, s, d, pads, kernel, w, group, nsp)
+                channels = _map_channels(c, x)
+                if channels:
+                    dx = _blocked(c, dx, channels)
     db = c("ReduceSum", g, c.i64([0] + list(range(2, 2 + nsp))), keepdims=0) if c.needs(2) else None
     return [dx, None, db]
+
+
+def _depthwise_spread_back(c, g, x, w, s, d, pads, kernel, group, nsp):
+    """Adjoint of a strided depthwise convolution (constant weights, one output per channel, static spatial dims)
+    as g spread out with zeros between its cells (a depthwise 1x1 ConvTranspose of ones: a plain copy) followed
+    by the stride-1 adjoint, a depthwise Conv of the flipped kernel; None when the geometry does not fit.
+    onnxruntime's ConvTranspose loops over the groups one by one and leaves its output outside the blocked
+    layout, whereas its depthwise Conv is one vectorised pass in it (EfficientNet-Lite0, forward + backward on
+    2 CPU cores: 22.8 -> 18.8 ms at batch 1, 321 -> 266 ms at batch 16)."""
+    channels = _map_channels(c, x)
+    wv = c.value(w)
+    if channels is None or group != channels or wv is None or wv.shape[:2] != (channels, 1):
+        return None
+    ins, outs = c.static_dims(x, range(2, 2 + nsp)), c.static_dims(c.y(0), range(2, 2 + nsp))
+    if ins is None or outs is None:
+        return None
+    spread = [(o - 1) * st + 1 for o, st in zip(outs, s)]       # g's cells land at x's window origins
+    begin = [dl * (k - 1) - p for dl, k, p in zip(d, kernel, pads[:nsp])]
+    end = [n - length + p for n, length, p in zip(ins, spread, pads[:nsp])]  # the stride-1 output is x's size
+    if min(begin + end) < 0:
+        return None
+    z = c("ConvTranspose", g, c.const(np.ones((channels, 1) + (1,) * nsp, np.float32), dtype=1), strides=s,
+          group=channels)
+    return c("Conv", z, _flipped_weights(c, w, group, nsp), dilations=d, pads=begin + end, group=channels)
 
 
 def _map_channels(c, t):
