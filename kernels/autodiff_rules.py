@@ -81,16 +81,31 @@ def _step(c, y, sign, at, scale):
     return c("HardSigmoid", y, alpha=sign * scale, beta=-sign * scale * at)
 
 
-def _band_mask(c, y, lo, hi, g):
-    """g * 1[lo < y < hi] for a float32 y by HardSigmoid steps, or None for other types."""
+def _band_mask(c, y, lo, hi, g, clipped=False):
+    """g * 1[lo < y < hi] for a float32 y by HardSigmoid steps, or None for other types. clipped: y is known to lie
+    in [lo, hi] (a Clip's own output)."""
     if c.dtype(y) != 1:   # TensorProto.FLOAT: the exactness argument is for float32
         return None
     bound = max(abs(lo or 0.0), abs(hi or 0.0), 1.0)
     scale = 2.0 ** min(124, math.floor(math.log2(np.finfo(np.float32).max / bound)) - 2)
+    channels = _map_channels(c, y)
+    if clipped and lo == 0.0 and hi is not None and hi > 0.0 and channels:
+        return c("Mul", g, _open_band(c, y, hi, scale, channels))
     for sign, at in ((1.0, lo), (-1.0, hi)):
         if at is not None:
             g = c("Mul", g, _step(c, y, sign, at, scale))
     return g
+
+
+def _open_band(c, y, hi, scale, channels):
+    """1[0 < y < hi] for a map y = clip(x, 0, hi) (ReLU6) in two passes instead of two steps and their product:
+    top = 1[y >= hi] (a step just below hi), then y - hi * top, which is y inside and exactly 0 at both bounds, by
+    a depthwise 1x1 Conv of top plus y, and one step at 0. onnxruntime's CPU provider fuses that Conv, the Add and
+    the step into one blocked convolution that sums y before the convolution's own product; with no bias the sum
+    of those two terms is exact in either order."""
+    top = _step(c, y, 1.0, float(np.nextafter(np.float32(hi), np.float32(0))), scale)
+    below = c("Add", c("Conv", top, c.const(np.full((channels, 1, 1, 1), -hi, np.float32), dtype=1), group=channels), y)
+    return _step(c, below, 1.0, 0.0, scale)
 
 
 def _scalar(c, name):
@@ -410,7 +425,7 @@ def _clip(c):
     def local(g):
         if (lo or hi) and (lo_v is not None or not lo) and (hi_v is not None or not hi):
             # y = clip(x) lies strictly inside the bounds iff x does: masking on the output keeps Conv+Clip fusion
-            banded = _band_mask(c, c.y(0), lo_v, hi_v, g)
+            banded = _band_mask(c, c.y(0), lo_v, hi_v, g, clipped=True)
             if banded is not None:
                 return banded
         conds = ([c("Greater", x, lo)] if lo else []) + ([c("Less", x, hi)] if hi else [])
