@@ -14,7 +14,7 @@ Rule variants for ReLU-like activations (`c.rule`), after Springenberg et al. 20
   backward signal, as in the paper's definition, and we do not invent a gate the model does not have.
 - "deconvnet": dx = max(g, 0), ignoring x entirely (Zeiler & Fergus's backward ReLU). The same holds for
   Clip/ReLU6, LeakyRelu, PRelu, HardSwish and GELU: each is treated as the rectifier it approximates.
-  Elu, Selu, Celu, Mish and ThresholdedRelu are ReLU-like too and follow the same two variants (guided: their
+  Elu, Selu, Celu, Mish, Swish and ThresholdedRelu are ReLU-like too and follow the same two variants (guided: their
   own local derivative times max(g, 0)). So does a QuantizeLinear whose range starts at exactly 0 (zero point at
   the integer type's minimum): quantizers fold a ReLU or ReLU6 into that range and remove the node.
 Other operators (sigmoid, tanh, softmax, ...) use their true gradient under every variant, as captum does.
@@ -284,6 +284,17 @@ def _div(c):
             c.unbroadcast(c("Neg", c("Div", c("Mul", c.g, c.y(0)), b)), b) if c.needs(1) else None]
 
 
+@rule("Mod")
+def _mod(c):
+    # y = a - b q with q = trunc(a / b) (fmod=1) or floor(a / b) (fmod=0: integers, and floats from opset 28 on), so
+    # da = g and db = -g q. q is read off the forward's own y, (a - y) / b rounded to the integer it is: the very
+    # quotient the forward used, under either rounding.
+    a, b = c.x(0), c.x(1)
+    q = c("Round", c("Div", c("Sub", a, c.y(0)), b)) if c.needs(1) else None
+    return [c.unbroadcast(c.g, a) if c.needs(0) else None,
+            c.unbroadcast(c("Neg", c("Mul", c.g, q)), b) if c.needs(1) else None]
+
+
 @rule("Neg")
 def _neg(c):
     return [c("Neg", c.g)]
@@ -358,6 +369,56 @@ def _sin(c):
 @rule("Cos")
 def _cos(c):
     return [c("Neg", c("Mul", c.g, c("Sin", c.x(0))))]
+
+
+@rule("Tan")
+def _tan(c):
+    y = c.y(0)
+    return [c("Mul", c.g, c("Add", _k(c, 1.0), c("Mul", y, y)))]
+
+
+@rule("Sinh")
+def _sinh(c):
+    return [c("Mul", c.g, c("Cosh", c.x(0)))]
+
+
+@rule("Cosh")
+def _cosh(c):
+    return [c("Mul", c.g, c("Sinh", c.x(0)))]
+
+
+# The inverse functions' slopes from their outputs: cos(asin x) = sin(acos x) = sqrt(1 - x^2), cosh(asinh x) =
+# sqrt(1 + x^2), sinh(acosh x) = sqrt(x^2 - 1), one op each and without the cancellation in 1 - x^2 near |x| = 1.
+@rule("Asin")
+def _asin(c):
+    return [c("Div", c.g, c("Cos", c.y(0)))]
+
+
+@rule("Acos")
+def _acos(c):
+    return [c("Neg", c("Div", c.g, c("Sin", c.y(0))))]
+
+
+@rule("Atan")
+def _atan(c):
+    x = c.x(0)
+    return [c("Div", c.g, c("Add", _k(c, 1.0), c("Mul", x, x)))]
+
+
+@rule("Asinh")
+def _asinh(c):
+    return [c("Div", c.g, c("Cosh", c.y(0)))]
+
+
+@rule("Acosh")
+def _acosh(c):
+    return [c("Div", c.g, c("Sinh", c.y(0)))]
+
+
+@rule("Atanh")
+def _atanh(c):
+    x = c.x(0)
+    return [c("Div", c.g, c("Sub", _k(c, 1.0), c("Mul", x, x)))]
 
 
 @rule("Softplus")
@@ -478,6 +539,15 @@ def _mish(c):
     x = c.x(0)
     t = c("Tanh", c("Softplus", x))
     local = c("Add", t, c("Mul", c("Mul", x, c("Sub", _k(c, 1.0), c("Mul", t, t))), c("Sigmoid", x)))
+    return [_rectify(c, lambda g: c("Mul", g, local))]
+
+
+@rule("Swish")
+def _swish(c):
+    # x s with s = sigmoid(alpha x): s + alpha x s (1 - s) = s + alpha y (1 - s). HardSwish is its hard form.
+    a = c.attr("alpha", 1.0)
+    s = c("Sigmoid", c("Mul", c.x(0), _k(c, a)))
+    local = c("Add", s, c("Mul", c("Mul", c.y(0), _k(c, a)), c("Sub", _k(c, 1.0), s)))
     return [_rectify(c, lambda g: c("Mul", g, local))]
 
 
@@ -771,26 +841,37 @@ def _window_sum_back(c, t, x, s, d, pads, kernel):
     return c("Reshape", _transpose_back(c, flat, x, s, d, pads, kernel, ones, 1, nsp), c.shape(x))
 
 
-@rule("LpPool")
-def _lp_pool(c):
-    # y = (sum over the window of |x|^p)^(1/p), zero padding adding nothing: each window's g * y^(1-p) goes back over
-    # the window and meets x's local factor sign(x) |x|^(p-1). Windows with y = 0 (all of it 0) give 0, not 0/0.
-    # onnxruntime's CPU provider runs LpPool in float32 only.
+def _lp_parts(c):
+    """(local, back) of y = (sum of |x|^p)^(1/p) over some extent: dx = local * (back summed back over that extent),
+    local = sign(x) |x|^(p-1), back = g * y^(1-p), and 0 where y = 0 (all of it 0), not 0/0."""
     x, y, g = c.x(0), c.y(0), c.g
     p = int(c.attr("p", 2))
     if p < 1:
         c.fail(f"p={p} (needs p >= 1)")
+    if p == 1:
+        return c("Sign", x), g
+    if p == 2:
+        return x, _safe_div(c, g, y)
+    return (c("Mul", c("Sign", x), c("Pow", c("Abs", x), _k(c, float(p - 1)))),
+            _safe_div(c, g, c("Pow", y, _k(c, float(p - 1)))))
+
+
+@rule("LpPool")
+def _lp_pool(c):
+    # Each window's back goes over the window (zero padding adds nothing to y). onnxruntime's CPU provider runs
+    # LpPool (and GlobalLpPool) in float32 only.
+    x = c.x(0)
     nsp = _spatial(c, x)
     kernel = list(c.attr("kernel_shape"))
     s, d, pads = _pool_geometry(c, x, nsp, kernel)
-    if p == 1:
-        local, back = c("Sign", x), g
-    elif p == 2:
-        local, back = x, _safe_div(c, g, y)
-    else:
-        local = c("Mul", c("Sign", x), c("Pow", c("Abs", x), _k(c, float(p - 1))))
-        back = _safe_div(c, g, c("Pow", y, _k(c, float(p - 1))))
+    local, back = _lp_parts(c)
     return [c("Mul", local, _window_sum_back(c, back, x, s, d, pads, kernel))]
+
+
+@rule("GlobalLpPool")
+def _global_lp_pool(c):
+    local, back = _lp_parts(c)   # back is (N, C, 1, ...): it broadcasts over the whole spatial extent
+    return [c("Mul", local, back)]
 
 
 @rule("GlobalAveragePool")
@@ -823,20 +904,22 @@ def _global_max_pool(c):
 
 
 @rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
-      "ReduceLogSumExp", "ReduceProd")
+      "ReduceLogSumExp", "ReduceLogSum", "ReduceProd")
 def _reduce(c):
     x, g, y = c.x(0), c.g, c.y(0)
     op = c.node.op_type
     axes = _reduce_axes(c)
-    if not axes and c.attr("noop_with_empty_axes", 0) and op not in ("ReduceL1", "ReduceL2", "ReduceSumSquare"):
-        # Nothing is reduced (axes empty or not given): y = x. L1, L2 and SumSquare still map each element (to |x|,
-        # |x|, x^2, in onnxruntime and the reference runtime alike): their elementwise derivatives below apply as is.
+    if not axes and c.attr("noop_with_empty_axes", 0) and op not in ("ReduceL1", "ReduceL2", "ReduceSumSquare",
+                                                                      "ReduceLogSum"):
+        # Nothing is reduced (axes empty or not given): y = x. L1, L2, SumSquare and LogSum still map each element (to
+        # |x|, |x|, x^2, log x, in onnxruntime and the reference runtime alike): their derivatives below apply as is.
         return [g, None]
     if axes == []:
         axes = None
     if not c.attr("keepdims", 1) and axes is not None:
         g = c("Unsqueeze", g, c.i64(axes))
-        y = c("Unsqueeze", y, c.i64(axes)) if op in ("ReduceMax", "ReduceMin", "ReduceL2", "ReduceLogSumExp") else y
+        y = c("Unsqueeze", y, c.i64(axes)) if op in ("ReduceMax", "ReduceMin", "ReduceL2", "ReduceLogSumExp",
+                                                     "ReduceLogSum") else y
     elif not c.attr("keepdims", 1):  # all axes reduced to a scalar, which broadcasts as is
         pass
     if op == "ReduceSum":
@@ -854,6 +937,8 @@ def _reduce(c):
         return [c("Mul", x, _safe_div(c, g, y)), None]
     if op == "ReduceLogSumExp":
         return [c("Mul", c("Exp", c("Sub", x, y)), g), None]
+    if op == "ReduceLogSum":   # log of the sum: g / sum, the sum being exp(y)
+        return [c("Expand", c("Div", g, c("Exp", y)), c.shape(x)), None]
     if op == "ReduceProd":   # the product of the others, not y / x: x may hold zeros
         def group_total(t, how):
             red = "ReduceProd" if how == "mul" else "ReduceSum"
@@ -996,6 +1081,19 @@ def _rms_norm(c):
     gs = c("Mul", g, scale)
     dx = c("Mul", r, c("Sub", gs, c("Mul", xhat, c.reduce("ReduceMean", c("Mul", gs, xhat), axes))))
     return [dx if c.needs(0) else None, _sum_to(c, c("Mul", g, xhat), scale) if c.needs(1) else None]
+
+
+@rule("MeanVarianceNormalization")
+def _mean_variance_normalization(c):
+    # y = (x - mean) / (std + 1e-9) over `axes`: onnx's function body (and onnxruntime) add the epsilon to the standard
+    # deviation, not to the variance as _normalised_backward's formula has it, which makes its last term off by a
+    # relative 1e-9 / std. Given the forward's own 1 / (std + 1e-9), the rest is exact.
+    x = c.x(0)
+    axes = list(c.attr("axes", [0, 2, 3]))
+    mean = c.reduce("ReduceMean", x, axes)
+    xc = c("Sub", x, mean)
+    inv = c("Reciprocal", c("Add", c("Sqrt", c.reduce("ReduceMean", c("Mul", xc, xc), axes)), _k(c, 1e-9)))
+    return [_normalised_backward(c, x, c.g, axes, mean, inv)[0]]
 
 
 @rule("Attention")
@@ -1251,6 +1349,33 @@ def _cum_sum(c):
     return [c("CumSum", c.g, c.x(1), exclusive=c.attr("exclusive", 0), reverse=1 - c.attr("reverse", 0)), None]
 
 
+@rule("CumProd")
+def _cum_prod(c):
+    """y_i multiplies the x_j up to i (as CumSum sums them), so dx_j = (the sum of g_i y_i over the i that x_j
+    reaches) / x_j: CumSum of g y run the other way, divided by x. Zeros get their exact gradient, not 0/0 (torch's
+    cumprod backward does the same): y is 0 from a line's first zero on (in the product's direction), so the x_j
+    before it get the quotient, those after it (later zeros included) get 0, and the first zero itself gets that
+    CumSum taken over the products with it set to 1."""
+    x, axis, g = c.x(0), c.x(1), c.g
+    excl, rev = c.attr("exclusive", 0), c.attr("reverse", 0)
+    one = _k(c, 1.0)
+    is_zero = c("Equal", x, _k(c, 0.0))
+    first = c("And", is_zero, c("Equal", c("CumSum", c("CastLike", is_zero, x), axis, reverse=rev), one))
+
+    def back(y):
+        return c("CumSum", c("Mul", g, y), axis, exclusive=excl, reverse=1 - rev)
+
+    at_first = back(c("CumProd", c("Where", first, one, x), axis, exclusive=excl, reverse=rev))
+    return [c("Where", first, at_first, c("Div", back(c.y(0)), c("Where", is_zero, one, x))), None]
+
+
+@rule("ReverseSequence")
+def _reverse_sequence(c):
+    # Reverses the first lens[b] steps of each sequence and keeps the rest: a permutation that is its own inverse.
+    return [c("ReverseSequence", c.g, c.x(1), batch_axis=c.attr("batch_axis", 1), time_axis=c.attr("time_axis", 0)),
+            None]
+
+
 @rule("Trilu")
 def _trilu(c):
     # A mask that keeps or zeroes each element by its position alone: its own adjoint.
@@ -1282,6 +1407,16 @@ def _pad(c):
         return [c("Pad", c.g, c("Neg", c.x(1)), None, *c.node.input[3:4]), None, None, None]
     return [c.scatter_back(x, c.g, lambda idx: c("Pad", idx, *c.node.input[1:2], None, *c.node.input[3:4],
                                                  mode=mode)), None, None, None]
+
+
+@rule("CenterCropPad")
+def _center_crop_pad(c):
+    # Per axis, n -> m keeps x[(n - m) // 2:][:m] (crop) or writes x at offset (m - n) // 2 (zero pad), the floor of
+    # half the difference either way (onnxruntime and the reference alike): CenterCropPad of g back to x's size.
+    x, axes = c.x(0), c.attr("axes")
+    dims = c.static_dims(x, axes)
+    size = c.i64(dims) if dims is not None else c.shape(x) if axes is None else c("Gather", c.shape(x), c.i64(axes))
+    return [c("CenterCropPad", c.g, size, axes=axes), None]
 
 
 @rule("Resize")

@@ -73,6 +73,20 @@ def sample_points(n, ho, wo, h, w, corners, reach=2):
     return np.stack(axes, -1)
 
 
+def mod(a_shape, b_shape, opset=17, **attrs):
+    """Mod of a and b (one of them full size, the other broadcast) whose quotients a / b are signed n + f, n in 0..3,
+    f in 0.2 .. 0.8: no jump of y within a finite-difference step."""
+    shape = np.broadcast_shapes(a_shape, b_shape)
+    q = R.choice([-1.0, 1.0], size=shape) * (R.integers(0, 4, shape) + R.uniform(0.2, 0.8, shape))
+    if shape == tuple(a_shape):
+        b = away(*b_shape)
+        a = q * b
+    else:
+        a = away(*a_shape)
+        b = a / q
+    return case([node("Mod", ["a", "b"], "y", **attrs)], {"a": a, "b": b}, opset=opset)
+
+
 def grid_sample(mode, pad, corners, opset=20):
     attrs = dict(mode=mode, padding_mode=pad, align_corners=corners)
     return case([node("GridSample", ["x", "g"], "y", **attrs)],
@@ -113,6 +127,10 @@ CASES = {
     "Sub-broadcast": binary("Sub", away(3, 1), away(2, 1, 4)),
     "Mul-broadcast": binary("Mul", away(2, 3, 4), away(4)),
     "Div-broadcast": binary("Div", away(2, 3, 4), pos(3, 1)),
+    # Mod: fmod=1 truncates the quotient; fmod=0 floors it, for floats from opset 28 on (before, integers only)
+    "Mod-fmod-broadcast-divisor": mod((2, 3, 4), (3, 1), fmod=1),
+    "Mod-fmod-broadcast-dividend": mod((4,), (2, 3, 4), fmod=1),
+    "Mod-floor-opset28": mod((2, 3, 4), (4,), opset=28),
     "Sum-variadic": case([node("Sum", ["a", "b", "c"], "y")], {"a": away(2, 3), "b": away(3), "c": away(1, 3)}),
     "Max-broadcast": binary("Max", distinct(2, 3), distinct(3) * 0.7),
     "Min-variadic": case([node("Min", ["a", "b", "c"], "y")], {"a": distinct(2, 3), "b": distinct(3) * 0.7,
@@ -133,6 +151,16 @@ CASES = {
     "Softplus": unary("Softplus"),
     "Sin": unary("Sin", away(2, 3, 4) * 4),
     "Cos": unary("Cos", away(2, 3, 4) * 4),
+    # onnxruntime runs these in float32 only; inputs inside each domain, away from its edges and poles
+    "Tan": unary("Tan", away(2, 3, 4) * 1.2),
+    "Sinh": unary("Sinh", away(2, 3, 4) * 2),
+    "Cosh": unary("Cosh", away(2, 3, 4) * 2),
+    "Asin": unary("Asin", away(2, 3, 4, lo=0.05, hi=0.85)),
+    "Acos": unary("Acos", away(2, 3, 4, lo=0.05, hi=0.85)),
+    "Atan": unary("Atan", away(2, 3, 4) * 3),
+    "Asinh": unary("Asinh", away(2, 3, 4) * 3),
+    "Acosh": unary("Acosh", pos(2, 3, 4, lo=1.2, hi=3.0)),
+    "Atanh": unary("Atanh", away(2, 3, 4, lo=0.05, hi=0.8)),
     # Hardmax is piecewise constant: x * Hardmax(x) has the gradient Hardmax(x) (no ties within a step)
     "Hardmax-no-gradient": case([node("Hardmax", ["x"], "h", axis=1), node("Mul", ["x", "h"], "y")],
                                 {"x": distinct(2, 3, 4)}),
@@ -160,6 +188,8 @@ CASES = {
     "Celu": unary("Celu", alpha=1.5),
     "ThresholdedRelu": unary("ThresholdedRelu", away(2, 3, 4) + 0.5, alpha=0.5),
     "Mish": unary("Mish", opset=18),
+    "Swish": unary("Swish", opset=24),
+    "Swish-alpha": unary("Swish", away(2, 3, 4) * 3, opset=24, alpha=0.7),
     "Softsign": unary("Softsign"),
     "Gelu-erf": unary("Gelu", opset=20),
     "Gelu-tanh": unary("Gelu", opset=20, approximate="tanh"),
@@ -263,6 +293,9 @@ CASES = {
     "LpPool-1d": unary("LpPool", away(2, 2, 9), kernel_shape=[3], strides=[2]),
     "LpPool-symbolic-spatial": case([node("LpPool", ["x"], "y", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                                     {"x": away(1, 2, 7, 6)}, sym={"x": ["N", 2, "H", "W"]}),
+    # GlobalLpPool: float32 only in onnxruntime, as LpPool
+    **{f"GlobalLpPool-p{p}-{k}d": unary("GlobalLpPool", away(2, 3, *[5, 4][:k]), **({"p": p} if p != 2 else {}))
+       for p in (1, 2, 3) for k in (1, 2)},
     "GlobalAveragePool": unary("GlobalAveragePool", away(2, 3, 3, 4)),
     "GlobalAveragePool-symbolic": case([node("GlobalAveragePool", ["x"], "y")], {"x": away(2, 3, 3, 4)},
                                        sym={"x": ["N", 3, "H", "W"]}),
@@ -290,6 +323,15 @@ CASES = {
     "ReduceSumSquare-nokeep": unary("ReduceSumSquare", opset=13, axes=[0, 2], keepdims=0),
     "ReduceLogSumExp": case([node("ReduceLogSumExp", ["x", "ax"], "y", keepdims=0)], {"x": away(2, 3, 4) * 3},
                             {"ax": i64(1)}, opset=18),
+    "ReduceLogSum-axes-attr": unary("ReduceLogSum", pos(2, 3, 4), opset=13, axes=[1]),
+    "ReduceLogSum-negative-axes-attr-nokeep": unary("ReduceLogSum", pos(2, 3, 4), opset=13, axes=[-1, 0], keepdims=0),
+    "ReduceLogSum-axes-input-nokeep": case([node("ReduceLogSum", ["x", "ax"], "y", keepdims=0)], {"x": pos(2, 3, 4)},
+                                           {"ax": i64(-2)}, opset=18),
+    "ReduceLogSum-all-nokeep": unary("ReduceLogSum", pos(2, 3), opset=18, keepdims=0),
+    "ReduceLogSum-empty-axes-all": case([node("ReduceLogSum", ["x", "ax"], "y")], {"x": pos(2, 3)},
+                                        {"ax": np.zeros(0, np.int64)}, opset=18),
+    # noop_with_empty_axes: nothing reduced, and each element still mapped, to log x
+    "ReduceLogSum-noop-no-axes": unary("ReduceLogSum", pos(2, 3), opset=18, noop_with_empty_axes=1),
     "ReduceProd-axes-attr": unary("ReduceProd", away(2, 3, 4), opset=13, axes=[1]),
     "ReduceProd-axes-input-nokeep": case([node("ReduceProd", ["x", "ax"], "y", keepdims=0)], {"x": away(2, 3, 4)},
                                          {"ax": i64(-1, 0)}, opset=18),
@@ -321,6 +363,12 @@ CASES = {
                                   {"x": away(2, 4, 2, 2)}, {"s": W(2), "b": W(2)}, opset=18),
     "GroupNormalization-21": case([node("GroupNormalization", ["x", "s", "b"], "y", num_groups=2)],
                                   {"x": away(2, 4, 2, 2)}, {"s": W(4), "b": W(4)}, opset=21),
+    # MeanVarianceNormalization: float32 only (onnxruntime's float64 function expansion does not type-check); its
+    # default axes have a test of their own below
+    "MeanVarianceNormalization-axes023": unary("MeanVarianceNormalization", away(2, 3, 2, 3), opset=13, axes=[0, 2, 3]),
+    "MeanVarianceNormalization-axes23": unary("MeanVarianceNormalization", away(2, 3, 2, 3), opset=18, axes=[2, 3]),
+    "MeanVarianceNormalization-negative-axis-3d": unary("MeanVarianceNormalization", away(2, 3, 4), opset=13,
+                                                        axes=[-1]),
     "RMSNormalization-last": case([node("RMSNormalization", ["x", "s"], "y")], {"x": away(2, 3, 5), "s": away(5)},
                                   opset=23),
     "RMSNormalization-axis1": case([node("RMSNormalization", ["x", "s"], "y", axis=1, epsilon=0.1)],
@@ -432,6 +480,26 @@ CASES = {
                                                    {"x": away(2, 3, 4)}, {"a": i64(-1)}),
     "CumSum-axis-graph-input": case([node("CumSum", ["x", "a"], "y", exclusive=1)],
                                     {"x": away(2, 3, 4), "a": np.array(-2, np.int64)}),
+    # CumProd (opset 26). y is multilinear in x, so central differences are exact at zeros too: lines with a zero at
+    # either end, in the middle, and two zeros
+    "CumProd": case([node("CumProd", ["x", "a"], "y")], {"x": away(2, 3, 4)}, {"a": i64(1)}, opset=26),
+    "CumProd-exclusive": case([node("CumProd", ["x", "a"], "y", exclusive=1)], {"x": away(2, 5)}, {"a": i64(1)},
+                              opset=26),
+    "CumProd-reverse-int32-axis": case([node("CumProd", ["x", "a"], "y", reverse=1)], {"x": away(3, 4)},
+                                       {"a": np.array(0, np.int32)}, opset=26),
+    "CumProd-exclusive-reverse-negative-axis": case([node("CumProd", ["x", "a"], "y", exclusive=1, reverse=1)],
+                                                    {"x": away(2, 3, 4)}, {"a": i64(-1)}, opset=26),
+    "CumProd-axis-graph-input": case([node("CumProd", ["x", "a"], "y", reverse=1)],
+                                     {"x": away(2, 3, 4), "a": np.array(-2, np.int64)}, opset=26),
+    **{f"CumProd-zeros-exclusive{e}-reverse{r}": case(
+        [node("CumProd", ["x", "a"], "y", exclusive=e, reverse=r)],
+        {"x": np.array([[0.5, -1.2, 0.8, 1.1], [0.7, 0.0, -0.9, 1.3], [0.0, 0.6, 0.0, -1.4], [1.2, 0.9, -0.7, 0.0]])},
+        {"a": i64(1)}, opset=26) for e in (0, 1) for r in (0, 1)},
+    # ReverseSequence: time-major (the default axes) and batch-major, the lengths a constant or a graph input
+    "ReverseSequence-time-major": case([node("ReverseSequence", ["x", "l"], "y")], {"x": away(4, 3, 2)},
+                                       {"l": i64(4, 1, 3)}),
+    "ReverseSequence-batch-major-lens-input": case([node("ReverseSequence", ["x", "l"], "y", batch_axis=0,
+                                                         time_axis=1)], {"x": away(3, 5, 2), "l": i64(2, 5, 3)}),
     "Trilu-upper-default": unary("Trilu", away(2, 3, 4)),
     "Trilu-lower-negative-k": case([node("Trilu", ["x", "k"], "y", upper=0)], {"x": away(2, 4, 3)}, {"k": i64(-1)}),
     "Trilu-upper-k-input": case([node("Trilu", ["x", "k"], "y")], {"x": away(3, 5), "k": np.array(2, np.int64)}),
@@ -443,6 +511,15 @@ CASES = {
                         {"p": i64(0, 2, 1, 0, 1, 2)}),
     "Pad-edge-axes": case([node("Pad", ["x", "p", "", "a"], "y", mode="edge")], {"x": away(2, 3)},
                           {"p": i64(2, 1), "a": i64(-1)}, opset=18),
+    # CenterCropPad (opset 18): crops and zero pads by odd and even differences, an axis left as it is, on all axes or
+    # the listed ones (static sizes, or a symbolic one: x's size read at run time)
+    "CenterCropPad-all-axes-odd-symbolic": case([node("CenterCropPad", ["x", "s"], "y")], {"x": away(2, 5, 4)},
+                                                {"s": i64(3, 2, 7)}, opset=18, sym={"x": ["N", 5, 4]}),
+    "CenterCropPad-axes-even": case([node("CenterCropPad", ["x", "s"], "y", axes=[1, 2, 3])], {"x": away(1, 6, 3, 4)},
+                                    {"s": i64(4, 3, 6)}, opset=18),
+    "CenterCropPad-negative-axes-symbolic": case([node("CenterCropPad", ["x", "s"], "y", axes=[-1, -2])],
+                                                 {"x": away(2, 3, 7, 4)}, {"s": i64(5, 4)}, opset=18,
+                                                 sym={"x": ["N", 3, "H", 4]}),
     "Resize-linear-x2": case([node("Resize", ["x", "", "sc"], "y", mode="linear")], {"x": away(1, 2, 3, 4)},
                              {"sc": np.array([1, 1, 2, 2], np.float32)}),
     "Resize-linear-sizes-down": case([node("Resize", ["x", "", "", "sz"], "y", mode="linear")],
@@ -489,6 +566,7 @@ CASES = {
 
 # ORT's float64 GroupNormalization computes in float32 (forward off by ~1e-7): check it in float32.
 FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21", "Celu"}   # Celu: onnxruntime has float only
+FLOAT32_ONLY |= {name for name in CASES if name.startswith("MeanVarianceNormalization")}
 # Conv outputs feeding a ReLU-like kink are not kept away from 0 by the input sampling: use a smaller step.
 SMALL_STEP = {"tf2onnx-NHWC-block"}
 
@@ -499,7 +577,8 @@ def test_rule_matches_finite_differences(name):
               h32=1e-3 if name in SMALL_STEP else 1e-2)
 
 
-GUIDED_CASES = ["Relu", "LeakyRelu", "Clip-relu6", "HardSwish", "Gelu-erf", "Elu", "Selu", "Mish", "ThresholdedRelu"]
+GUIDED_CASES = ["Relu", "LeakyRelu", "Clip-relu6", "HardSwish", "Gelu-erf", "Elu", "Selu", "Mish", "ThresholdedRelu",
+                "Swish-alpha"]
 
 
 @pytest.mark.parametrize("name", GUIDED_CASES)
@@ -522,19 +601,35 @@ def test_rectifier_variants_follow_their_definition(name, variant):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("op", ["ReduceL2", "LpNormalization", "LpPool"])
+@pytest.mark.parametrize("op", ["ReduceL2", "LpNormalization", "LpPool", "GlobalLpPool-p2", "GlobalLpPool-p3"])
 def test_norms_give_a_zero_gradient_where_the_norm_is_zero(op):
     """An all-zero row has a zero gradient (as torch's norm backward gives), not NaN; the other row is unchanged."""
     from adcheck import session
     from onnxplain.kernels.autodiff import augment
 
-    attrs = {"ReduceL2": {"axes": [1]}, "LpNormalization": {"axis": 1}, "LpPool": {"kernel_shape": [4]}}[op]
+    attrs = {"ReduceL2": {"axes": [1]}, "LpNormalization": {"axis": 1}, "LpPool": {"kernel_shape": [4]},
+             "GlobalLpPool-p2": {}, "GlobalLpPool-p3": {"p": 3}}[op]
+    op = op.split("-")[0]
     x = np.stack([np.zeros(4), away(4)]).astype(np.float32)
-    x = x[:, None] if op == "LpPool" else x   # (N, C, L)
+    x = x[:, None] if op.endswith("LpPool") else x   # (N, C, L)
     model, feeds, out = case([node(op, ["x"], "y", **attrs)], {"x": x}, opset=13)(np.float32)
     seed = np.ones(session(model).run([out], feeds)[0].shape, np.float32)
     grad = session(augment(model, scores=out)).run(["x__grad"], {**feeds, "seed": seed})[0]
     assert np.isfinite(grad).all() and not grad[0].any() and grad[1].any()
+
+
+def test_mean_variance_normalization_default_axes():
+    """Without `axes` the statistics are over [0, 2, 3]. onnx's checker rejects such a node (the function body's
+    Constant reads the absent attribute) though onnxruntime runs it, so this case is checked against finite differences
+    here, without the checker that gradcheck runs."""
+    from adcheck import finite_differences, rel, session
+    from onnxplain.kernels.autodiff import augment
+
+    model, feeds, out = case([node("MeanVarianceNormalization", ["x"], "y")], {"x": away(2, 3, 2, 3)},
+                             opset=13)(np.float32)
+    seed = np.random.default_rng(0).standard_normal((2, 3, 2, 3)).astype(np.float32)
+    got = session(augment(model, scores=out)).run(["x__grad"], {**feeds, "seed": seed})[0]
+    assert rel(got, finite_differences(session(model), feeds, out, seed, "x", 1e-2)) < 3e-3
 
 
 @pytest.mark.parametrize("op", ["ScatterND", "ScatterElements"])
