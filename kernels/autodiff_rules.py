@@ -1419,6 +1419,70 @@ def _center_crop_pad(c):
     return [c("CenterCropPad", c.g, size, axes=axes), None]
 
 
+@rule("DFT")
+def _dft(c):
+    """The DFT is linear in x, so its vector-Jacobian product is its adjoint: for the complex map x -> y the real
+    adjoint (on (re, im) pairs) is the conjugate transpose, and F^H = n * (onnx's inverse DFT, which divides by n).
+    Along the node's axis, with L = x's length there and n = dft_length (else L; for irfft 2 (L - 1), as numpy's
+    and onnxruntime's):
+      forward (y = F T x):               dx = T^T (n * inverse DFT of g)
+      forward one-sided (rfft):          dx = T^T (n * inverse DFT of g zero-padded to n, by the DFT's dft_length)
+      inverse (y = F^H T x / n):         dx = T^T (DFT of g / n)
+      inverse one-sided (irfft, real y): dx = w * one-sided DFT of g, w = 1 / n at bin 0 and at n / 2 (irfft drops
+                                         their imaginary parts, so those get none) and 2 / n between (the bins that
+                                         the Hermitian spectrum holds twice)
+    where T zero-pads or crops x to n points and T^T crops or zero-pads back to L; a real x takes the real part.
+    irfft's half spectrum must have n // 2 + 1 bins, as torch's exporters write it. dft_length, L and the axis must
+    be constants."""
+    x, r = c.x(0), c.need_rank(c.x(0))
+    axis = c.attr("axis", 1) if c.opset < 20 else (-2 if c.x(2) is None else _scalar(c, c.x(2)))
+    n = None if c.x(1) is None else _scalar(c, c.x(1))
+    if axis is None or c.x(1) is not None and n is None:
+        c.fail("the axis and dft_length must be constants")
+    axis = int(axis) + r if axis < 0 else int(axis)
+    dims = c.static_dims(x, [axis, r - 1])
+    if dims is None or dims[1] not in (1, 2):
+        c.fail(f"needs static dims for the transformed axis and the last (real or complex) one of {x!r}")
+    length, parts = dims
+    inverse, onesided = c.attr("inverse", 0), c.attr("onesided", 0)
+    n = int(n) if n is not None else 2 * (length - 1) if inverse and onesided else length
+    if onesided and inverse == (parts == 1):
+        c.fail("a one-sided DFT transforms a real signal (or, inverse, a complex half spectrum)")
+    if onesided and inverse and length != n // 2 + 1:
+        # numpy crops or zero-pads the half spectrum; onnxruntime mirrors other bins (its irfft assumes the last
+        # bin is n / 2): the two readings differ, so neither is taken for it
+        c.fail(f"an inverse one-sided DFT to {n} points needs {n // 2 + 1} bins, not {length}")
+
+    def dft(t, inv, half=0, size=None):
+        ax = {"axis": axis} if c.opset < 20 else {}
+        extra = [] if c.opset < 20 else [c.i64(axis)]
+        return c("DFT", t, None if size is None else c.i64(size), *extra, inverse=inv, onesided=half, **ax)
+
+    def along(values):   # [len] values as a constant broadcast along the axis, the last (re, im) dim kept
+        return c.const(np.asarray(values).reshape((-1,) + (1,) * (r - 2 - axis) + (values.shape[-1],)), like=x)
+
+    if inverse and onesided:
+        bins = n // 2 + 1
+        w = np.full((bins, 2), 2.0 / n)
+        w[0] = (1.0 / n, 0.0)
+        if n % 2 == 0:
+            w[-1] = (1.0 / n, 0.0)
+        dx, size = c("Mul", dft(c.g, 0, half=1), along(w)), length
+    elif inverse:
+        dx, size = c("Mul", dft(c.g, 0), _k(c, 1.0 / n)), n
+    else:
+        dx, size = c("Mul", dft(c.g, 1, size=n if onesided else None), _k(c, float(n))), n
+    if size > length:
+        dx = c("Slice", dx, c.i64([0]), c.i64([length]), c.i64([axis]))
+    elif size < length:
+        pads = [0] * (2 * r)
+        pads[r + axis] = length - size
+        dx = c("Pad", dx, c.i64(pads))
+    if parts == 1:
+        dx = c("Slice", dx, c.i64([0]), c.i64([1]), c.i64([r - 1]))
+    return [dx, None, None]
+
+
 @rule("Resize")
 def _resize(c):
     # Resize is separable and linear in x for every mode: one matrix per resized axis, built once by running

@@ -77,7 +77,15 @@ class TinySTN(nn.Module):
         theta=s.theta(F.relu(s.loc(x)).mean((2,3))).view(-1,2,3); f=s.feat(x)
         grid=(s.base@theta.transpose(1,2)).view(-1,16,16,2) if s.written else F.affine_grid(theta,list(f.shape),align_corners=s.align)
         return s.fc(F.relu(s.head(F.grid_sample(f,grid,mode=s.mode,padding_mode=s.padding,align_corners=s.align))).mean((2,3)))
+class TinyGFNet(nn.Module):
+    """GFNet-style global filter (Rao et al. 2021): rfft2 over the token grid, a learned complex filter, irfft2. The
+    dynamo exporter writes DFT nodes (one-sided, full, inverse and inverse one-sided); the legacy one has no FFT."""
+    def __init__(s,d=8):
+        super().__init__(); s.pe=nn.Conv2d(3,d,2,2); s.n1=nn.LayerNorm(d); s.w=nn.Parameter(torch.randn(8,5,d,2)*0.3); s.n2=nn.LayerNorm(d); s.l1=nn.Linear(d,2*d); s.l2=nn.Linear(2*d,d); s.n=nn.LayerNorm(d); s.head=nn.Linear(d,5)
+    def forward(s,x):
+        x=s.pe(x).permute(0,2,3,1); f=torch.fft.rfft2(s.n1(x),dim=(1,2),norm="ortho")*torch.view_as_complex(s.w)
+        x=x+torch.fft.irfft2(f,s=(8,8),dim=(1,2),norm="ortho"); x=x+s.l2(F.gelu(s.l1(s.n2(x)))); return s.head(s.n(x).mean((1,2)))
 STNS={"stn":TinySTN, "stn_reflect":lambda: TinySTN(padding="reflection",align=True), "stn_border":lambda: TinySTN(padding="border",written=True),
       "stn_nearest":lambda: TinySTN(mode="nearest",align=True)}
-NETS={"sdpa_vit":TinySdpaViT,"cosine":TinyCosine,"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt}
+NETS={"sdpa_vit":TinySdpaViT,"cosine":TinyCosine,"upsample":TinyUpsample,"resnet":TinyResNet,"mobilenet":TinyMobileNet,"densenet":TinyDense,"vit":TinyViT,"convnext":TinyConvNeXt,"gfnet":TinyGFNet}
 NETS.update(STNS)

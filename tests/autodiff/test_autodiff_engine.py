@@ -58,9 +58,9 @@ def test_default_scores_are_the_logits_before_softmax():
 
 
 def test_missing_rule_names_the_op_and_the_node():
-    model = make_model([node("Relu", ["x"], "r"), node("DFT", ["r"], "c", name="the_dft"),
-                        node("Mul", ["c", "c"], "y")], {"x": np.ones((2, 3, 1))})
-    with pytest.raises(AutodiffError, match=r"DFT.*the_dft"):
+    model = make_model([node("Relu", ["x"], "r"), node("Det", ["r"], "c", name="the_det"),
+                        node("Mul", ["c", "c"], "y")], {"x": np.ones((2, 3, 3))})
+    with pytest.raises(AutodiffError, match=r"Det.*the_det"):
         augment(model, scores="y")
 
 
@@ -87,10 +87,10 @@ def test_augmented_graph_means_the_same_on_the_onnx_reference_runtime():
 
 
 def test_ops_off_the_path_need_no_rule():
-    # DFT (which has no rule) feeds a second output only; the score does not depend on it.
-    model = make_model([node("Relu", ["x"], "y"), node("DFT", ["x"], "z")], {"x": np.ones((2, 3, 1))}, out=["y", "z"])
+    # Det (which has no rule) feeds a second output only; the score does not depend on it.
+    model = make_model([node("Relu", ["x"], "y"), node("Det", ["x"], "z")], {"x": np.ones((2, 3, 3))}, out=["y", "z"])
     aug = augment(model, scores="y")
-    assert "DFT" in [n.op_type for n in aug.graph.node]
+    assert "Det" in [n.op_type for n in aug.graph.node]
     assert_standard(aug)
 
 

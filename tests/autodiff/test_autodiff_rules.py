@@ -564,6 +564,38 @@ CASES = {
 }
 
 
+FT = np.random.default_rng(11)   # the DFT cases draw from their own generator, leaving R's draws
+
+
+def dft(x, opset=20, n=None, axis=None, **attrs):
+    """A DFT node: dft_length and (opset 20) the axis as scalar inputs, the axis an attribute before."""
+    ins, inits = ["x", "" if n is None else "n"], {} if n is None else {"n": np.array(n, np.int64)}
+    if axis is not None and opset >= 20:
+        ins.append("a")
+        inits["a"] = np.array(axis, np.int64)
+    elif axis is not None:
+        attrs["axis"] = axis
+    return case([node("DFT", ins, "y", **attrs)], {"x": x}, inits, opset=opset)
+
+
+# rfft, fft, ifft and irfft, real and complex signals, on the default, a negative, the batch and a middle axis, with
+# dft_length padding or cropping the signal, the axis an input (opset 20) or an attribute (17)
+CASES.update({
+    "DFT-rfft-default-axis": dft(FT.standard_normal((2, 3, 6, 1)), onesided=1),
+    "DFT-rfft-pad-odd": dft(FT.standard_normal((2, 5, 3, 1)), n=7, axis=1, onesided=1),
+    "DFT-rfft-crop-17": dft(FT.standard_normal((2, 6, 3, 1)), opset=17, n=4, axis=1, onesided=1),
+    "DFT-fft-complex-17": dft(FT.standard_normal((2, 5, 3, 2)), opset=17, axis=1),
+    "DFT-fft-real-negative-axis": dft(FT.standard_normal((2, 4, 5, 1)), axis=-3),
+    "DFT-fft-pad": dft(FT.standard_normal((2, 4, 5, 2)), n=7, axis=2),
+    "DFT-fft-batch-axis": dft(FT.standard_normal((4, 3, 2)), axis=0),
+    "DFT-ifft-complex-crop": dft(FT.standard_normal((2, 6, 3, 2)), n=5, axis=1, inverse=1),
+    "DFT-ifft-real-17": dft(FT.standard_normal((3, 4, 1)), opset=17, axis=1, inverse=1),
+    "DFT-irfft-even": dft(FT.standard_normal((2, 5, 3, 2)), n=8, axis=1, inverse=1, onesided=1),
+    "DFT-irfft-odd": dft(FT.standard_normal((2, 5, 3, 2)), n=9, axis=1, inverse=1, onesided=1),
+    "DFT-irfft-default-length-17": dft(FT.standard_normal((2, 5, 2)), opset=17, axis=1, inverse=1, onesided=1),
+})
+
+
 # ORT's float64 GroupNormalization computes in float32 (forward off by ~1e-7): check it in float32.
 FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21", "Celu"}   # Celu: onnxruntime has float only
 FLOAT32_ONLY |= {name for name in CASES if name.startswith("MeanVarianceNormalization")}
@@ -746,4 +778,14 @@ def test_volumetric_grid_sample_is_refused_by_name():
                                                                  "g": GS.uniform(-1, 1, (1, 2, 2, 2, 3))},
                          opset=20)(np.float32)
     with pytest.raises(AutodiffError, match="GridSample node .*volumetric"):
+        augment(model, scores=out)
+
+
+@pytest.mark.parametrize("bins,n", [(6, 6), (3, 8)])
+def test_irfft_of_a_half_spectrum_of_another_length_is_refused(bins, n):
+    """numpy crops or zero-pads such a spectrum to n // 2 + 1 bins, onnxruntime mirrors other bins: no rule picks one."""
+    from onnxplain.kernels.autodiff import AutodiffError, augment
+
+    model, _, out = dft(np.ones((2, bins, 2)), n=n, axis=1, inverse=1, onesided=1)(np.float32)
+    with pytest.raises(AutodiffError, match=f"DFT node .*needs {n // 2 + 1} bins, not {bins}"):
         augment(model, scores=out)

@@ -13,9 +13,10 @@ from autodiff_tiny_nets import NETS, STNS
 
 torch.set_num_threads(1)
 
-EXPORTS = [(name, "legacy", 13) for name in NETS if name not in ("vit", "sdpa_vit", *STNS)] + [
+EXPORTS = [(name, "legacy", 13) for name in NETS if name not in ("vit", "sdpa_vit", "gfnet", *STNS)] + [
     ("vit", "legacy", 14), ("vit", "legacy", 17)] + [(name, "dynamo", 18) for name in NETS] + [
-    ("sdpa_vit", "dynamo", 23)]   # ONNX Attention and RMSNormalization
+    ("sdpa_vit", "dynamo", 23),    # ONNX Attention and RMSNormalization
+    ("gfnet", "dynamo", 20)]       # DFT with its axis as an input (at 18: opset 17's, the axis an attribute)
 # Spatial transformers: the legacy exporter writes F.affine_grid as AffineGrid (opset 20; below it refuses it, so
 # stn_border builds its grid by hand) and F.grid_sample as GridSample; dynamo writes GridSample (opset 16's at 18,
 # opset 20's at 20) and affine_grid as elementwise arithmetic.
