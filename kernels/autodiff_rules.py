@@ -1483,6 +1483,16 @@ def _dft(c):
     return [dx, None, None]
 
 
+@rule("RotaryEmbedding")
+def _rotary_embedding(c):
+    # Each rotated pair of x turns by its position's angle (y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos), the rest
+    # passes through: an orthogonal map whose adjoint turns by the opposite angle, the same node with -sin.
+    if c.needs(1) or c.needs(2):
+        c.fail("the cos and sin caches must not depend on the differentiated input")
+    attrs = {k: c.attr(k) for k in ("interleaved", "num_heads", "rotary_embedding_dim")}
+    return [c("RotaryEmbedding", c.g, c.x(1), c("Neg", c.x(2)), *c.node.input[3:4], **attrs), None, None, None]
+
+
 @rule("Resize")
 def _resize(c):
     # Resize is separable and linear in x for every mode: one matrix per resized axis, built once by running

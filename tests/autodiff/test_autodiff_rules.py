@@ -596,9 +596,33 @@ CASES.update({
 })
 
 
+def rotary(shape, positions=True, **attrs):
+    """RotaryEmbedding (opset 23) of x [B, S, heads * D] (num_heads given) or [B, heads, S, D], angles drawn per
+    cache row; with position ids (a [6, r / 2] cache gathered at them) or without (a [B, S, r / 2] cache)."""
+    b, s, d = shape[0], shape[-2] if len(shape) == 4 else shape[1], shape[-1] // attrs.get("num_heads", 1)
+    half = attrs.get("rotary_embedding_dim", d) // 2
+    theta = FT.uniform(-3, 3, (6, half) if positions else (b, s, half))
+    inits = {"cos": np.cos(theta), "sin": np.sin(theta)}
+    if positions:
+        inits["pos"] = FT.integers(0, 6, (b, s)).astype(np.int64)
+    return case([node("RotaryEmbedding", ["x", "cos", "sin", "pos" if positions else ""], "y", **attrs)],
+                {"x": FT.standard_normal(shape)}, inits, opset=23)
+
+
+# 3-D (heads in the hidden size) and 4-D inputs, halves or interleaved pairs, a partial rotary dim, no position ids
+CASES.update({
+    "RotaryEmbedding-3d-heads": rotary((2, 4, 3 * 6), num_heads=3),
+    "RotaryEmbedding-4d-interleaved": rotary((2, 2, 4, 6), interleaved=1),
+    "RotaryEmbedding-partial": rotary((2, 2, 3, 8), rotary_embedding_dim=4),
+    "RotaryEmbedding-partial-interleaved-3d": rotary((1, 5, 2 * 8), num_heads=2, rotary_embedding_dim=4,
+                                                     interleaved=1),
+    "RotaryEmbedding-no-position-ids": rotary((2, 4, 2 * 4), positions=False, num_heads=2),
+})
+
+
 # ORT's float64 GroupNormalization computes in float32 (forward off by ~1e-7): check it in float32.
 FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21", "Celu"}   # Celu: onnxruntime has float only
-FLOAT32_ONLY |= {name for name in CASES if name.startswith("MeanVarianceNormalization")}
+FLOAT32_ONLY |= {name for name in CASES if name.startswith(("MeanVarianceNormalization", "RotaryEmbedding"))}
 # Conv outputs feeding a ReLU-like kink are not kept away from 0 by the input sampling: use a smaller step.
 SMALL_STEP = {"tf2onnx-NHWC-block"}
 
