@@ -1235,6 +1235,13 @@ def _gather(c):
     return [c.scatter_back(c.x(0), c.g, lambda idx: c("Gather", idx, c.x(1), axis=c.attr("axis", 0))), None]
 
 
+@rule("Compress")
+def _compress(c):
+    # Keeps the slices (or, without an axis, the elements of the flattened x) where the condition holds: g goes back
+    # to where each came from.
+    return [c.scatter_back(c.x(0), c.g, lambda idx: c("Compress", idx, c.x(1), axis=c.attr("axis"))), None]
+
+
 @rule("GatherElements")
 def _gather_elements(c):
     return [c.scatter_back(c.x(0), c.g, lambda idx: c("GatherElements", idx, c.x(1), axis=c.attr("axis", 0))),

@@ -609,6 +609,18 @@ def rotary(shape, positions=True, **attrs):
                 {"x": FT.standard_normal(shape)}, inits, opset=23)
 
 
+# Compress along an axis (a condition shorter than it, a negative axis) and over the flattened input
+CASES.update({
+    "Compress-axis-short-condition": case([node("Compress", ["x", "k"], "y", axis=1)],
+                                          {"x": FT.standard_normal((2, 5, 3))},
+                                          {"k": np.array([True, False, True, True], bool)}),
+    "Compress-negative-axis": case([node("Compress", ["x", "k"], "y", axis=-1)], {"x": FT.standard_normal((2, 3, 4))},
+                                   {"k": np.array([False, True, False, True], bool)}),
+    "Compress-flattened": case([node("Compress", ["x", "k"], "y")], {"x": FT.standard_normal((2, 3))},
+                               {"k": np.array([True, True, False, False, True], bool)}),
+})
+
+
 # 3-D (heads in the hidden size) and 4-D inputs, halves or interleaved pairs, a partial rotary dim, no position ids
 CASES.update({
     "RotaryEmbedding-3d-heads": rotary((2, 4, 3 * 6), num_heads=3),
