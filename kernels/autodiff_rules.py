@@ -1465,16 +1465,13 @@ def _dft(c):
         extra = [] if c.opset < 20 else [c.i64(axis)]
         return c("DFT", t, None if size is None else c.i64(size), *extra, inverse=inv, onesided=half, **ax)
 
-    def along(values):   # [len] values as a constant broadcast along the axis, the last (re, im) dim kept
-        return c.const(np.asarray(values).reshape((-1,) + (1,) * (r - 2 - axis) + (values.shape[-1],)), like=x)
-
     if inverse and onesided:
-        bins = n // 2 + 1
-        w = np.full((bins, 2), 2.0 / n)
+        w = np.full((n // 2 + 1, 2), 2.0 / n)      # (re, im) weight per bin, broadcast along the axis
         w[0] = (1.0 / n, 0.0)
         if n % 2 == 0:
             w[-1] = (1.0 / n, 0.0)
-        dx, size = c("Mul", dft(c.g, 0, half=1), along(w)), length
+        w = w.reshape((-1,) + (1,) * (r - 2 - axis) + (2,))
+        dx, size = c("Mul", dft(c.g, 0, half=1), c.const(w, like=x)), length
     elif inverse:
         dx, size = c("Mul", dft(c.g, 0), _k(c, 1.0 / n)), n
     else:
