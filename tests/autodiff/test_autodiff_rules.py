@@ -564,7 +564,7 @@ CASES = {
 }
 
 
-FT = np.random.default_rng(11)   # the DFT cases draw from their own generator, leaving R's draws
+FT = np.random.default_rng(11)   # the DFT, Compress and RotaryEmbedding cases draw from their own generator
 
 
 def dft(x, opset=20, n=None, axis=None, **attrs):
@@ -596,6 +596,18 @@ CASES.update({
 })
 
 
+# Compress along an axis (a condition shorter than it, a negative axis) and over the flattened input
+CASES.update({
+    "Compress-axis-short-condition": case([node("Compress", ["x", "k"], "y", axis=1)],
+                                          {"x": FT.standard_normal((2, 5, 3))},
+                                          {"k": np.array([True, False, True, True], bool)}),
+    "Compress-negative-axis": case([node("Compress", ["x", "k"], "y", axis=-1)], {"x": FT.standard_normal((2, 3, 4))},
+                                   {"k": np.array([False, True, False, True], bool)}),
+    "Compress-flattened": case([node("Compress", ["x", "k"], "y")], {"x": FT.standard_normal((2, 3))},
+                               {"k": np.array([True, True, False, False, True], bool)}),
+})
+
+
 def rotary(shape, positions=True, **attrs):
     """RotaryEmbedding (opset 23) of x [B, S, heads * D] (num_heads given) or [B, heads, S, D], angles drawn per
     cache row; with position ids (a [6, r / 2] cache gathered at them) or without (a [B, S, r / 2] cache)."""
@@ -607,18 +619,6 @@ def rotary(shape, positions=True, **attrs):
         inits["pos"] = FT.integers(0, 6, (b, s)).astype(np.int64)
     return case([node("RotaryEmbedding", ["x", "cos", "sin", "pos" if positions else ""], "y", **attrs)],
                 {"x": FT.standard_normal(shape)}, inits, opset=23)
-
-
-# Compress along an axis (a condition shorter than it, a negative axis) and over the flattened input
-CASES.update({
-    "Compress-axis-short-condition": case([node("Compress", ["x", "k"], "y", axis=1)],
-                                          {"x": FT.standard_normal((2, 5, 3))},
-                                          {"k": np.array([True, False, True, True], bool)}),
-    "Compress-negative-axis": case([node("Compress", ["x", "k"], "y", axis=-1)], {"x": FT.standard_normal((2, 3, 4))},
-                                   {"k": np.array([False, True, False, True], bool)}),
-    "Compress-flattened": case([node("Compress", ["x", "k"], "y")], {"x": FT.standard_normal((2, 3))},
-                               {"k": np.array([True, True, False, False, True], bool)}),
-})
 
 
 # 3-D (heads in the hidden size) and 4-D inputs, halves or interleaved pairs, a partial rotary dim, no position ids
