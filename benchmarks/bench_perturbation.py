@@ -1,6 +1,7 @@
 """Perturbation methods: each one's time over the time of its model passes alone, at the same batch size.
 
     python benchmarks/bench_perturbation.py [--repeats 1] [--rise-masks 4000] [--models shapes,efficientnet]
+                                            [--size 224] [--skip-torch]
 
 For each model (the shipped default model; EfficientNet-Lite0 from ../shared when present), one image, its top
 class, the default layer, max_batch 32:
@@ -18,6 +19,13 @@ class, the default layer, max_batch 32:
                   defaults (50 steps; D = 128 directions, capped at the rank of the gradient's subspace)
 Medians over repeats after one warm-up, the method and its passes alone taking turns (benchmarks/timing.py).
 Target: method / passes alone <= 1.1.
+
+Then Score-CAM by onnxplain against Score-CAM in PyTorch on the same network, weights and input (Captum has no
+Score-CAM; the torch version is the paper's formula as pytorch-grad-cam computes it: the layer's maps from a
+hooked forward, F.interpolate bilinear (half-pixel, as ours), per-map min-max, the masked images through the
+network under no_grad in batches of 32 like ours), on EfficientNet-Lite0 from ../shared run by torch from its
+ONNX weights and on a ResNet-50 defined in torch (random weights, exported to ONNX once; benchmarks/nets.py).
+Both maps are compared (Pearson r) so that the two time one computation. Both use the machine's cores.
 """
 
 from __future__ import annotations
@@ -162,19 +170,90 @@ def bench_model(name, path, repeats, rise_masks):
     return rows
 
 
+def torch_scorecam(net, x, target, batch):
+    """Score-CAM in torch: map [h, w] (the paper's formula, as kernels/methods/scorecam.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        reference = net(x)[0, target]
+        acts = net.features[0]                                                        # [K, h, w]
+        up = F.interpolate(acts[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)
+        lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        masks = torch.where(hi > lo, (up - lo) / torch.where(hi > lo, hi - lo, 1), 0)
+        increase = torch.cat([net(x * masks[i:i + batch])[:, target] for i in range(0, len(masks), batch)])
+        weights = torch.softmax(increase - reference, 0)
+        return torch.relu((weights[:, None, None] * acts).sum(0))
+
+
+def scorecam_against_torch(repeats, size):
+    import tempfile
+
+    import torch
+
+    from onnxplain.kernels import graph, images
+    from onnxplain.kernels.methods import METHODS, Job
+    from onnxplain.kernels.methods.base import Maps
+    from onnxplain.kernels.runtime import Passes, Runner
+
+    from nets import OnnxInTorch, export_resnet50, resnet50
+
+    networks = []
+    eff = SHARED / "models" / "efficientnet_lite0_imagenet.onnx"
+    if eff.exists():
+        onnx_model = graph.load_model(str(eff))
+        net = OnnxInTorch(onnx_model, graph.default_layer(onnx_model).name).eval()
+        pre = images.Preprocessing(224, 224, fit="center_crop", scale=1.0, mean=(127.5,) * 3, std=(128.0,) * 3)
+        photo = SHARED / "images" / "chelsea.jpg"
+        x = torch.from_numpy(images.preprocess(images.decode(photo.read_bytes(), 10 ** 8), pre).sample[None])
+        networks.append(("EfficientNet-Lite0 (../shared; torch runs its ONNX weights), chelsea.jpg", net,
+                         onnx_model, x))
+    net = resnet50()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_model = graph.load_model(export_resnet50(net, tmp, size))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    networks.append((f"ResNet-50 (torch-defined, random weights), random input {size}x{size}", net, onnx_model, x))
+
+    print(f"\n== Score-CAM: onnxplain (onnxruntime CPU) against torch, same network, medians of {repeats}")
+    print(f"{'network':72s} {'maps':>5s} {'onnxplain s':>11s} {'torch s':>8s} {'ratio':>6s} {'Pearson r':>9s}")
+    for title, net, onnx_model, x in networks:
+        runner = Runner(onnx_model, graph.score_tensor(onnx_model), graph.input_spec(onnx_model)[0], max_batch=32)
+        layer = graph.default_layer(onnx_model)
+        sample = x[0].numpy()
+        target = int(np.argmax(runner.scores(sample[None], Passes())[0]))
+        method = METHODS["scorecam"]
+        out = {}
+
+        def ours():
+            job = Job(runner, sample, np.array([target]), method.resolve({}, sample.shape[1:]), "NCHW", layer)
+            out["ours"] = [e for e in method.run(job) if isinstance(e, Maps)][-1].maps[0]
+
+        def theirs():
+            out["torch"] = torch_scorecam(net, x, target, runner.max_batch).numpy()
+
+        t_ours, t_torch = medians([ours, theirs], repeats)
+        r = float(np.corrcoef(out["ours"].ravel(), out["torch"].ravel())[0, 1])
+        print(f"{title:72s} {layer.shape[1]:5d} {t_ours:11.2f} {t_torch:8.2f} {t_ours / t_torch:6.2f} {r:9.5f}",
+              flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--rise-masks", type=int, default=4000)
-    parser.add_argument("--models", default="shapes,efficientnet")
+    parser.add_argument("--models", default="shapes,efficientnet", help="comma-separated; empty for none")
+    parser.add_argument("--size", type=int, default=224, help="ResNet-50's input side in the torch comparison")
+    parser.add_argument("--skip-torch", action="store_true", help="no Score-CAM comparison with torch")
     args = parser.parse_args(argv)
     models = {"shapes": ROOT / "onnxplain" / "default_model" / "shapes_cnn.onnx",
               "efficientnet": SHARED / "models" / "efficientnet_lite0_imagenet.onnx"}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         if not models[name].exists():
             print(f"{name}: {models[name]} is absent, skipped", file=sys.stderr)
             continue
         bench_model(name, models[name], args.repeats, args.rise_masks)
+    if not args.skip_torch:
+        scorecam_against_torch(args.repeats, args.size)
 
 
 if __name__ == "__main__":
