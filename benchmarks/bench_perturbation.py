@@ -7,8 +7,7 @@ For each model (the shipped default model; EfficientNet-Lite0 from ../shared whe
 class, the default layer, max_batch 32:
   * scorecam    : the method (composed masking graph) / the plain model on the K masked images prepared
                   beforehand in numpy (the model passes alone); also the same Score-CAM with numpy doing the
-                  upsampling, normalisation and masking (instead of a torch implementation: Captum has no
-                  Score-CAM, and a torch rebuild of the ONNX model would time another network)
+                  upsampling, normalisation and masking (Score-CAM in torch: see below)
   * ablationcam : the method / the head on the K ablated copies prepared beforehand, plus one body run (the
                   method zeroes channels after the head's pooling, so it runs less than these passes:
                   below 1 where the head starts with global pooling)
