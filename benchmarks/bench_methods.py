@@ -18,7 +18,6 @@ import argparse
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -80,30 +79,15 @@ def part2(repeats, size):
     import torch
     from captum import attr
 
-    from onnxplain.kernels import graph, images
+    from onnxplain.kernels import graph
     from onnxplain.kernels.runtime import Runner
 
-    from nets import OnnxInTorch, export_resnet50, resnet50
+    from nets import compared
 
-    networks = []
-    net = resnet50()
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_model = graph.load_model(export_resnet50(net, tmp, size))
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    networks.append((f"ResNet-50 (torch-defined, random weights), random input {size}x{size}", net, net.layer4,
-                     onnx_model, x, True))
-    eff = SHARED / "models" / "efficientnet_lite0_imagenet.onnx"
-    if eff.exists():
-        onnx_model = graph.load_model(str(eff))
-        net = OnnxInTorch(onnx_model, graph.default_layer(onnx_model).name).eval()
-        pre = images.Preprocessing(224, 224, fit="center_crop", scale=1.0, mean=(127.5,) * 3, std=(128.0,) * 3)
-        photo = SHARED / "images" / "chelsea.jpg"
-        x = torch.from_numpy(images.preprocess(images.decode(photo.read_bytes(), 10 ** 8), pre).sample[None])
-        # Captum's guided backprop and deconvnet rewrite the backward of nn.ReLU modules only: this network's
+    for c in compared(size):
+        title, model, layer_module, onnx_model, x, relu = c.title, c.net, c.layer, c.onnx_model, c.x, c.relu
+        # Captum's guided backprop and deconvnet rewrite the backward of nn.ReLU modules only: EfficientNet's
         # ReLU6 (Clip) would keep its plain gradient there, so those three methods are not compared on it
-        networks.append(("EfficientNet-Lite0 (../shared, run by torch from its ONNX weights), chelsea.jpg", net,
-                         net.tap, onnx_model, x, False))
-    for title, model, layer_module, onnx_model, x, relu in networks:
         runner = Runner(onnx_model, graph.score_tensor(onnx_model), graph.input_spec(onnx_model)[0], max_batch=16)
         layer = graph.default_layer(onnx_model)
         with torch.no_grad():

@@ -186,36 +186,17 @@ def torch_scorecam(net, x, target, batch):
 
 
 def scorecam_against_torch(repeats, size):
-    import tempfile
-
-    import torch
-
-    from onnxplain.kernels import graph, images
+    from onnxplain.kernels import graph
     from onnxplain.kernels.methods import METHODS, Job
     from onnxplain.kernels.methods.base import Maps
     from onnxplain.kernels.runtime import Passes, Runner
 
-    from nets import OnnxInTorch, export_resnet50, resnet50
-
-    networks = []
-    eff = SHARED / "models" / "efficientnet_lite0_imagenet.onnx"
-    if eff.exists():
-        onnx_model = graph.load_model(str(eff))
-        net = OnnxInTorch(onnx_model, graph.default_layer(onnx_model).name).eval()
-        pre = images.Preprocessing(224, 224, fit="center_crop", scale=1.0, mean=(127.5,) * 3, std=(128.0,) * 3)
-        photo = SHARED / "images" / "chelsea.jpg"
-        x = torch.from_numpy(images.preprocess(images.decode(photo.read_bytes(), 10 ** 8), pre).sample[None])
-        networks.append(("EfficientNet-Lite0 (../shared; torch runs its ONNX weights), chelsea.jpg", net,
-                         onnx_model, x))
-    net = resnet50()
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_model = graph.load_model(export_resnet50(net, tmp, size))
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    networks.append((f"ResNet-50 (torch-defined, random weights), random input {size}x{size}", net, onnx_model, x))
+    from nets import compared
 
     print(f"\n== Score-CAM: onnxplain (onnxruntime CPU) against torch, same network, medians of {repeats}")
-    print(f"{'network':72s} {'maps':>5s} {'onnxplain s':>11s} {'torch s':>8s} {'ratio':>6s} {'Pearson r':>9s}")
-    for title, net, onnx_model, x in networks:
+    print(f"{'network':80s} {'maps':>5s} {'onnxplain s':>11s} {'torch s':>8s} {'ratio':>6s} {'Pearson r':>9s}")
+    for c in compared(size):
+        title, net, onnx_model, x = c.title, c.net, c.onnx_model, c.x
         runner = Runner(onnx_model, graph.score_tensor(onnx_model), graph.input_spec(onnx_model)[0], max_batch=32)
         layer = graph.default_layer(onnx_model)
         sample = x[0].numpy()
@@ -232,7 +213,7 @@ def scorecam_against_torch(repeats, size):
 
         t_ours, t_torch = medians([ours, theirs], repeats)
         r = float(np.corrcoef(out["ours"].ravel(), out["torch"].ravel())[0, 1])
-        print(f"{title:72s} {layer.shape[1]:5d} {t_ours:11.2f} {t_torch:8.2f} {t_ours / t_torch:6.2f} {r:9.5f}",
+        print(f"{title:80s} {layer.shape[1]:5d} {t_ours:11.2f} {t_torch:8.2f} {t_ours / t_torch:6.2f} {r:9.5f}",
               flush=True)
 
 

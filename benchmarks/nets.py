@@ -4,12 +4,16 @@
   `export_resnet50` for the same network in ONNX (legacy exporter, opset 17, dynamic batch).
 - `OnnxInTorch`: the shared EfficientNet-Lite0 rebuilt for torch from its own ONNX graph and weights by a tiny
   interpreter of its op set.
+- `compared`: both, each as the same network in torch and in ONNX with one input (bench_methods, bench_perturbation).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
+import tempfile
 import warnings
+from dataclasses import dataclass
 
 import onnx
 import torch
@@ -133,3 +137,41 @@ class OnnxInTorch(nn.Module):
             env[n.output[0]] = self.tap(y) if n.output[0] == self.layer else y
         self.features = env[self.layer]
         return env[self.output]
+
+
+# ------------------------------------------------------------------------------- what the benchmarks compare
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+
+
+@dataclass
+class Compared:
+    title: str
+    net: nn.Module          # in torch; net.features holds the default layer's tensor after a forward
+    layer: nn.Module        # the module whose output is that layer (for Captum's layer methods)
+    onnx_model: onnx.ModelProto
+    x: torch.Tensor         # [1, 3, H, W], the input both run
+    relu: bool              # its activations are nn.ReLU (Captum's guided backprop/deconvnet rewrite only those)
+
+
+def compared(size: int = 224) -> list[Compared]:
+    """The ResNet-50 (random weights, exported once; random input size x size) and, when ../shared has it,
+    EfficientNet-Lite0 run by torch from its ONNX weights (chelsea.jpg with the model's preprocessing)."""
+    from onnxplain.kernels import graph, images
+
+    net = resnet50()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_model = graph.load_model(export_resnet50(net, tmp, size))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    out = [Compared(f"ResNet-50 (torch-defined, random weights), random input {size}x{size}", net, net.layer4,
+                    onnx_model, x, True)]
+    eff = SHARED / "models" / "efficientnet_lite0_imagenet.onnx"
+    if eff.exists():
+        onnx_model = graph.load_model(str(eff))
+        net = OnnxInTorch(onnx_model, graph.default_layer(onnx_model).name).eval()
+        pre = images.Preprocessing(224, 224, fit="center_crop", scale=1.0, mean=(127.5,) * 3, std=(128.0,) * 3)
+        photo = SHARED / "images" / "chelsea.jpg"
+        x = torch.from_numpy(images.preprocess(images.decode(photo.read_bytes(), 10 ** 8), pre).sample[None])
+        out.append(Compared("EfficientNet-Lite0 (../shared, run by torch from its ONNX weights), chelsea.jpg", net,
+                            net.tap, onnx_model, x, False))
+    return out
