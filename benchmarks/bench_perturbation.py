@@ -20,10 +20,11 @@ Medians over repeats after one warm-up, the method and its passes alone taking t
 Target: method / passes alone <= 1.1.
 
 Then Score-CAM by onnxplain against Score-CAM in PyTorch on the same network, weights and input (Captum has no
-Score-CAM; the torch version is the paper's formula as pytorch-grad-cam computes it: the layer's maps from a
-hooked forward, F.interpolate bilinear (half-pixel, as ours), per-map min-max, the masked images through the
-network under no_grad in batches of 32 like ours), on EfficientNet-Lite0 from ../shared run by torch from its
-ONNX weights and on a ResNet-50 defined in torch (random weights, exported to ONNX once; benchmarks/nets.py).
+Score-CAM; torch_scorecam below works as pytorch-grad-cam's ScoreCAM does: the layer's maps kept by one forward,
+F.interpolate, per-map min-max, the masked images through the network under no_grad in batches of 32 like ours;
+with our half-pixel upsampling and weights, so that the maps agree), on a ResNet-50 defined in torch (random
+weights, exported to ONNX once) and on EfficientNet-Lite0 from ../shared run by torch from its ONNX weights
+(benchmarks/nets.py: compared).
 Both maps are compared (Pearson r) so that the two time one computation. Both use the machine's cores.
 """
 
