@@ -11,9 +11,9 @@ import statistics
 import time
 
 
-def medians(fns, repeats: int, warmup: int = 1, budget: float = 0.0, most: int = 25) -> list[float]:
-    """Median wall time in seconds of each function over at least `repeats` turns, more (up to `most`) while
-    the turns so far took under `budget` seconds; `warmup` calls of each first."""
+def turns(fns, repeats: int, warmup: int = 1, budget: float = 0.0, most: int = 25) -> list[list[float]]:
+    """Wall times in seconds of each function, one call of each per turn, over at least `repeats` turns, more
+    (up to `most`) while the turns so far took under `budget` seconds; `warmup` calls of each first."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -25,4 +25,20 @@ def medians(fns, repeats: int, warmup: int = 1, budget: float = 0.0, most: int =
             fn()
             spent_by.append(time.perf_counter() - start)
             spent += spent_by[-1]
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def medians(fns, repeats: int, warmup: int = 1, budget: float = 0.0, most: int = 25) -> list[float]:
+    """Median wall time in seconds of each function (see turns)."""
+    return [statistics.median(t) for t in turns(fns, repeats, warmup, budget, most)]
+
+
+def turn_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """The ratio of two functions' times taken within each turn: (median, lower quartile, upper quartile). Two
+    calls of one turn run seconds apart, so a drift of the machine's speed (other tenants' load, memory
+    bandwidth) cancels in their ratio, where it would not between two medians taken over the whole run."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
