@@ -103,7 +103,8 @@ class ConvMixer(nn.Module):
     def __init__(self, dim=16):
         super().__init__()
         self.embed = nn.Sequential(nn.Conv2d(3, dim, 2, 2), nn.GELU(), nn.BatchNorm2d(dim))
-        self.depthwise = nn.Sequential(nn.Conv2d(dim, dim, 7, groups=dim, padding="same"), nn.GELU(), nn.BatchNorm2d(dim))
+        self.depthwise = nn.Sequential(nn.Conv2d(dim, dim, 7, groups=dim, padding="same"), nn.GELU(),
+                                       nn.BatchNorm2d(dim))
         self.pointwise = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
         self.fc = nn.Linear(dim, 5)
 
