@@ -1,24 +1,18 @@
-"""Architecture families beyond the tiny nets (tests/autodiff/architecture_nets.py), exported by both torch
+"""Architecture families beyond the zoo and the tiny nets (tests/architectures.py), exported by both torch
 exporters: layer discovery finds the map or token grid a user would pick, and augment() with that layer gives the
 model's logits and an input gradient equal to torch autograd's, at a batch size the export never saw, with a
 different seed row per sample."""
-import contextlib
-import io
-import warnings
-
 import numpy as np
-import onnx
 import pytest
 import torch
 
 from adcheck import assert_standard, rel, session
-from architecture_nets import NETS
+from architectures import NETS, export
 from onnxplain.kernels import graph as G
 from onnxplain.kernels.autodiff import augment
 
 # net -> (kind, grid, prefix tokens) of the default layer
 EXPECTED_LAYER = {
-    "swin": ("spatial_nhwc", (8, 8), 0),          # the last residual sum of the N x H x W x C stages
     "resnext": ("spatial", (3, 3), 0),           # ceil-mode pools: 16 -> 8 -> 5 -> 3
     "inception": ("spatial", (2, 2), 0),          # the last spatial map: the adaptive pool's output
     "mixer": ("tokens", (4, 4), 0),
@@ -33,37 +27,9 @@ EXPECTED_LAYER = {
 CASES = [(name, exporter) for name in NETS for exporter in ("legacy", "dynamo")]
 
 
-@pytest.fixture(scope="module")
-def exported():
-    cache = {}
-
-    def get(name, exporter):
-        if (name, exporter) not in cache:
-            torch.manual_seed(0)
-            net = NETS[name]().eval()
-            for m in net.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):          # non-trivial running statistics
-                    m.running_mean.normal_()
-                    m.running_var.uniform_(0.5, 2)
-            x = torch.randn(2, 3, 16, 16)
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                if exporter == "dynamo":
-                    model = torch.onnx.export(net, (x,), dynamo=True, input_names=["x"], opset_version=18,
-                                              dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
-                else:
-                    f = io.BytesIO()
-                    torch.onnx.export(net, (x,), f, dynamo=False, opset_version=17, input_names=["x"],
-                                      output_names=["logits"], dynamic_axes={"x": {0: "N"}})
-                    model = onnx.load_from_string(f.getvalue())
-            cache[name, exporter] = net, G.load_model(model.SerializeToString())
-        return cache[name, exporter]
-    return get
-
-
 @pytest.mark.parametrize("name,exporter", CASES, ids=[f"{n}-{e}" for n, e in CASES])
-def test_default_layer_and_input_gradient_match_torch(exported, name, exporter):
-    net, model = exported(name, exporter)
+def test_default_layer_and_input_gradient_match_torch(name, exporter):
+    net, model = export(name, exporter)
     layer = G.default_layer(model)
     assert (layer.kind, layer.grid, layer.prefix_tokens) == EXPECTED_LAYER[name], layer
 

@@ -1,52 +1,23 @@
-"""Small torch nets built like the architecture families that tests/autodiff/autodiff_tiny_nets.py leaves out, each
-with the operator patterns its family exports: shifted-window attention with a relative position bias (Swin),
-grouped strided convolutions and ceil-mode pooling (ResNeXt/RegNet), multi-branch blocks with asymmetric kernels and
-a non-global pool before the head (Inception), token-mixing MLPs (MLP-Mixer), large-kernel depthwise 'same'
+"""Small torch nets built like the architecture families that the zoo (tests/zoo.py: ResNet, DenseNet, MobileNetV3,
+ConvNeXt, ViT, Swin) and tests/autodiff/autodiff_tiny_nets.py leave out, each with the operator patterns its family
+exports: grouped strided convolutions and ceil-mode pooling (ResNeXt/RegNet), multi-branch blocks with asymmetric
+kernels and a non-global pool before the head (Inception), token-mixing MLPs (MLP-Mixer), large-kernel depthwise 'same'
 convolutions and a max head (ConvMixer), pooling as token mixer with GroupNorm and layer scale (PoolFormer),
 TF-style asymmetric padding, SiLU and squeeze-excite (EfficientNet), class and distillation tokens (DeiT),
 channel shuffle and pixel (un)shuffle (ShuffleNet), Fire modules (SqueezeNet) and attention written with einsum
-after a hand-written RMSNorm. All take 3 x 16 x 16 inputs and give 5 logits."""
+after a hand-written RMSNorm. All take 3 x 16 x 16 inputs and give 5 logits.
+
+`export(name, exporter)` gives (torch module, shape-inferred ONNX model), exported once per test process by the
+legacy exporter (opset 17) or dynamo (opset 18) with a dynamic batch; the input is named "input"."""
+import contextlib
+import functools
+import io
+import warnings
+
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class Swin(nn.Module):
-    def __init__(self, dim=16, window=4, heads=2):
-        super().__init__()
-        self.window, self.heads = window, heads
-        self.embed = nn.Conv2d(3, dim, 2, 2)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.bias = nn.Parameter(torch.randn(heads, (2 * window - 1) ** 2))
-        cells = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-        offsets = (cells[:, :, None] - cells[:, None, :]).permute(1, 2, 0) + window - 1
-        self.register_buffer("relative_index", offsets[..., 0] * (2 * window - 1) + offsets[..., 1])
-        self.head = nn.Linear(dim, 5)
-
-    def attention(self, x):                               # [windows, cells, dim]
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        bias = self.bias[:, self.relative_index.reshape(-1)].reshape(self.heads, n, n)
-        a = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5 + bias
-        return self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
-
-    def forward(self, x):
-        x = self.embed(x).permute(0, 2, 3, 1)             # N H W C
-        b, h, w, c = x.shape
-        ws = self.window
-        for shift in (0, ws // 2):
-            y = self.norm1(x)
-            if shift:
-                y = torch.roll(y, (-shift, -shift), (1, 2))
-            y = y.reshape(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
-            y = self.attention(y).reshape(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-            if shift:
-                y = torch.roll(y, (shift, shift), (1, 2))
-            x = x + y
-            x = x + self.mlp(self.norm2(x))
-        return self.head(x.mean((1, 2)))
 
 
 class ResNeXt(nn.Module):
@@ -210,6 +181,30 @@ class EinsumAttention(nn.Module):
         return self.fc(torch.tanh(x).max(1).values)
 
 
-NETS = {"swin": Swin, "resnext": ResNeXt, "inception": Inception, "mixer": Mixer, "convmixer": ConvMixer,
+NETS = {"resnext": ResNeXt, "inception": Inception, "mixer": Mixer, "convmixer": ConvMixer,
         "poolformer": PoolFormer, "efficientnet": EfficientNet, "deit": DeiT, "shufflenet": ShuffleNet,
         "squeezenet": SqueezeNet, "einsum_attention": EinsumAttention}
+
+
+@functools.lru_cache(maxsize=None)
+def export(name: str, exporter: str):
+    from onnxplain.kernels import graph
+
+    torch.manual_seed(0)
+    net = NETS[name]().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):          # non-trivial running statistics
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            model = torch.onnx.export(net, (x,), dynamo=True, input_names=["input"], opset_version=18,
+                                      dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(net, (x,), f, dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "N"}})
+            model = onnx.load_from_string(f.getvalue())
+    return net, graph.load_model(model.SerializeToString())
