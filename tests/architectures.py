@@ -7,8 +7,9 @@ TF-style asymmetric padding, SiLU and squeeze-excite (EfficientNet), class and d
 channel shuffle and pixel (un)shuffle (ShuffleNet), Fire modules (SqueezeNet) and attention written with einsum
 after a hand-written RMSNorm. All take 3 x 16 x 16 inputs and give 5 logits.
 
-`export(name, exporter)` gives (torch module, shape-inferred ONNX model), exported once per test process by the
-legacy exporter (opset 17) or dynamo (opset 18) with a dynamic batch; the input is named "input"."""
+`export(name, exporter, opset=None)` gives (torch module, shape-inferred ONNX model), exported once per test process
+by the legacy exporter (opset 17 unless given) or dynamo (opset 18 unless given) with a dynamic batch; the input is
+named "input"."""
 import contextlib
 import functools
 import io
@@ -187,7 +188,7 @@ NETS = {"resnext": ResNeXt, "inception": Inception, "mixer": Mixer, "convmixer":
 
 
 @functools.lru_cache(maxsize=None)
-def export(name: str, exporter: str):
+def export(name: str, exporter: str, opset: int | None = None):
     from onnxplain.kernels import graph
 
     torch.manual_seed(0)
@@ -200,11 +201,11 @@ def export(name: str, exporter: str):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            model = torch.onnx.export(net, (x,), dynamo=True, input_names=["input"], opset_version=18,
+            model = torch.onnx.export(net, (x,), dynamo=True, input_names=["input"], opset_version=opset or 18,
                                       dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
         else:
             f = io.BytesIO()
-            torch.onnx.export(net, (x,), f, dynamo=False, opset_version=17, input_names=["input"],
+            torch.onnx.export(net, (x,), f, dynamo=False, opset_version=opset or 17, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "N"}})
             model = onnx.load_from_string(f.getvalue())
     return net, graph.load_model(model.SerializeToString())
