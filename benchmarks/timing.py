@@ -37,7 +37,7 @@ def turn_ratio(numerator: list[float], denominator: list[float]) -> tuple[float,
     """The ratio of two functions' times taken within each turn: (median, lower quartile, upper quartile). Two
     calls of one turn run seconds apart, so a drift of the machine's speed (other tenants' load, memory
     bandwidth) cancels in their ratio, where it would not between two medians taken over the whole run."""
-    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    ratios = [a / b for a, b in zip(numerator, denominator)]
     if len(ratios) < 2:
         return ratios[0], ratios[0], ratios[0]
     q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
