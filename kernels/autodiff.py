@@ -468,10 +468,12 @@ def _backward(g: _Graph, of: str, seed: str, wrt: Sequence[str], rule: str) -> d
 # ----------------------------------------------------------------------------------------------------------
 def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str = "standard",
                   seed_name: str = "seed", keep_outputs: bool = True,
-                  extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+                  extra_outputs: Sequence[str] = (), reuse_seed: bool = False) -> onnx.ModelProto:
     """Model computing d<of>/d<w> for each w in `wrt` (any graph inputs or intermediate tensors), given
     `seed_name` as the cotangent of `of`. Outputs: the original outputs (if keep_outputs), `extra_outputs`,
-    then `<w>__grad` for each w. The input model is not modified."""
+    then `<w>__grad` for each w. The input model is not modified. `reuse_seed`: `seed_name` is already an input
+    of `model` (a graph this function made) and is the cotangent again, e.g. to add a second backward pass under
+    another rule that shares the forward and the seed with the first."""
     if rule not in RULE_VARIANTS:
         raise AutodiffError(f"rule must be one of {sorted(RULE_VARIANTS)}, got {rule!r}")
     m = onnx.ModelProto()
@@ -482,7 +484,10 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str
     for name in [of, *wrt, *extra_outputs]:
         if name not in known:
             raise AutodiffError(f"tensor {name!r} is not in the graph")
-    if seed_name in known:
+    inputs = {i.name for i in m.graph.input}
+    if reuse_seed and seed_name not in inputs:
+        raise AutodiffError(f"seed {seed_name!r} to reuse is not an input of the graph")
+    if seed_name in known and not reuse_seed:
         raise AutodiffError(f"seed name {seed_name!r} is already used in the graph")
     wrt = list(dict.fromkeys(wrt))
     dims = g.dims(of)
@@ -510,7 +515,8 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str
 
     m.graph.node.extend(g.nodes)
     m.graph.initializer.extend(g.inits)
-    m.graph.input.append(seed_vi)
+    if not reuse_seed:
+        m.graph.input.append(seed_vi)
     del m.graph.output[:]
     m.graph.output.extend(out_vis)
     return _with_shapes(m)
@@ -545,17 +551,31 @@ def _float_inputs(model):
 
 
 def augment(model: onnx.ModelProto, layers: Sequence[str] = (), wrt_input: bool = True,
-            rule: str = "standard", scores: str | None = None) -> onnx.ModelProto:
+            rule: str = "standard", scores: str | None = None, layer_rule: str | None = None) -> onnx.ModelProto:
     """Inputs: the original inputs + `seed` (cotangent of the score tensor, so a batch of one-hot or weighted
     targets is one run). Outputs: original outputs, each layer tensor, `<layer>__grad` per layer, and
     `<input>__grad` per float input when `wrt_input`. Each sample's gradient depends only on its seed row.
-    `rule`: "standard" (gradient), "guided" or "deconvnet" (see autodiff_rules)."""
+    `rule`: "standard" (gradient), "guided" or "deconvnet" (see autodiff_rules). `layer_rule`: the layers'
+    gradients under another rule than the input's (guided Grad-CAM: guided input, standard layers), from a
+    second backward pass in the same graph, which shares its forward and its seed."""
     layers = list(layers)
     score = scores if scores is not None else _score_of(model)
     wrt = layers + (_float_inputs(model) if wrt_input else [])
     if not wrt:
         raise AutodiffError("nothing to differentiate: no layers given and wrt_input is False")
-    return differentiate(model, score, wrt, rule=rule, extra_outputs=layers)
+    layer_rule = layer_rule or rule
+    if not wrt_input:
+        return differentiate(model, score, wrt, rule=layer_rule, extra_outputs=layers)
+    if layer_rule == rule or not layers:
+        return differentiate(model, score, wrt, rule=rule, extra_outputs=layers)
+    inputs = differentiate(model, score, _float_inputs(model), rule=rule)
+    both = differentiate(inputs, score, layers, rule=layer_rule, extra_outputs=layers, reuse_seed=True)
+    group = {**{o.name: 0 for o in model.graph.output}, **{name: 1 for name in layers},
+             **{f"{name}__grad": 2 for name in layers}}
+    outputs = sorted(both.graph.output, key=lambda o: group.get(o.name, 3))    # augment's usual order (stable)
+    del both.graph.output[:]
+    both.graph.output.extend(outputs)
+    return both
 
 
 _CACHE: "OrderedDict[tuple, onnx.ModelProto]" = OrderedDict()
@@ -567,15 +587,16 @@ def model_digest(model: onnx.ModelProto) -> str:
 
 
 def augment_cached(model: onnx.ModelProto, layers: Sequence[str] = (), wrt_input: bool = True,
-                   rule: str = "standard", scores: str | None = None) -> onnx.ModelProto:
-    """`augment`, built once per (model bytes, layers, wrt_input, rule, scores) and then shared: the same
-    ModelProto object is returned on a hit, so callers must not mutate it."""
-    key = (model_digest(model), tuple(layers), bool(wrt_input), rule, scores)
+                   rule: str = "standard", scores: str | None = None, layer_rule: str | None = None
+                   ) -> onnx.ModelProto:
+    """`augment`, built once per (model bytes, layers, wrt_input, rule, scores, layer_rule) and then shared: the
+    same ModelProto object is returned on a hit, so callers must not mutate it."""
+    key = (model_digest(model), tuple(layers), bool(wrt_input), rule, scores, layer_rule)
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    out = augment(model, layers, wrt_input, rule, scores)
+    out = augment(model, layers, wrt_input, rule, scores, layer_rule)
     _CACHE[key] = out
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -116,40 +116,79 @@ class Runner:
         return _joined(outputs, chunks)
 
     def gradient_session(self, layers: tuple[str, ...] = (), rule: str = "standard", wrt_input: bool = True,
-                         composed: tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]] | None = None
-                         ) -> ort.InferenceSession:
-        """The session of the gradient graph for (layers, rule, wrt_input): a user-supplied one (kernels.supplied)
-        when one covers the request, else the one kernels.autodiff builds, once per key. With `composed` =
-        (name, compose): the session of compose(that graph), built once per name and graph."""
+                         composed: tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]] | None = None,
+                         layer_rule: str | None = None) -> ort.InferenceSession:
+        """The session of the gradient graph for (layers, rule, wrt_input, layer_rule): a user-supplied one
+        (kernels.supplied) when one covers the request, else the one kernels.autodiff builds, once per key. With
+        `composed` = (name, compose): the session of compose(that graph), built once per name and graph.
+        A supplied graph has one rule, so it never covers a `layer_rule` other than `rule`."""
         from . import autodiff
 
         layers = tuple(layers)
-        supplied = next((g for g in self.supplied if g.covers(layers, rule, wrt_input)), None)
+        layer_rule = layer_rule if layer_rule != rule else None
+        supplied = next((g for g in self.supplied if layer_rule is None and g.covers(layers, rule, wrt_input)), None)
         if supplied is not None:
             key, build = f"supplied/{id(supplied)}", lambda: supplied.model
         else:
-            key = f"gradients/{rule}/{int(wrt_input)}/" + "|".join(layers)
+            key = f"gradients/{rule}/{layer_rule or rule}/{int(wrt_input)}/" + "|".join(layers)
 
             def build():
-                return autodiff.augment(self.model, layers, wrt_input=wrt_input, rule=rule, scores=self.score_name)
+                return autodiff.augment(self.model, layers, wrt_input=wrt_input, rule=rule, scores=self.score_name,
+                                        layer_rule=layer_rule)
         if composed is not None:
             name, compose = composed
             return self.graph(f"{name}/{key}", lambda: compose(build()))
         return supplied.session if supplied is not None else self.graph(key, build)
 
     def gradients(self, x: np.ndarray, seed: np.ndarray, passes: Passes, layers: tuple[str, ...] = (),
-                  rule: str = "standard", wrt_input: bool = True) -> dict[str, np.ndarray]:
-        """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`) and
-        the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of max_batch (gradient_session
-        picks the graph)."""
+                  rule: str = "standard", wrt_input: bool = True, layer_rule: str | None = None
+                  ) -> dict[str, np.ndarray]:
+        """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`, under
+        `layer_rule` when given) and the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of
+        max_batch (gradient_session picks the graph)."""
         layers = tuple(layers)
-        session = self.gradient_session(layers, rule, wrt_input)
+        session = self.gradient_session(layers, rule, wrt_input, layer_rule=layer_rule)
         names = [self.score_name, *layers, *(f"{name}__grad" for name in layers)]
         if wrt_input:
             names.append(f"{self.input_name}__grad")
         chunks = [self.run(session, names, {self.input_name: x[i:i + self.max_batch], "seed": seed[i:i + self.max_batch]},
                            passes, backward=True) for i in range(0, len(x), self.max_batch)]
         return _joined(names, chunks)
+
+    def head_gradients(self, sample: np.ndarray, seed: np.ndarray, passes: Passes,
+                       layer: str) -> dict[str, np.ndarray] | None:
+        """Many seed rows on one sample: the layer's activation [1, ...] and `<layer>__grad` per seed row, from one
+        run of the model's body (inputs -> layer) and runs of its head's gradient graph (layer -> scores) only,
+        max_batch rows at a time. A layer's gradient for T targets then costs one forward of the body instead of
+        T (`gradients` repeats the sample once per target). None when a supplied gradient graph covers the layer
+        (it is used as it is), or when the model cannot be cut at the layer or its head cannot be differentiated
+        (`gradients` then runs the whole model per row, or says why it cannot)."""
+        if any(g.covers((layer,), "standard", False) for g in self.supplied):
+            return None
+        split = self.cached(f"head-gradients/{layer}", lambda: self._head_gradient_sessions(layer))
+        if not split:
+            return None
+        body, head, extras = split
+        names = [layer, *extras]
+        tensors = self.run(body, names, {self.input_name: sample}, passes)
+        chunks = []
+        for i in range(0, len(seed), self.max_batch):
+            rows = seed[i:i + self.max_batch]
+            feeds = {name: np.repeat(value, len(rows), axis=0) for name, value in zip(names, tensors)}
+            chunks.append(self.run(head, [f"{layer}__grad"], {**feeds, "seed": rows}, passes, backward=True))
+        return {layer: tensors[0], **_joined([f"{layer}__grad"], chunks)}
+
+    def _head_gradient_sessions(self, layer: str) -> tuple:
+        """(body session, session of the head's gradient graph, the other tensors the head reads) or () when the
+        model cannot be cut at `layer` or its head cannot be differentiated."""
+        from . import autodiff, graph
+
+        try:
+            body, head = graph.cut(self.model, layer)
+            gradient = autodiff.differentiate(head, self.score_name, [layer], keep_outputs=False)
+        except ValueError:      # AutodiffError is one
+            return ()
+        return self._session(body), self._session(gradient), [i.name for i in head.graph.input][1:]
 
     def resident(self, array: np.ndarray) -> ort.OrtValue:
         """`array` placed once where this runner's sessions run, to feed many runs: a method's constant inputs (the

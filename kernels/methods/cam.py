@@ -26,11 +26,15 @@ EPS = 1e-7
 def layer_tensors(job: Job, gradients: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """[T, K, h, w] activations (and gradients of each target's score) of job.layer."""
     runner, layer = job.runner, job.layer
-    x = repeated(job.sample[None], len(job.targets))
     if not gradients:
         activations = runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name]
         return repeated(as_maps(activations, layer), len(job.targets)), None
-    out = runner.gradients(x, one_hot(job.targets, runner.num_classes), job.passes, layers=(layer.name,),
+    seed = one_hot(job.targets, runner.num_classes)
+    out = runner.head_gradients(job.sample[None], seed, job.passes, layer.name) if len(job.targets) > 1 else None
+    if out is not None:         # several targets: the body up to the layer runs once, the head once per target
+        g = as_maps(out[f"{layer.name}__grad"], layer)
+        return np.broadcast_to(as_maps(out[layer.name], layer), g.shape), g
+    out = runner.gradients(repeated(job.sample[None], len(job.targets)), seed, job.passes, layers=(layer.name,),
                            wrt_input=False)
     return as_maps(out[layer.name], layer), as_maps(out[f"{layer.name}__grad"], layer)
 
@@ -176,14 +180,32 @@ def run_cam(job: Job) -> Iterator[Event]:
 
 
 def run_guided_gradcam(job: Job) -> Iterator[Event]:
+    """Guided backpropagation's input gradient and Grad-CAM's layer gradient come from one forward: the graph has
+    two backward passes from the same seed, one under the guided rule to the input, one under the standard rule
+    to the layer (kernels.autodiff.augment's layer_rule). With a supplied gradient graph (one rule each) they
+    are two runs, so that the supplied graphs are the ones used."""
     from ..images import upsample_bilinear
 
-    a, g = layer_tensors(job)
-    yield Progress(1, 2, "grad-cam")
+    runner, layer = job.runner, job.layer
     height, width = job.spatial
+    if runner.supplied:
+        a, g = layer_tensors(job)
+        yield Progress(1, 2, "grad-cam")
+        guided = yield from input_gradients(job, repeated(job.sample[None], len(job.targets)), job.targets,
+                                            rule="guided", stage="guided backprop")
+    else:
+        a, g, guided = [], [], []
+        seed = one_hot(job.targets, runner.num_classes)
+        for start in range(0, len(seed), runner.max_batch):
+            rows = seed[start:start + runner.max_batch]
+            out = runner.gradients(repeated(job.sample[None], len(rows)), rows, job.passes, layers=(layer.name,),
+                                   rule="guided", layer_rule="standard")
+            a.append(as_maps(out[layer.name], layer))
+            g.append(as_maps(out[f"{layer.name}__grad"], layer))
+            guided.append(out[f"{runner.input_name}__grad"])
+            yield Progress(start + len(rows), len(seed), "guided backprop and grad-cam")
+        a, g, guided = (np.concatenate(parts) for parts in (a, g, guided))
     coarse = upsample_bilinear(gradcam(a, g).astype(np.float32), height, width)
-    guided = yield from input_gradients(job, repeated(job.sample[None], len(job.targets)), job.targets,
-                                        rule="guided", stage="guided backprop")
     shape = (len(job.targets), 1, height, width) if job.layout == "NCHW" else (len(job.targets), height, width, 1)
     attribution = (guided * coarse.reshape(shape)).astype(np.float32)
     yield Maps(reduce_channels(attribution, job, "max_abs"), final=True, attribution=attribution)

@@ -193,6 +193,40 @@ def test_export_cli_writes_an_augmented_model(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_layer_rule_adds_a_second_backward_pass_sharing_forward_and_seed(tmp_path):
+    """Guided Grad-CAM's graph: the input gradient under the guided rule and the layer's under the standard one,
+    from one seed. Each equals the graph made for it alone. The layer is the convolution's output, so a ReLU lies
+    between it and the scores and the two rules differ there."""
+    from onnxplain.kernels.export import main
+
+    _, model = tiny_cnn()
+    layer = [n for n in model.graph.node if n.op_type == "Conv"][0].output[0]
+    both = augment(model, [layer], rule="guided", layer_rule="standard")
+    onnx.checker.check_model(both)
+    assert [o.name for o in both.graph.output] == ["logits", layer, f"{layer}__grad", "x__grad"]
+    assert [i.name for i in both.graph.input] == ["x", "seed"]
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32),
+             "seed": rng.standard_normal((3, 5)).astype(np.float32)}
+    got = dict(zip(["logits", layer, "lg", "xg"], session(both).run(None, feeds)))
+    guided_input = session(augment(model, rule="guided")).run(["x__grad"], feeds)[0]
+    standard_layer = session(augment(model, [layer], wrt_input=False)).run([f"{layer}__grad"], feeds)[0]
+    guided_layer = session(augment(model, [layer], wrt_input=False, rule="guided")).run([f"{layer}__grad"], feeds)[0]
+    np.testing.assert_allclose(got["xg"], guided_input, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["lg"], standard_layer, rtol=1e-6, atol=1e-7)
+    assert rel(guided_layer, standard_layer) > 0.1            # the rules differ on this layer
+    src, dst = tmp_path / "m.onnx", tmp_path / "aug.onnx"
+    onnx.save(model, src)
+    assert main([str(src), "--layer", layer, "--rule", "guided", "--layer-rule", "standard", "-o", str(dst)]) == 0
+    np.testing.assert_allclose(session(onnx.load(dst)).run([f"{layer}__grad"], feeds)[0], standard_layer, rtol=1e-6)
+
+
+def test_reusing_a_seed_the_graph_does_not_have_is_an_error():
+    _, model = tiny_cnn()
+    with pytest.raises(AutodiffError, match="seed 'seed' to reuse"):
+        differentiate(model, "logits", ["x"], reuse_seed=True)
+
+
 def test_an_opset9_model_keeps_its_layer_names_through_the_opset_lift():
     """augment lifts opsets below 13 with onnx's version converter, which writes opset 9's Upsample as a Resize
     under a new output name; the layer named on the model as loaded is still differentiated (against torch)."""

@@ -240,10 +240,16 @@ def test_cam_reads_the_linear_head_weights(net):
     assert rel(ours, expected) <= 1e-3
 
 
-def test_several_targets_run_as_one_batch(net):
+def test_several_targets_share_one_forward_to_the_layer(net):
+    """Four targets: the model up to the layer runs once on the sample, the head's gradient graph once for the four
+    (one batch), and each map equals the one explained alone (one forward+backward of the whole model)."""
     from onnxplain.kernels.methods import METHODS as ALL
     m = ALL["gradcam"]
     sample = net.x[0].numpy()
     job = Job(net.runner, sample, np.array([1, 2, 3, 4]), {}, "NCHW", net.layer)
-    list(m.run(job))
-    assert job.passes.runs == 1 and job.passes.backward_samples == 4
+    together = list(m.run(job))[-1].maps
+    assert (job.passes.runs, job.passes.forward_samples, job.passes.backward_samples) == (2, 1, 4)
+    for t, target in enumerate([1, 2, 3, 4]):
+        alone = Job(net.runner, sample, np.array([target]), {}, "NCHW", net.layer)
+        np.testing.assert_allclose(together[t], list(m.run(alone))[-1].maps[0], rtol=1e-5, atol=1e-6)
+        assert (alone.passes.runs, alone.passes.forward_samples, alone.passes.backward_samples) == (1, 0, 1)

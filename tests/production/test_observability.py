@@ -62,7 +62,7 @@ def test_a_cancelled_or_expired_call_stops_within_one_batch(server, how):
     after = settle(server)
     # samples counted when the client saw the end, and once the server's job stopped: at most one more batch
     assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
-    assert after - before < 10_000 / 2, "the job did not run to completion"
+    assert after - before < 10_000, "the job ran to completion"
     code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
     wait_for_calls(server, 10, f"no Explain call counted as {code}", rpc="Explain", code=code)
 
@@ -84,7 +84,7 @@ def test_a_call_past_max_call_seconds_stops_within_one_batch_as_if_its_deadline_
         ended = forward_samples(srv)
         after = settle(srv)
         assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
-        assert after < 10_000 / 2, "the job did not run to completion"
+        assert after < 10_000, "the job ran to completion"
         record = srv.explainer.jobs[-1]
         assert record.status == "cancelled" and record.samples() - record.samples_at_end <= BATCH
         wait_for_calls(srv, 10, "no Explain call counted as DEADLINE_EXCEEDED", rpc="Explain", code="DEADLINE_EXCEEDED")
