@@ -234,10 +234,10 @@ def evaluate(explainer, request, context) -> service_pb2.EvaluateResponse:
                 targets=[class_score(entry, s, c) for c in t] if plans else []))
         results: list[tuple[ScoredMap, km.MapScores]] = []
         for i, (p, s, t) in enumerate(zip(prepared, scores, targets)):
-            maps = []
+            maps, shared = [], {}      # shared: what one method computed on this image that the next may reuse
             for pi, plan in enumerate(plans):
                 job = Job(entry.runner, p.sample, t.astype(np.int64), plan.params, pre.layout, plan.layer,
-                          record.passes, preprocessing=pre)
+                          record.passes, preprocessing=pre, scores=s, shared=shared)
                 for event in plan.method.run(job):
                     check()
                     if isinstance(event, Maps) and event.final:

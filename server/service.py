@@ -450,10 +450,11 @@ class Explainer(service_pb2_grpc.ExplainerServicer):
                     for i, (p, s, t) in enumerate(zip(prepared, scores, targets))]))
             sent = 0
             for i, (p, s, t) in enumerate(zip(prepared, scores, targets)):
+                shared = {}     # what one method computed on this image that the next may reuse (Job.shared)
                 for plan in plans:
                     job = Job(entry.runner, p.sample, t.astype(np.int64), plan.params, entry.preprocessing.layout,
                               plan.layer, record.passes, partial_every=4 if output.partial_maps else 0,
-                              preprocessing=entry.preprocessing, scores=s)
+                              preprocessing=entry.preprocessing, scores=s, shared=shared)
                     for event in plan.method.run(job):
                         if not wanted():
                             record.status = "cancelled"

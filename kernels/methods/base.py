@@ -70,6 +70,9 @@ class Job:
     partial_every: int = 0          # yield a partial map every this many batches (0: none)
     preprocessing: Any = None       # kernels.images.Preprocessing of the model (e.g. for a black baseline)
     scores: np.ndarray | None = None  # the model's scores for the sample when the caller has them already
+    # Shared by the jobs of one sample (the methods of one request on one image): what one method computed and
+    # another may reuse instead of running the model again (a layer's activations and its targets' gradients).
+    shared: dict = field(default_factory=dict)
 
     def sample_scores(self) -> np.ndarray:
         """The model's scores for the sample [classes] (one forward, unless the caller passed them)."""

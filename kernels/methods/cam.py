@@ -26,19 +26,27 @@ EPS = 1e-7
 
 
 def layer_tensors(job: Job, gradients: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """[T, K, h, w] activations (and gradients of each target's score) of job.layer."""
-    runner, layer = job.runner, job.layer
+    """[T, K, h, w] activations (and gradients of each target's score) of job.layer, computed once per sample and
+    reused by the other CAM methods of the request (job.shared)."""
+    runner, layer, memo = job.runner, job.layer, job.shared
+    activation, gradient = ("activation", layer.name), ("gradient", layer.name, tuple(job.targets.tolist()))
     if not gradients:
-        activations = runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name]
-        return repeated(as_maps(activations, layer), len(job.targets)), None
-    seed = one_hot(job.targets, runner.num_classes)
-    out = runner.head_gradients(job.sample[None], seed, job.passes, layer.name) if len(job.targets) > 1 else None
-    if out is not None:         # several targets: the body up to the layer runs once, the head once per target
-        g = as_maps(out[f"{layer.name}__grad"], layer)
-        return np.broadcast_to(as_maps(out[layer.name], layer), g.shape), g
-    out = runner.gradients(repeated(job.sample[None], len(job.targets)), seed, job.passes, layers=(layer.name,),
-                           wrt_input=False)
-    return as_maps(out[layer.name], layer), as_maps(out[f"{layer.name}__grad"], layer)
+        if activation not in memo:
+            memo[activation] = as_maps(runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name], layer)
+        memo[activation].flags.writeable = False
+        return repeated(memo[activation], len(job.targets)), None
+    if gradient not in memo:
+        seed = one_hot(job.targets, runner.num_classes)
+        out = runner.head_gradients(job.sample[None], seed, job.passes, layer.name) if len(seed) > 1 else None
+        if out is None:     # one target (one forward+backward), or a model that cannot be cut at the layer
+            out = runner.gradients(repeated(job.sample[None], len(seed)), seed, job.passes, layers=(layer.name,),
+                                   wrt_input=False)
+        memo[activation] = as_maps(out[layer.name][:1], layer)
+        memo[gradient] = as_maps(out[f"{layer.name}__grad"], layer)
+        for key in (activation, gradient):          # shared: a method that wrote into one would change the others'
+            memo[key].flags.writeable = False
+    g = memo[gradient]
+    return np.broadcast_to(memo[activation], g.shape), g
 
 
 def relu(a: np.ndarray) -> np.ndarray:

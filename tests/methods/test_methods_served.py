@@ -133,6 +133,25 @@ def test_swin_last_stage_grid_is_found_and_every_method_runs(swin_server, name, 
             assert np.isfinite(maps[0].map).all() and np.ptp(maps[0].map) > 0, method
 
 
+def test_the_cam_methods_of_one_request_share_the_layer_pass(client):
+    """Seven CAM methods on two images, top 2 each: per image, the model runs up to the layer and its head's
+    gradient graph once for both targets; every method reads those. Each map equals the method's map asked alone."""
+    from onnxplain.client import Done
+
+    shared = [m for m in CAM_METHODS if m != "guided_gradcam"]
+    images = [_sample(), _sample("ring")]
+    events = list(client.explain("shapes", images, shared, top_k=2))
+    done = events[-1]
+    assert isinstance(done, Done) and done.maps == 2 * 2 * len(shared)
+    # the targets' scores (both images, one run), then per image: the forward to the layer for cam (eigencam reuses
+    # its activations), the body once and the head's gradients for the 2 targets for gradcam (the others reuse them)
+    assert (done.model_runs, done.forward_samples, done.backward_samples) == (1 + 2 * 3, 2 + 2 * 2, 2 * 2)
+    together = {(m.image_index, m.method, m.class_id): m.map for m in final_maps(events)}
+    for method in shared:
+        for m in final_maps(client.explain("shapes", images, [method], top_k=2)):
+            np.testing.assert_allclose(together[m.image_index, method, m.class_id], m.map, rtol=1e-5, atol=1e-6)
+
+
 def test_cli_runs_a_cam_method(server, tmp_path):
     from importlib.resources import files
 
@@ -154,9 +173,9 @@ def test_gradcam_points_at_the_object_on_held_out_shapes(client):
     assert hits / 60 >= 0.9, f"Grad-CAM maximum in the object's box on {hits}/60 ({on_mask}/60 on its pixels)"
 
 
-def _sample() -> bytes:
+def _sample(name: str = "star") -> bytes:
     from importlib.resources import files
 
-    return (files("onnxplain.default_model") / "samples" / "star.png").read_bytes()
+    return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
 
 
