@@ -4,9 +4,9 @@ One base (`layer_run`) does what every variant shares, as pytorch-grad-cam's Bas
 gradients of the layer for every target (one seed row per target), token layers reshaped to their grid
 (layers.as_maps). One target is one forward+backward of the model; several targets run the model up to the layer
 once and only its head's gradient graph per target (Runner.head_gradients), so the top-5 maps cost about one
-forward. Each variant is a short function of (A, G) -> maps; the server
-upsamples the maps to the input's resolution (bilinear, half-pixel) unless the request asks for the layer's.
-ReLU is applied only where the method's paper applies it.
+forward. Each variant is a short function of (A, G) -> maps; the server upsamples the maps to the input's
+resolution (bilinear, half-pixel) unless the request asks for the layer's. ReLU is applied only where the
+method's paper applies it.
 """
 
 from __future__ import annotations
