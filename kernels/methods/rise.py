@@ -10,8 +10,8 @@ N random masks M_i: a coarse s x s binary grid whose cells are kept with probabi
 with S the model's score tensor (the logits when the model ends in a softmax), as for every other method here.
 The paper's experiments and the authors' code weigh by the class probability instead (softmax over classes);
 we do not, because a confident model's probability saturates near 1 on most masked images and the weights then
-carry little signal: on held-out images of the shipped shapes model with N = 2000 masks, the map's maximum falls
-inside the object for 90% of the images with logits and 77% with probabilities.
+carry little signal: on held-out images of the shapes model shipped before 2026-11-24, with N = 2000 masks, the
+map's maximum fell inside the object for 90% of the images with logits and 77% with probabilities.
 
 The masks are drawn from numpy's default_rng(seed), one row of s*s + 2 uniforms per mask (grid cells, then the
 two shifts), so a seed gives the same masks whatever the batch size.

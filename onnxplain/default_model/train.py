@@ -7,7 +7,8 @@ Needs torch (a test-only dependency); the server never imports this module.
 
 Deterministic: torch and the generator are seeded, torch runs single-process with 2 threads and
 deterministic algorithms. Seeds used here (tests must pick others for held-out data):
-  training epoch e: TRAIN_SEED + e and TRAIN_SEED + 500_000 + e, background occluders TRAIN_SEED - 1 - e;
+  training epoch e: TRAIN_SEED + e and TRAIN_SEED + 500_000 + e, background occluders and fading
+  TRAIN_SEED - 1 - e;
   validation: VAL_SEED; final held-out report: HELD_OUT_SEED; sample PNGs: SAMPLE_SEED + i.
 """
 
@@ -43,6 +44,8 @@ mean = [0.5, 0.5, 0.5]
 std = [0.5, 0.5, 0.5]
 channel_order = "RGB"
 """
+
+BACKGROUND_EVIDENCE = 0.5   # weight of background_evidence in the training loss
 
 SAMPLE_CLASSES = ("star", "heart", "ring", "cross")
 
@@ -86,7 +89,8 @@ def epoch_data(epoch: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images = np.concatenate([a.images, _resized(b.images, SIZE)])
     labels = np.concatenate([a.labels, b.labels])
     masks = np.concatenate([a.masks, _mask_resized(b.masks, SIZE)])
-    return _occlude_background(images, masks, np.random.default_rng(TRAIN_SEED - 1 - epoch)), labels, masks
+    rng = np.random.default_rng(TRAIN_SEED - 1 - epoch)
+    return _fade_background(_occlude_background(images, masks, rng), masks, rng), labels, masks
 
 
 def _occlude_background(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -103,6 +107,32 @@ def _occlude_background(images: np.ndarray, masks: np.ndarray, rng: np.random.Ge
             out[i, y:y + h, x:x + w] = rng.integers(96, 161)
         out[i][masks[i]] = images[i][masks[i]]
     return out
+
+
+def _fade_background(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The background of half the images multiplied by a smooth random mask in [0, 1] (a 2x2 to 7x7 grid of
+    uniform values, bilinearly upsampled; all zeros for a quarter of them), object pixels kept: faded towards
+    black, as Opti-CAM, RISE and Score-CAM fade the pixels their map leaves out. A model that shrugs off such
+    fading scores the object alone when the background goes dark, instead of the contrast it had with it."""
+    out = images.copy()
+    for i in np.flatnonzero(rng.random(len(images)) < 0.5):
+        cells = int(rng.integers(2, 8))
+        grid = Image.fromarray((rng.random((cells, cells)) * 255 * (rng.random() >= 0.25)).astype(np.uint8))
+        fade = np.asarray(grid.resize((SIZE, SIZE), Image.BILINEAR), np.float32)[..., None] / 255
+        out[i] = np.where(masks[i][..., None], out[i], (out[i] * fade).round().astype(np.uint8))
+    return out
+
+
+def background_evidence(feats: torch.Tensor, weight: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Mean square of the class evidence (the linear head applied to each 12x12 cell of the last conv block: the
+    CAM) over the cells with no object pixel, every class: the logits are the mean of that evidence over the
+    cells, so driving it to zero on the background leaves the object's cells to carry the decision. The model
+    trained without it (shipped until 2026-11-24; held-out accuracy 99.3%) drew evidence from the background too: Opti-CAM,
+    whose map maximises the score of the image masked by it, spread its map over that background, and the map's
+    maximum fell in the object's box on 69 of 100 held-out images after 50 steps (98 with this term)."""
+    evidence = torch.einsum("bkhw,ck->bchw", feats, weight)
+    background = (cells == 0).float()
+    return (evidence.pow(2) * background).sum() / (background.sum() * weight.shape[0]).clamp(min=1)
 
 
 @torch.no_grad()
@@ -171,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             logits = model[-3:](feats)
             loss = F.cross_entropy(logits, y_all[idx], label_smoothing=0.05)
             loss = loss + F.binary_cross_entropy_with_logits(objectness(feats), m_all[idx])
+            loss = loss + BACKGROUND_EVIDENCE * background_evidence(feats, model[-1].weight, m_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

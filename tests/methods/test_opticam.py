@@ -121,22 +121,29 @@ def test_gradient_graph_path_matches_reference_with_central_differences(shapes_r
         assert final.stats[t]["objective"] == pytest.approx(ref.scores([u])[0], rel=1e-3, abs=1e-3)
 
 
-def test_finite_difference_path_matches_reference_with_the_same_directions(shapes_runner, sample):
-    x, targets = sample
-    _, events = run_opticam(shapes_runner, x, targets[:1], iterations=10, gradient="finite_differences",
+@pytest.mark.parametrize("seed, rank", [(9_000_141, 91), (9_000_147, 96)])
+def test_finite_difference_path_matches_reference_with_the_same_directions(shapes_runner, seed, rank):
+    """On the first image the layer's 96 maps of 12 x 12 have rank 91, so the directions are drawn in the
+    gradient's subspace (gradient_subspace, recomputed at every u); on the second they span all of R^96 and the
+    directions range over all of u-space."""
+    x = shapes_input(shapes.generate(1, seed=seed, size=96).images[0])
+    target = int(np.argmax(shapes_runner.scores(x[None], Job(shapes_runner, x, np.array([0]), {}).passes)[0]))
+    _, events = run_opticam(shapes_runner, x, [target], iterations=10, gradient="finite_differences",
                             directions=8, step=0.05, seed=5)
     layer = graph.default_layer(shapes_runner.model).name
-    ref = Reference(SHAPES_MODEL, x, layer, targets[0])
+    ref = Reference(SHAPES_MODEL, x, layer, target)
     rng = np.random.default_rng(5)
 
     span = activation_span(ref.acts.astype(np.float32).astype(np.float64).reshape(len(ref.acts), -1))
-    assert span is None      # this layer's 96 maps of 12 x 12 span all of R^96: directions over all of u-space
+    assert (96 if span is None else span.shape[1]) == rank
 
     def same_directions(ref, u, t, m):
-        z, weight = directions_for(rng, 1, 8, len(u), lead=m[None] if t > 1 else None)
-        delta = z[0]
-        if t > 1:   # the first direction is Adam's running mean itself, the others orthogonal to it
-            assert abs(delta[0] @ m) == pytest.approx(np.linalg.norm(m), rel=1e-9)
+        basis = np.eye(len(u)) if span is None else gradient_subspace(span, u)
+        lead = basis.T @ m
+        z, weight = directions_for(rng, 1, 8, basis.shape[1], lead=lead[None] if t > 1 else None)
+        if t > 1:   # the first direction is Adam's running mean itself (in the subspace), the others orthogonal to it
+            assert abs(z[0, 0] @ lead) == pytest.approx(np.linalg.norm(lead), rel=1e-9)
+        delta = z[0] @ basis.T
         np.testing.assert_allclose(delta @ delta.T, np.eye(8), atol=1e-12)
         values = ref.scores([u, *(u + 0.05 * delta)])
         return (weight[0] * (values[1:] - values[0]) / 0.05) @ delta
@@ -149,7 +156,7 @@ def test_finite_difference_path_matches_reference_with_the_same_directions(shape
 
 def test_objective_increases_and_finite_differences_reach_the_gradient_gain(shapes_runner):
     """The method's defaults (50 steps; 128 directions, which on this layer is the full forward-difference
-    gradient: its 96 maps span all of u-space) on 4 held-out images of the shipped model, top class: the
+    gradient: its 96 maps have rank <= 96) on 4 held-out images of the shipped model, top class: the
     objective rises, and the finite-difference path's gain is >= 90% of the gradient path's on each image."""
     held_out = shapes.generate(4, seed=9_000_151, size=96)
     for image in held_out.images:
@@ -194,8 +201,9 @@ def test_a_model_with_a_fixed_batch_of_one_runs_one_target_per_call(shapes_runne
     fixed = Runner(model, graph.score_tensor(model), "input", max_batch=1, providers=["CPUExecutionProvider"])
     job, events = run_opticam(fixed, x, targets, iterations=3, gradient=gradient, directions=8)
     want = run_opticam(shapes_runner, x, targets, iterations=3, gradient=gradient, directions=8)[1][-1]
-    # finite differences divide batch-size-dependent rounding (~1e-6 of a score) by the step
-    np.testing.assert_allclose(events[-1].maps, want.maps, atol=1e-5 if gradient == "gradient_graph" else 1e-3)
+    # batch-size-dependent rounding (~1e-6 of a score), through three of Adam's normalised steps; finite
+    # differences also divide it by the step
+    np.testing.assert_allclose(events[-1].maps, want.maps, atol=5e-5 if gradient == "gradient_graph" else 1e-3)
     assert job.passes.runs >= 3 * len(targets)
 
 
@@ -227,12 +235,9 @@ def test_opticam_through_the_server_with_several_targets(client):
 
 
 def test_opticam_points_at_the_object_on_held_out_shapes(client):
-    """With 5 Adam steps. The "max" objective (the logit of the masked image) keeps rising as the map spreads
-    over the background: through the server (pixels masked towards black) the maximum lands in the object's box
-    on 36/40 of these images after 5 steps, 35 after 10, 25 after 20 and 23 after the paper's 50 (loss "diff":
-    37, 34, 29, 29). A known shortfall, see the method's docstring."""
+    """At the method's defaults (the paper's 50 Adam steps, loss "max"), through the server."""
     held_out = shapes.generate(40, seed=9_000_013, size=128)
-    hits, on_mask = pointing_game(client, held_out, "opticam", dict(iterations=5))
+    hits, on_mask = pointing_game(client, held_out, "opticam")
     assert hits / 40 >= 0.9, f"Opti-CAM maximum in the object's box on {hits}/40 ({on_mask}/40 on its pixels)"
 
 
