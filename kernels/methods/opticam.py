@@ -43,8 +43,8 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
   model (96 maps of 12 x 12, of rank 77-96 on 19 images checked; 50 steps, 6 images) D = 16 reaches 63-91%
   (mean 79%), D = 32 67-96% (mean 87%), D = 64 69-110% (mean 94%), D = 96 (the full gradient) 98-101%; on
   EfficientNet-Lite0's last layer (1280 maps of 7 x 7, r = 49; 20 steps, the 4 shared photos) D = 16 74-82%
-  (mean 78%; 30-49%, mean 42%, with directions over all of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.8 ms
-  per step there.
+  (mean 78%; 30-49%, mean 42%, with directions over all of u-space) and D >= 49 98-100%. The subspace costs
+  one SVD per image and ~0.8 ms per step there.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 

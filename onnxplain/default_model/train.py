@@ -127,9 +127,10 @@ def background_evidence(feats: torch.Tensor, weight: torch.Tensor, cells: torch.
     """Mean square of the class evidence (the linear head applied to each 12x12 cell of the last conv block: the
     CAM) over the cells with no object pixel, every class: the logits are the mean of that evidence over the
     cells, so driving it to zero on the background leaves the object's cells to carry the decision. The model
-    trained without it (shipped until 2026-11-24; held-out accuracy 99.3%) drew evidence from the background too: Opti-CAM,
-    whose map maximises the score of the image masked by it, spread its map over that background, and the map's
-    maximum fell in the object's box on 69 of 100 held-out images after 50 steps (98 with this term)."""
+    trained without it (shipped until 2026-11-24; held-out accuracy 99.3%) drew evidence from the background
+    too: Opti-CAM, whose map maximises the score of the image masked by it, spread its map over that
+    background, and the map's maximum fell in the object's box on 69 of 100 held-out images after 50 steps (98
+    with this term)."""
     evidence = torch.einsum("bkhw,ck->bchw", feats, weight)
     background = (cells == 0).float()
     return (evidence.pow(2) * background).sum() / (background.sum() * weight.shape[0]).clamp(min=1)
