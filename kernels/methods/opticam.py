@@ -176,7 +176,6 @@ def run(job: Job) -> Iterator[Event]:
     activations = runner.forward(job.sample[None], (job.layer.name,), job.passes)[job.layer.name]
     acts = np.maximum(as_maps(activations, job.layer), 0).astype(np.float32)       # [1, K, h, w]
     grid = acts.shape[1:]
-    span = activation_span(acts[0].reshape(grid[0], -1).astype(np.float64))       # [K, r] or None (all of R^K)
     channels = channels_of(job.sample, job.layout)
     reference = job.sample_scores()[targets].astype(np.float64)
     base = (black_sample(job.preprocessing) if job.preprocessing is not None else np.zeros_like(job.sample))[None]
@@ -191,6 +190,8 @@ def run(job: Job) -> Iterator[Event]:
     forward = runner.graph(f"opticam/forward/{job.layout}/{job.spatial}/{channels}/{grid}", lambda: saliency_graph(
         runner, job.layout, job.spatial, channels, grid))
     stage = "optimising (gradient graph)" if session is not None else "optimising (finite differences)"
+    # the finite differences' subspace: [K, r] or None (all of R^K); the gradient graph needs no SVD
+    span = activation_span(acts[0].reshape(grid[0], -1).astype(np.float64)) if session is None else None
 
     def objective(scores: np.ndarray) -> np.ndarray:
         return scores if p["loss"] == "max" else -np.abs(reference - scores)
