@@ -14,8 +14,9 @@ class, the default layer, max_batch 32:
   * rise        : the method / the plain model on masked images of one batch, run N / 32 times
   * opticam     : both dF/du paths: seconds per image, passes (samples through the model) per second, and
                   the method / the same passes alone (autodiff-augmented model's forward+backward for the
-                  gradient graph, plain forwards of D + 1 samples for finite differences), at the method's
-                  defaults (50 steps; D = 128 directions, capped at the rank of the gradient's subspace)
+                  gradient graph, plain forwards of D + 1 samples for finite differences, per step; plus the
+                  two forwards the method makes besides its steps: the layer's maps, the final map), at the
+                  method's defaults (50 steps; D = 128 directions, capped at the rank of the gradient's subspace)
 Medians over repeats after one warm-up, the method and its passes alone taking turns (benchmarks/timing.py).
 Target: method / passes alone <= 1.1.
 
@@ -143,19 +144,24 @@ def bench_model(name, path, repeats, rise_masks):
     iterations = 50
     for how in ("gradient_graph", "finite_differences"):      # the method's defaults (128 directions at most)
         done = {"j": drain(METHODS["opticam"], job("opticam", gradient=how))}     # also the warm-up
+        # besides its steps the method makes two forwards: the layer's maps at the start, the final map at the end
         if how == "gradient_graph":
             seed = one_hot(target, runner.num_classes)
 
             def alone():
+                forwards(sample[None])
                 for _ in range(iterations):
                     runner.gradients(sample[None], seed, Passes())
-        else:      # per step: the centre and one sample per direction (the layer forward and the final map aside)
+                forwards(sample[None])
+        else:      # per step: the centre and one sample per direction
             per_step = (done["j"].passes.forward_samples - 2) // iterations
             centre_and_moved = np.repeat(sample[None], per_step, axis=0)
 
             def alone():
+                forwards(sample[None])
                 for _ in range(iterations):
                     forwards(centre_and_moved)
+                forwards(sample[None])
         t_method, t_alone = medians([lambda: done.update(j=drain(METHODS["opticam"], job("opticam", gradient=how))),
                                      alone], repeats, warmup=0)
         passes = done["j"].passes
