@@ -39,14 +39,14 @@ front of the model, with all targets as rows of one batch. dF/du comes one of tw
   of SPSA's central ones; D >= r gives the full forward-difference gradient (D is capped at r; the directions
   are then the subspace's own basis, nothing is drawn: rotating a full basis at random would only move the
   differences' O(h) error around, at the cost of a QR per step). The default, D = 128, is that full gradient
-  wherever r <= 128: every layer of 11 x 11 cells or fewer (a 7 x 7 ImageNet
-  CNN layer: r <= 49) and the shipped shapes model's (r <= 96); fewer directions trade the map's quality for
-  time. Measured (pixels masked towards black, share of the gradient path's objective gain): on the shapes
-  model (96 maps of 12 x 12, of rank 77-96 on 19 images checked; 50 steps, 6 images) D = 16 reaches 63-91%
-  (mean 79%), D = 32 67-96% (mean 87%), D = 64 69-110% (mean 94%), D = 96 (the full gradient) 99-104%; on
-  EfficientNet-Lite0's last layer (1280 maps of 7 x 7, r = 49; 20 steps, the 4 shared photos) D = 16 74-82%
-  (mean 78%; 30-49%, mean 42%, with directions over all of u-space) and D >= 49 98-100%. The subspace costs
-  one SVD per image and ~0.8 ms per step there.
+  wherever r <= 128: every layer of 11 x 11 cells or fewer (a 7 x 7 ImageNet CNN layer: r <= 49) and the
+  shipped shapes model's (r <= 96); fewer directions trade the map's quality for time. Measured (pixels
+  masked towards black, share of the gradient path's objective gain): on the shapes model (96 maps of 12 x 12,
+  of rank 77-96 on 19 images checked; 50 steps, 6 images) D = 16 reaches 63-91% (mean 79%), D = 32 67-96%
+  (mean 87%), D = 64 69-110% (mean 94%), D = 96 (the full gradient) 99-104%; on EfficientNet-Lite0's last layer
+  (1280 maps of 7 x 7, r = 49; 20 steps, the 4 shared photos) D = 16 74-82% (mean 78%; 30-49%, mean 42%, with
+  directions over all of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.8 ms per step
+  there.
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 

@@ -121,15 +121,16 @@ def test_gradient_graph_path_matches_reference_with_central_differences(shapes_r
         assert final.stats[t]["objective"] == pytest.approx(ref.scores([u])[0], rel=1e-3, abs=1e-3)
 
 
-@pytest.mark.parametrize("seed, rank", [(9_000_141, 91), (9_000_147, 96)])
-def test_finite_difference_path_matches_reference_with_the_same_directions(shapes_runner, seed, rank):
+@pytest.mark.parametrize("seed, rank, directions", [(9_000_141, 91, 8), (9_000_147, 96, 8), (9_000_141, 91, 128)])
+def test_finite_difference_path_matches_reference_with_the_same_directions(shapes_runner, seed, rank, directions):
     """On the first image the layer's 96 maps of 12 x 12 have rank 91, so the directions are drawn in the
     gradient's subspace (gradient_subspace, recomputed at every u); on the second they span all of R^96 and the
-    directions range over all of u-space."""
+    directions range over all of u-space. With 128 directions (>= the rank) they are the subspace's basis itself:
+    the full forward-difference gradient, nothing drawn."""
     x = shapes_input(shapes.generate(1, seed=seed, size=96).images[0])
     target = int(np.argmax(shapes_runner.scores(x[None], Job(shapes_runner, x, np.array([0]), {}).passes)[0]))
     _, events = run_opticam(shapes_runner, x, [target], iterations=10, gradient="finite_differences",
-                            directions=8, step=0.05, seed=5)
+                            directions=directions, step=0.05, seed=5)
     layer = graph.default_layer(shapes_runner.model).name
     ref = Reference(SHAPES_MODEL, x, layer, target)
     rng = np.random.default_rng(5)
@@ -139,12 +140,16 @@ def test_finite_difference_path_matches_reference_with_the_same_directions(shape
 
     def same_directions(ref, u, t, m):
         basis = np.eye(len(u)) if span is None else gradient_subspace(span, u)
-        lead = basis.T @ m
-        z, weight = directions_for(rng, 1, 8, basis.shape[1], lead=lead[None] if t > 1 else None)
-        if t > 1:   # the first direction is Adam's running mean itself (in the subspace), the others orthogonal to it
-            assert abs(z[0, 0] @ lead) == pytest.approx(np.linalg.norm(lead), rel=1e-9)
+        count = min(directions, basis.shape[1])
+        if count == basis.shape[1]:
+            z, weight = np.eye(count)[None], np.ones((1, count))
+        else:
+            lead = basis.T @ m
+            z, weight = directions_for(rng, 1, count, basis.shape[1], lead=lead[None] if t > 1 else None)
+            if t > 1:   # the first direction is Adam's running mean itself (in the subspace), the others orthogonal
+                assert abs(z[0, 0] @ lead) == pytest.approx(np.linalg.norm(lead), rel=1e-9)
         delta = z[0] @ basis.T
-        np.testing.assert_allclose(delta @ delta.T, np.eye(8), atol=1e-12)
+        np.testing.assert_allclose(delta @ delta.T, np.eye(count), atol=1e-12)
         values = ref.scores([u, *(u + 0.05 * delta)])
         return (weight[0] * (values[1:] - values[0]) / 0.05) @ delta
 
@@ -180,7 +185,7 @@ def test_objective_increases_and_finite_differences_reach_the_gradient_gain(shap
 def test_finite_differences_for_several_targets_match_one_target_at_a_time(shapes_runner, sample):
     """Targets are rows of one batch (their directions concatenated, their values split back): with the full
     forward-difference gradient (the default directions) the maps and objectives of two targets run together
-    match those of each target run alone, up to the directions' random rotation."""
+    match those of each target run alone (the same directions: the subspace's basis), up to rounding."""
     x, targets = sample
     together = run_opticam(shapes_runner, x, targets, iterations=5, gradient="finite_differences")[1][-1]
     for t, target in enumerate(targets):
