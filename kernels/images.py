@@ -225,10 +225,14 @@ def upsample_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
                      linear_weights(w, width), optimize=True).astype(np.float32)
 
 
+def _sources(n_in: int, n_out: int) -> np.ndarray:
+    """Where each of n_out samples falls among n_in input centres (half-pixel centres, clamped at the borders)."""
+    return np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+
+
 def linear_weights(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] matrix of 1-D linear interpolation with half-pixel centres, clamped at the borders."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0, n_in - 1)
+    src = _sources(n_in, n_out)
     lo = np.floor(src).astype(int)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = src - lo
@@ -236,3 +240,18 @@ def linear_weights(n_in: int, n_out: int) -> np.ndarray:
     np.add.at(weights, (np.arange(n_out), lo), 1 - frac)
     np.add.at(weights, (np.arange(n_out), hi), frac)
     return weights.astype(np.float32)
+
+
+def extreme_samples(n_in: int, n_out: int) -> np.ndarray:
+    """Indices of the samples of linear_weights(n_in, n_out) among which any interpolated signal takes its
+    minimum and maximum over all n_out samples: the first and the last sample between each two consecutive input
+    centres (the interpolant is linear there). Bilinear interpolation is linear along each axis within each cell
+    of four centres, so a map's extremes over all output pixels are among the rows extreme_samples(h, H) x the
+    columns extreme_samples(w, W): e.g. 22 x 22 of 96 x 96 pixels for a 12 x 12 map, 12 x 12 of 224 x 224 for 7
+    x 7."""
+    src = _sources(n_in, n_out)
+    keep = {0, n_out - 1}
+    for i in range(n_in - 1):
+        inside = np.flatnonzero((src >= i) & (src <= i + 1))
+        keep.update((int(inside[0]), int(inside[-1])) if len(inside) else ())
+    return np.array(sorted(keep))

@@ -22,8 +22,9 @@ the shipped shapes model, one image at a time, that rule would have stopped 3 ru
 46) and stream the map and its objective as it goes (Maps.stats = [{"objective", "score"}] per target;
 "objective" is the maximised quantity: S_c(x ⊙ S) for "max", -|S_c(x) - S_c(x ⊙ S)| for "diff").
 
-Everything per pixel — the weighted sum, upsampling (two MatMuls), normalisation, masking — is a graph composed in
-front of the model, with all targets as rows of one batch. dF/du comes one of two ways:
+Everything per pixel — the weighted sum, upsampling (two MatMuls), normalisation (on the coarse map, its extremes
+read from the few upsampled pixels that can hold them: kernels.methods.perturb's normalised_upsample), masking — is
+a graph composed in front of the model, with all targets as rows of one batch. dF/du comes one of two ways:
 
 * `gradient_graph`: that composed graph (u -> mask -> model -> score) differentiated by kernels.autodiff, so one
   forward+backward per step for all targets;
@@ -82,7 +83,7 @@ def saliency_graph(runner, layout: str, spatial: tuple[int, int], channels: int,
     maps = b.op("Reshape", ACTS, b.const([count, h * w], np.int64))                  # [K, h*w]
     combined = b.op("MatMul", b.op("Softmax", U, axis=1), maps)                       # [B, h*w]
     combined = b.op("Reshape", combined, b.const([-1, 1, h, w], np.int64))           # [B, 1, h, w]
-    mask = b.minmax(b.upsample(combined, (h, w), *spatial), out=MASK)
+    mask = b.normalised_upsample(combined, (h, w), *spatial, out=MASK)
     masked = b.masked_input(f"{PREFIX}x", mask, layout, base=BASE)
     inputs = [sample_info(layout, spatial, channels), sample_info(layout, spatial, channels, BASE),
               value_info(U, ["B", count]), value_info(ACTS, [1, count, h, w])]
@@ -153,6 +154,11 @@ def gradient_subspace(span: np.ndarray, u: np.ndarray) -> np.ndarray:
     except np.linalg.LinAlgError:
         basis = np.linalg.qr((w / w.sum())[:, None] * span)[0]
     return basis
+
+
+def unit(mask: np.ndarray) -> np.ndarray:
+    """The map as returned: the graph's normalised upsampling is in [0, 1] up to float32 rounding (~1e-7)."""
+    return np.clip(mask, 0, 1).astype(np.float32)
 
 
 class Adam:
@@ -264,11 +270,11 @@ def run(job: Job) -> Iterator[Event]:
         if partial:
             if mask is None:
                 mask = at(u)[1]
-            yield Maps(mask.astype(np.float32), final=False, stats=stats, step=it)
+            yield Maps(unit(mask), final=False, stats=stats, step=it)
         u = adam.ascend(u, grad)
     score, mask = at(u)
     stats = [{"objective": float(v), "score": float(s)} for v, s in zip(objective(score), score)]
-    yield Maps(mask.astype(np.float32), final=True, stats=stats, step=p["iterations"])
+    yield Maps(unit(mask), final=True, stats=stats, step=p["iterations"])
 
 
 METHOD = Method(

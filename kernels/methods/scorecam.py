@@ -12,15 +12,17 @@ target at once (the masks do not depend on the class), so several targets cost n
 upsampling, normalisation and masking run in onnxruntime in a graph composed in front of the model; Python only
 hands it the K coarse maps, a batch at a time.
 
-How this differs from pytorch-grad-cam's `ScoreCAM` (pytorch_grad_cam/score_cam.py), which we do not follow
-on two points: (1) it upsamples with `torch.nn.UpsamplingBilinear2d`, i.e. align_corners=True, where we use
-half-pixel centres as every map in this project; (2) its min-max denominator is (max - min + 1e-8), ours is
-(max - min) floored only for a constant map (which, as there, becomes an all-zero mask). Its weights are the
-softmax over k of the masked scores S_c(x * n(up(A_k))) themselves; subtracting S_c(x) as the paper's
-"increase of confidence" does changes nothing after the softmax (it is shift invariant), so the weights agree.
-Like it, we weigh with the raw score (logit) and apply the ReLU of the paper to the weighted sum. The authors'
-own code instead weighs each map by the class probability of the masked input (softmax over classes, no
-softmax over maps); we follow the paper's formula as written above.
+How this differs from pytorch-grad-cam's `ScoreCAM` (pytorch_grad_cam/score_cam.py), which we do not follow on two
+points: (1) it upsamples with `torch.nn.UpsamplingBilinear2d`, i.e. align_corners=True, where we use half-pixel
+centres as every map in this project; (2) its min-max denominator is (max - min + 1e-8), ours is (max - min)
+floored only for a constant map (which, as there, becomes an all-zero mask; so does a map whose span is at the
+float32 rounding level of its values: kernels.methods.perturb's normalised_upsample, which also reads each map's
+extremes from the few upsampled pixels that can hold them and normalises the coarse map before the one upsampling
+that makes the mask). Its weights are the softmax over k of the masked scores S_c(x * n(up(A_k))) themselves;
+subtracting S_c(x) as the paper's "increase of confidence" does changes nothing after the softmax (it is shift
+invariant), so the weights agree. Like it, we weigh with the raw score (logit) and apply the ReLU of the paper to
+the weighted sum. The authors' own code instead weighs each map by the class probability of the masked input
+(softmax over classes, no softmax over maps); we follow the paper's formula as written above.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from .perturb import Builder, batches, channels_of, compose_front, sample_info, 
 
 
 def masking_graph(runner, layout: str, spatial: tuple[int, int], channels: int, grid: tuple[int, int]):
-    """scores(x * minmax(upsample(maps))): one sample x and a batch of coarse maps [B, 1, h, w], grid = (h, w)."""
+    """scores(x * normalised_upsample(maps)): one sample x and a batch of coarse maps [B, 1, h, w], grid = (h, w)."""
     height, width = spatial
     b = Builder(runner.model)
     maps = f"{PREFIX}maps"
-    mask = b.minmax(b.upsample(maps, grid, height, width))
+    mask = b.normalised_upsample(maps, grid, height, width)
     masked = b.masked_input(f"{PREFIX}x", mask, layout)
     inputs = [sample_info(layout, spatial, channels), value_info(maps, ["B", 1, *grid])]
     return compose_front(runner.model, runner.input_name, b, inputs, masked, [runner.score_name])

@@ -222,3 +222,23 @@ def test_upsample_matches_torch_bilinear_half_pixel(src, dst):
     expected = torch.nn.functional.interpolate(torch.from_numpy(maps)[None], size=dst, mode="bilinear",
                                                align_corners=False)[0].numpy()
     np.testing.assert_allclose(images.upsample_bilinear(maps, *dst), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("src, dst", [((12, 12), (96, 96)), ((7, 7), (224, 224)), ((5, 9), (33, 20)),
+                                      ((13, 11), (100, 77)), ((14, 14), (14, 14)), ((30, 30), (20, 7)),
+                                      ((1, 4), (9, 9))])
+def test_extreme_samples_hold_every_upsampled_maps_minimum_and_maximum(src, dst):
+    """kernels.methods.perturb's normalised_upsample reads a map's extremes from these rows x columns only."""
+    rows, cols = images.extreme_samples(src[0], dst[0]), images.extreme_samples(src[1], dst[1])
+    assert len(rows) <= min(dst[0], 2 * src[0]) and len(cols) <= min(dst[1], 2 * src[1])
+    wy = images.linear_weights(src[0], dst[0]).astype(np.float64)
+    wx = images.linear_weights(src[1], dst[1]).astype(np.float64)
+    rng = np.random.default_rng(1)
+    for maps in (rng.normal(size=(300, *src)), rng.random((300, *src)) ** 8,
+                 np.maximum(rng.normal(size=(300, *src)), 0)):
+        up = np.einsum("yh,nhw,xw->nyx", wy, maps, wx)
+        probe = up[:, rows][:, :, cols]
+        np.testing.assert_allclose(probe.max(axis=(1, 2)), up.max(axis=(1, 2)), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(probe.min(axis=(1, 2)), up.min(axis=(1, 2)), rtol=0, atol=1e-12)
+    if src[0] > 2 and dst[0] > 2 * src[0]:     # and it is a selection: some pixels in between are left out
+        assert len(rows) < dst[0]

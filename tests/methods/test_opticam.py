@@ -206,9 +206,11 @@ def test_a_model_with_a_fixed_batch_of_one_runs_one_target_per_call(shapes_runne
     fixed = Runner(model, graph.score_tensor(model), "input", max_batch=1, providers=["CPUExecutionProvider"])
     job, events = run_opticam(fixed, x, targets, iterations=3, gradient=gradient, directions=8)
     want = run_opticam(shapes_runner, x, targets, iterations=3, gradient=gradient, directions=8)[1][-1]
-    # batch-size-dependent rounding (~1e-6 of a score), through three of Adam's normalised steps; finite
-    # differences also divide it by the step
-    np.testing.assert_allclose(events[-1].maps, want.maps, atol=5e-5 if gradient == "gradient_graph" else 1e-3)
+    # batch-size-dependent rounding (~3e-7 of a score), through three of Adam's normalised steps. Finite
+    # differences also divide it by the step (~3e-5 of a derivative), and Adam's first step is the sign of each
+    # component, so a component that close to zero moves u_k by +-lr either way: on 4 images x 8 and 128
+    # directions the maps differed by up to 2.8e-3 (the same before and after the 2026-11-24 mask graph)
+    np.testing.assert_allclose(events[-1].maps, want.maps, atol=5e-5 if gradient == "gradient_graph" else 1e-2)
     assert job.passes.runs >= 3 * len(targets)
 
 
