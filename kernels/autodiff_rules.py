@@ -620,18 +620,24 @@ def _matmul(c):
     da = db = None
     if c.needs(0):
         da = c("MatMul", g2, _swap_last(c, b2, max(rb, 2)))
-        da = da if _batch_matches(c, a) else c.reshape_like(_sum_to(c, da, a2), a)
+        da = da if _batch_matches(c, a, rb) else c.reshape_like(_sum_to(c, da, a2), a)
     if c.needs(1):
         db = c("MatMul", _swap_last(c, a2, max(ra, 2)), g2)
-        db = db if _batch_matches(c, b) else c.reshape_like(_sum_to(c, db, b2), b)
+        db = db if _batch_matches(c, b, ra) else c.reshape_like(_sum_to(c, db, b2), b)
     return [da, db]
 
 
-def _batch_matches(c, t):
-    """Whether operand t already has the output's batch dims (so its cotangent needs no summing)."""
+def _batch_matches(c, t, other_rank):
+    """Whether operand t already has the output's batch dims (so its cotangent needs no summing): always when t
+    is a matrix or more and the other operand has no batch dims (rank <= 2: the output's batch dims are t's,
+    whatever names shape inference gave them; it names a MatMul's output batch dim afresh, e.g. unk__0 for an
+    operand's unk__1), else when their dims are known to be equal."""
     dt, dy = c.dims(t), c.dims(c.y(0))
-    return (dt is not None and dy is not None and len(dt) >= 2 and len(dt) == len(dy)
-            and all(p == q and p is not None for p, q in zip(dt[:-2], dy[:-2])))
+    if dt is None or len(dt) < 2:
+        return False
+    if other_rank <= 2:
+        return True
+    return dy is not None and len(dt) == len(dy) and all(p == q and p is not None for p, q in zip(dt[:-2], dy[:-2]))
 
 
 def _sum_to(c, t, x):

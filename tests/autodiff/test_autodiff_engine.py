@@ -101,6 +101,24 @@ def test_unreached_tensor_gets_a_zero_gradient():
     np.testing.assert_array_equal(out, np.zeros(4))
 
 
+def test_a_batched_operand_times_a_matrix_needs_no_summing_whatever_its_batch_dims_are_called():
+    """Shape inference names a MatMul's output batch dim afresh (unk__0 for an operand's unk__1): that is no
+    reason to sum the operand's cotangent over broadcast axes found at run time (13 shape nodes per MatMul, as
+    many as the rest of Opti-CAM's mask graph), when the other operand is a matrix."""
+    rng = np.random.default_rng(0)
+    m, w = rng.standard_normal((6, 4)), rng.standard_normal((3, 5))
+    nodes = [node("Reshape", ["x", "shape"], "r"), node("MatMul", ["m", "r"], "left"),
+             node("MatMul", ["left", "w"], "y")]
+    model = make_model(nodes, {"x": rng.standard_normal((2, 1, 4, 3))},
+                       {"shape": np.array([-1, 1, 4, 3]), "m": m, "w": w}, sym={"x": ["N", 1, 4, 3]}, dtype=np.float32)
+    grad = differentiate(model, "y", ["x"])
+    assert "NonZero" not in [n.op_type for n in grad.graph.node]
+    x = rng.standard_normal((3, 1, 4, 3)).astype(np.float32)
+    seed = rng.standard_normal((3, 1, 6, 5)).astype(np.float32)
+    got = session(grad).run(["x__grad"], {"x": x, "seed": seed})[0]
+    np.testing.assert_allclose(got, m.T @ seed @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_requests_are_errors():
     _, model = tiny_cnn()
     with pytest.raises(AutodiffError, match="rule must be one of"):

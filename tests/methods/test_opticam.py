@@ -312,6 +312,23 @@ def test_the_gradient_lies_in_the_finite_difference_subspace_numpy():
     assert np.linalg.norm(other - basis @ (basis.T @ other)) > 0.3 * np.linalg.norm(other)
 
 
+@pytest.mark.parametrize("spread", [1.0, 9.0, 20.0, 40.0])
+def test_the_subspace_basis_is_orthonormal_however_far_apart_the_weights_are(spread):
+    """One Cholesky QR pass while max(w) / min(w) <= 1e4 (u spread 1 or 9: e^9 = 8e3), two beyond it (spread 20:
+    4.9e8, where one pass was 1e-5 from orthonormal), numpy's QR when the Gram matrix is too ill-conditioned for
+    Cholesky (spread 40: 2e17): the basis is orthonormal to the documented 2e-8 and spans diag(w) span."""
+    rng = np.random.default_rng(5)
+    span = activation_span(np.maximum(rng.standard_normal((40, 25)), 0))
+    u = rng.uniform(0, spread, 40)
+    u[:2] = 0, spread
+    basis = gradient_subspace(span, u)
+    assert basis.shape == (40, 25)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(25), atol=2e-8)
+    target = softmax(u)[:, None] * span
+    scale = np.linalg.norm(target, axis=0)
+    np.testing.assert_allclose(basis @ (basis.T @ target) / scale, target / scale, atol=1e-8)
+
+
 @needs_shared
 def test_the_gradient_lies_in_the_finite_difference_subspace_on_efficientnet():
     """The gradient graph's dF/du (kernels.autodiff) on EfficientNet-Lite0's last layer (1280 maps of 7 x 7), at
