@@ -46,8 +46,8 @@ a graph composed in front of the model, with all targets as rows of one batch. d
   of rank 77-96 on 19 images checked; 50 steps, 6 images) D = 16 reaches 63-91% (mean 79%), D = 32 67-96%
   (mean 87%), D = 64 69-110% (mean 94%), D = 96 (the full gradient) 99-104%; on EfficientNet-Lite0's last layer
   (1280 maps of 7 x 7, r = 49; 20 steps, the 4 shared photos) D = 16 74-82% (mean 78%; 30-49%, mean 42%, with
-  directions over all of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.8 ms per step
-  there.
+  directions over all of u-space) and D >= 49 98-100%. The subspace costs one SVD per image and ~0.7 ms per step
+  there (0.9 ms once max(w) / min(w) > 1e4 takes the second Cholesky pass).
 
 `auto` uses the gradient graph when the engine can build it, else finite differences.
 
