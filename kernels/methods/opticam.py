@@ -255,10 +255,11 @@ def run(job: Job) -> Iterator[Event]:
                     weights.append(np.zeros(0))
                     continue
                 if count == size:     # the full gradient: any orthonormal basis of the subspace gives it
-                    z, weight = np.eye(size)[None], np.ones((1, size))
-                else:
-                    lead = adam.m[t] if basis is None else basis.T @ adam.m[t]
-                    z, weight = directions_for(rng, 1, count, size, lead=lead[None] if it > 1 else None)
+                    deltas.append(np.eye(size) if basis is None else basis.T)
+                    weights.append(np.ones(size))
+                    continue
+                lead = adam.m[t] if basis is None else basis.T @ adam.m[t]
+                z, weight = directions_for(rng, 1, count, size, lead=lead[None] if it > 1 else None)
                 deltas.append(z[0] if basis is None else z[0] @ basis.T)
                 weights.append(weight[0])
             counts = [len(d) for d in deltas]

@@ -66,8 +66,12 @@ class Builder:
         `source` = (h, w). Bilinear resizing is separable: two MatMuls with constant interpolation matrices
         (kernels.images.linear_weights), which onnxruntime runs 4-9x faster than Resize on 32 maps (12 -> 96,
         7 or 14 -> 224) and kernels.autodiff differentiates with no static batch size."""
-        rows = self.op("MatMul", self.const(linear_weights(source[0], height)), maps)            # [B, 1, H, w]
-        return self.op("MatMul", rows, self.const(np.ascontiguousarray(linear_weights(source[1], width).T)), out=out)
+        return self._interpolate(maps, linear_weights(source[0], height), linear_weights(source[1], width), out)
+
+    def _interpolate(self, maps: str, rows: np.ndarray, cols: np.ndarray, out: str | None = None) -> str:
+        """rows [H, h] @ maps [B, 1, h, w] @ cols [W, w]^T: two MatMuls with constant matrices."""
+        along_rows = self.op("MatMul", self.const(rows), maps)                                     # [B, 1, H, w]
+        return self.op("MatMul", along_rows, self.const(np.ascontiguousarray(cols.T)), out=out)
 
     def normalised_upsample(self, maps: str, source: tuple[int, int], height: int, width: int,
                             out: str | None = None) -> str:
@@ -83,10 +87,9 @@ class Builder:
         -> 96 x 96, in front of the shipped shapes model's forward (Opti-CAM's graph, onnxruntime CPU, 2 cores):
         minmax(upsample) added 7.9% to the forward, this 2-4%, a plain upsampling with no normalisation 2-3%."""
         rows, cols = linear_weights(source[0], height), linear_weights(source[1], width)
-        pick_rows, pick_cols = extreme_samples(source[0], height), extreme_samples(source[1], width)
         half = self.op("Mul", maps, self.const(0.5))
-        probe = self.op("MatMul", self.op("MatMul", self.const(rows[pick_rows]), half),
-                        self.const(np.ascontiguousarray(cols[pick_cols].T)))
+        probe = self._interpolate(half, rows[extreme_samples(source[0], height)],
+                                  cols[extreme_samples(source[1], width)])
         lo = self.reduce("ReduceMin", probe, [2, 3])
         hi = self.reduce("ReduceMax", probe, [2, 3])
         span = self.op("Sub", hi, lo)
@@ -95,7 +98,7 @@ class Builder:
                                              self.const(FLAT)))
         scale = self.op("Where", flat, self.const(0.0), self.op("Div", self.const(1.0),
                                                                 self.op("Add", span, self.const(EPS / 2))))
-        return self.upsample(self.op("Mul", self.op("Sub", half, lo), scale), source, height, width, out=out)
+        return self._interpolate(self.op("Mul", self.op("Sub", half, lo), scale), rows, cols, out)
 
     def minmax(self, maps: str, out: str | None = None) -> str:
         """(m - min) / (max - min + EPS) per map over its two last axes (named `out` when given), computed on
