@@ -79,15 +79,30 @@ def run_deconvnet(job: Job) -> Iterator[Event]:
 def smoothgrad_noise(sample: np.ndarray, samples: int, noise_level: float, seed: int,
                      chunk: int | None = None) -> Iterator[np.ndarray]:
     """The noise draws, N(0, (noise_level * (max - min))^2) in float32, as consecutive arrays of at most `chunk`
-    samples each (all in one array by default): the same values however they are chunked."""
+    samples each (all in one array by default): the same values however they are chunked.
+
+    Box-Muller on pairs of float32 uniforms, each sample from its own ceil(size / 2) pairs (an odd size drops its
+    last value, so a sample's draws never depend on the chunking). For 25 samples of a 224x224 image it takes
+    16 ms where numpy's float32 ziggurat took 42 ms, which was 10% of SmoothGrad's time on EfficientNet-Lite0.
+    The uniforms' 2^-24 steps cut the tails at 5.8 sigma (a mass of 7e-9)."""
     sigma = np.float32(noise_level * float(sample.max() - sample.min()))
     rng = np.random.default_rng(seed)
     chunk = chunk or samples
+    size = sample.size
+    pairs = (size + 1) // 2
     for start in range(0, samples, chunk):
-        # drawn in float32 directly (numpy's float32 ziggurat): 25 samples of a 224x224 image took 40 ms in float64
-        noise = rng.standard_normal(size=(min(chunk, samples - start), *sample.shape), dtype=np.float32)
-        noise *= sigma
-        yield noise
+        count = min(chunk, samples - start)
+        u = rng.random((count, pairs, 2), dtype=np.float32)
+        radius = np.log1p(-u[..., 0])          # log(1 - u): 1 - u lies in (0, 1], so the log is finite
+        radius *= -2
+        np.sqrt(radius, out=radius)
+        radius *= sigma
+        angle = u[..., 1] * np.float32(2 * np.pi)
+        noise = np.empty((count, pairs, 2), np.float32)
+        np.multiply(radius, np.cos(angle), out=noise[..., 0])
+        np.multiply(radius, np.sin(angle), out=noise[..., 1])
+        noise = noise.reshape(count, 2 * pairs)
+        yield (noise if 2 * pairs == size else noise[:, :size]).reshape(count, *sample.shape)
 
 
 BASE, STEP, COEF, REPS, GROUPS = (f"{PREFIX}{name}" for name in ("base", "step", "coef", "reps", "groups"))

@@ -41,6 +41,22 @@ def test_noise_draws_are_the_same_however_chunked():
     assert abs(whole.std() / (0.2 * (sample.max() - sample.min())) - 1) < 0.05
 
 
+def test_noise_draws_are_normal_and_independent():
+    """The Box-Muller draws against N(0, sigma^2): Kolmogorov-Smirnov, the moments, and no correlation between
+    the two values of a pair or between neighbouring samples (fixed seed: the statistics are deterministic)."""
+    from scipy import stats
+
+    sample = np.array([0.0, 2.0, 1.0], np.float32).reshape(1, 1, 3)      # odd size: the last value of a pair dropped
+    draws = np.concatenate(list(smoothgrad_noise(sample, 200_000, 0.5, 3, chunk=7_777)))[:, 0, 0]   # sigma = 1
+    flat = draws.ravel().astype(np.float64)
+    assert stats.kstest(flat, "norm").pvalue > 0.01
+    assert abs(flat.mean()) < 0.01 and abs(flat.std() - 1) < 0.01
+    assert abs(stats.skew(flat)) < 0.02 and abs(stats.kurtosis(flat)) < 0.05
+    assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.01     # the cos and sin of one pair
+    assert abs(np.corrcoef(draws[:-1, 2], draws[1:, 0])[0, 1]) < 0.01   # across samples
+    assert np.abs(flat).max() < 6.0                                        # the tails end at 5.8 sigma
+
+
 def test_smoothgrad_and_integrated_gradients_do_not_depend_on_the_batch_size():
     """Batches of 32 rows (10 samples x 3 targets) against batches of 2 rows (one sample's 3 targets split in
     two runs); the progress events count rows in both."""
