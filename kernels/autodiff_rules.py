@@ -804,7 +804,7 @@ def _max_pool(c):
         node.output[1] = c.graph.fresh(f"{node.name or 'MaxPool'}/indices")
     x = c.x(0)
     dt = helper.tensor_dtype_to_np_dtype(c.dtype(x))
-    n = c("Size", x)
+    n = c.size(x)
     zeros = c("ConstantOfShape", c("Reshape", n, c.i64([1])), value=numpy_helper.from_array(np.zeros(1, dt)))
     flat = c("ScatterElements", zeros, c("Reshape", node.output[1], c.i64([-1])),
              c("Reshape", c.g, c.i64([-1])), axis=0, reduction="add")
@@ -931,8 +931,8 @@ def _reduce(c):
     if op == "ReduceSum":
         return [c("Expand", g, c.shape(x)), None]
     if op == "ReduceMean":
-        n_out = c("Size", c.y(0))
-        count = c("CastLike", c("Div", c("Size", x), n_out), x)
+        n_out = c.size(c.y(0))
+        count = c("CastLike", c("Div", c.size(x), n_out), x)
         return [c("Expand", c("Div", g, count), c.shape(x)), None]
     # The rest are elementwise local derivatives times g, which broadcasts back over the reduced axes.
     if op == "ReduceSumSquare":

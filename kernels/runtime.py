@@ -119,7 +119,8 @@ class Runner:
                          composed: tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]] | None = None,
                          layer_rule: str | None = None) -> ort.InferenceSession:
         """The session of the gradient graph for (layers, rule, wrt_input, layer_rule): a user-supplied one
-        (kernels.supplied) when one covers the request, else the one kernels.autodiff builds, once per key. With
+        (kernels.supplied) when one covers the request, else the one kernels.autodiff builds, once per key, without
+        the model's own outputs (no method reads them there, and the forward nodes only they need are left out). With
         `composed` = (name, compose): the session of compose(that graph), built once per name and graph.
         A supplied graph has one rule, so it never covers a `layer_rule` other than `rule`."""
         from . import autodiff
@@ -134,7 +135,7 @@ class Runner:
 
             def build():
                 return autodiff.augment(self.model, layers, wrt_input=wrt_input, rule=rule, scores=self.score_name,
-                                        layer_rule=layer_rule)
+                                        layer_rule=layer_rule, keep_outputs=False)
         if composed is not None:
             name, compose = composed
             return self.graph(f"{name}/{key}", lambda: compose(build()))
@@ -143,12 +144,12 @@ class Runner:
     def gradients(self, x: np.ndarray, seed: np.ndarray, passes: Passes, layers: tuple[str, ...] = (),
                   rule: str = "standard", wrt_input: bool = True, layer_rule: str | None = None
                   ) -> dict[str, np.ndarray]:
-        """One forward+backward per sample: scores, each layer's activation and gradient (`<layer>__grad`, under
+        """One forward+backward per sample: each layer's activation and gradient (`<layer>__grad`, under
         `layer_rule` when given) and the input gradient (`<input>__grad`) of sum(seed * scores), run in chunks of
         max_batch (gradient_session picks the graph)."""
         layers = tuple(layers)
         session = self.gradient_session(layers, rule, wrt_input, layer_rule=layer_rule)
-        names = [self.score_name, *layers, *(f"{name}__grad" for name in layers)]
+        names = [*layers, *(f"{name}__grad" for name in layers)]
         if wrt_input:
             names.append(f"{self.input_name}__grad")
         chunks = [self.run(session, names, {self.input_name: x[i:i + self.max_batch], "seed": seed[i:i + self.max_batch]},

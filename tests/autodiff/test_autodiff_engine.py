@@ -278,3 +278,38 @@ def test_an_opset9_model_keeps_its_layer_names_through_the_opset_lift():
     (net(xx) * torch.from_numpy(seed)).sum().backward()
     assert rel(act, net.up.detach().numpy()) < 1e-5
     assert rel(gact, net.up.grad.numpy()) < 1e-5 and rel(gx, xx.grad.numpy()) < 1e-4
+
+
+def test_without_the_model_outputs_the_graph_keeps_only_the_forward_its_gradients_read():
+    """keep_outputs=False (how the Runner builds its graphs): shapes the backward needs are constants or the seed's
+    batch, not Shape nodes on forward tensors, and the forward nodes no gradient reads are pruned. Deconvnet's
+    backward reads nothing of the forward but MaxPool's switches: of conv, relu, pool, conv, relu, pool, linear only
+    the first three stay. The gradients are the same as with the outputs kept."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(6, 5)).eval()
+    f = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), f, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+    model = onnx.load_from_string(f.getvalue())
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32),
+             "seed": rng.standard_normal((3, 5)).astype(np.float32)}
+    forward_tensors = {o for n in model.graph.node for o in n.output}
+    for rule, kept in (("deconvnet", ["Conv", "Relu", "MaxPool"]),
+                       ("standard", ["Conv", "Relu", "MaxPool", "Conv", "Relu"])):
+        full, lean = augment(model, rule=rule), augment(model, rule=rule, keep_outputs=False)
+        onnx.checker.check_model(lean, full_check=True)
+        assert [o.name for o in lean.graph.output] == ["x__grad"]
+        assert [n.op_type for n in lean.graph.node if not n.name.startswith("ad/")] == kept, rule
+        assert not [n for n in lean.graph.node if n.op_type in ("Shape", "Size") and n.input[0] in forward_tensors]
+        np.testing.assert_array_equal(session(lean).run(["x__grad"], feeds)[0],
+                                      session(full).run(["x__grad"], feeds)[0])
+    layer = model.graph.node[3].output[0]      # the second convolution's output
+    both = augment(model, [layer], rule="guided", layer_rule="standard")
+    lean = augment(model, [layer], rule="guided", layer_rule="standard", keep_outputs=False)
+    onnx.checker.check_model(lean, full_check=True)
+    assert [o.name for o in lean.graph.output] == [layer, f"{layer}__grad", "x__grad"]
+    for name in (layer, f"{layer}__grad", "x__grad"):
+        np.testing.assert_array_equal(session(lean).run([name], feeds)[0], session(both).run([name], feeds)[0])
