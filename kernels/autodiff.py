@@ -627,14 +627,7 @@ def augment(model: onnx.ModelProto, layers: Sequence[str] = (), wrt_input: bool 
     outputs = sorted(both.graph.output, key=lambda o: group.get(o.name, 3))    # augment's usual order (stable)
     del both.graph.output[:]
     both.graph.output.extend(o for o in outputs if keep_outputs or o.name not in original)
-    if keep_outputs:
-        return both
-    _pruned(both)
-    present = {name for node in both.graph.node for name in node.output}
-    kept = [vi for vi in both.graph.value_info if vi.name in present]
-    del both.graph.value_info[:]
-    both.graph.value_info.extend(kept)
-    return both
+    return both if keep_outputs else _with_shapes(_pruned(both))
 
 
 _CACHE: "OrderedDict[tuple, onnx.ModelProto]" = OrderedDict()
