@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .autodiff_rules import NON_DIFFERENTIABLE, QUANTIZED, RULES, RULE_VARIANTS
 
-__all__ = ["augment", "augment_cached", "differentiate", "AutodiffError", "RULE_VARIANTS"]
+__all__ = ["augment", "augment_cached", "differentiate", "share_forward", "AutodiffError", "RULE_VARIANTS"]
 
 # ScatterElements(reduction="add") and CastLike need opset 16; opsets 13..15 differ from 16 only in type
 # lists and ops that image classifiers do not use, so such models are lifted by relabelling the import.
@@ -628,6 +628,131 @@ def augment(model: onnx.ModelProto, layers: Sequence[str] = (), wrt_input: bool 
     del both.graph.output[:]
     both.graph.output.extend(o for o in outputs if keep_outputs or o.name not in original)
     return both if keep_outputs else _with_shapes(_pruned(both))
+
+
+# Operators that broadcast numpy-style: a forward operand with one row broadcasts against a backward operand with
+# K rows exactly as K copies of it would (MatMul over its batch dims, so only at rank >= 3).
+_ROW_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater",
+                     "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "MatMul"}
+
+
+def share_forward(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.ModelProto:
+    """A gradient graph (from `differentiate` or `augment`) whose forward runs once for many seed rows: its inputs
+    take one sample (batch 1) and `seed_name` K rows; each gradient output has K rows, row k what the original
+    graph gives for row k of K copies of the sample, for the cost of one forward and K backwards. Outputs the
+    forward computes (scores, layers) come back once, with batch 1.
+
+    The backward reads forward tensors (a ReLU's mask, a Softmax's output, MaxPool's switches) with one row:
+    element-wise operators broadcast them against the K rows by themselves (so a mask is computed once), other
+    operators read an Expand to K rows, and MaxPool's flat switch indices get each row's offset. Raises
+    AutodiffError where the backward would read a forward value that holds the batch in any other way (a shape, a
+    tensor whose batch is merged into another dim) or where shapes are unknown, so a caller can repeat the sample
+    instead."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = _Graph(m)
+    graph = m.graph
+    seed_dims = g.dims(seed_name)
+    if seed_name not in {i.name for i in graph.input} or not seed_dims or not isinstance(seed_dims[0], str):
+        raise AutodiffError(f"{seed_name!r} is not an input with a symbolic batch dim")
+    batch = seed_dims[0]
+    inits = {t.name for t in graph.initializer}
+    data = [i for i in graph.input if i.name != seed_name and i.name not in inits]
+    for i in data:
+        dims = g.dims(i.name)
+        if not dims or dims[0] != batch:
+            raise AutodiffError(f"input {i.name!r} does not have the seed's batch dim {batch!r}")
+
+    switches = {n.output[1] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]}
+    late = {seed_name}          # tensors with K rows: those computed from the seed or from MaxPool's switches
+    held = set()                # one-row tensors that hold the batch as a value (shapes, sizes, what they make)
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if any(i in late or i in switches for i in ins):
+            late.update(o for o in node.output if o)
+        elif any(i in held for i in ins) or (node.op_type in ("Shape", "Size") and not _static(g.dims(ins[0]))):
+            held.update(o for o in node.output if o and not _carries_rows(g.dims(o), batch))
+
+    made: dict = {}
+    nodes = []
+
+    def emit(op_type, inputs, **attrs):
+        out = g.fresh("share")
+        nodes.append(helper.make_node(op_type, inputs, [out], name=g.fresh(f"share/{op_type}"), **attrs))
+        return out
+
+    def rows(rank):
+        if ("rows", rank) not in made:
+            if "k" not in made:
+                made["k"] = emit("Shape", [seed_name], start=0, end=1)
+            made[("rows", rank)] = emit("Concat", [made["k"], g.const(np.ones(rank - 1, np.int64))], axis=0) \
+                if rank > 1 else made["k"]
+        return made[("rows", rank)]
+
+    def expanded(name):
+        if ("expand", name) not in made:
+            dims = g.dims(name)
+            out = emit("Expand", [name, rows(len(dims))])
+            if name in switches:      # flat over N*C*H*W (ONNX MaxPool): row k's switches lie k*C*H*W further on
+                source = next(n.input[0] for n in graph.node if n.op_type == "MaxPool" and n.output[1] == name)
+                per_row = g.dims(source)
+                if not per_row or not _static(per_row[1:]):
+                    raise AutodiffError(f"MaxPool input {source!r} needs static dims after the batch")
+                k = emit("Squeeze", [made["k"], g.const(np.asarray([0], np.int64))])
+                offsets = emit("Mul", [emit("Range", [g.const(np.asarray(0, np.int64)), k,
+                                                      g.const(np.asarray(1, np.int64))]),
+                                       g.const(np.asarray(int(np.prod(per_row[1:])), np.int64))])
+                out = emit("Add", [out, emit("Reshape", [offsets, g.const(np.asarray([-1] + [1] * (len(dims) - 1),
+                                                                                      np.int64))])])
+            made[("expand", name)] = out
+        return made[("expand", name)]
+
+    rewritten = []
+    for node in graph.node:
+        if any(o in late for o in node.output if o):
+            for j, name in enumerate(node.input):
+                if not name or name in late or name in inits or name in g.consts:
+                    continue
+                dims = g.dims(name)
+                if name in held or dims is None:
+                    raise AutodiffError(f"{node.op_type} node {node.name!r} reads {name!r}, whose value or shape "
+                                        "depends on the batch")
+                if not _carries_rows(dims, batch):
+                    if any(isinstance(d, str) for d in dims):
+                        raise AutodiffError(f"{node.op_type} node {node.name!r} reads {name!r} of shape {dims}, "
+                                            f"which may hold the batch {batch!r} in another dim")
+                    continue            # a tensor of the weights alone
+                partners = [g.dims(i) for i in node.input if i in late]
+                if (name not in switches and node.op_type in _ROW_BROADCASTING
+                        and (node.op_type != "MatMul" or len(dims) >= 3)
+                        and any(p and p[0] == batch and len(p) == len(dims) for p in partners)):
+                    continue            # broadcasts its one row against the K rows of a backward operand
+                node.input[j] = expanded(name)
+            rewritten.extend(nodes)
+            nodes.clear()
+        rewritten.append(node)
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    graph.initializer.extend(g.inits)
+
+    def one_row(vi):
+        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
+        if dims and dims[0].dim_param == batch:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    for vi in itertools.chain(data, graph.value_info, graph.output):
+        if vi.name not in late:     # onnxruntime plans memory by dim symbols: one-row tensors must not share K's
+            one_row(vi)
+    return m
+
+
+def _static(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+def _carries_rows(dims, batch) -> bool:
+    """A tensor of one row per sample: the batch symbol first, static dims after it."""
+    return bool(dims) and dims[0] == batch and _static(dims[1:])
 
 
 _CACHE: "OrderedDict[tuple, onnx.ModelProto]" = OrderedDict()

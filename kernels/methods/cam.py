@@ -192,7 +192,8 @@ def run_cam(job: Job) -> Iterator[Event]:
 def run_guided_gradcam(job: Job) -> Iterator[Event]:
     """Guided backpropagation's input gradient and Grad-CAM's layer gradient come from one forward: the graph has
     two backward passes from the same seed, one under the guided rule to the input, one under the standard rule
-    to the layer (kernels.autodiff.augment's layer_rule). With a supplied gradient graph (one rule each) they
+    to the layer (kernels.autodiff.augment's layer_rule), and one forward of the image serves max_batch targets
+    where the graph allows (Runner.sample_gradients). With a supplied gradient graph (one rule each) they
     are two runs, so that the supplied graphs are the ones used."""
     from ..images import upsample_bilinear
 
@@ -208,9 +209,13 @@ def run_guided_gradcam(job: Job) -> Iterator[Event]:
         seed = one_hot(job.targets, runner.num_classes)
         for start in range(0, len(seed), runner.max_batch):
             rows = seed[start:start + runner.max_batch]
-            out = runner.gradients(repeated(job.sample[None], len(rows)), rows, job.passes, layers=(layer.name,),
-                                   rule="guided", layer_rule="standard")
-            a.append(as_maps(out[layer.name], layer))
+            out = runner.sample_gradients(job.sample[None], rows, job.passes, layers=(layer.name,), rule="guided",
+                                          layer_rule="standard")
+            if out is None:
+                out = runner.gradients(repeated(job.sample[None], len(rows)), rows, job.passes, layers=(layer.name,),
+                                       rule="guided", layer_rule="standard")
+            a.append(as_maps(np.repeat(out[layer.name], len(rows), axis=0) if len(out[layer.name]) < len(rows)
+                             else out[layer.name], layer))
             g.append(as_maps(out[f"{layer.name}__grad"], layer))
             guided.append(out[f"{runner.input_name}__grad"])
             yield Progress(start + len(rows), len(seed), "guided backprop and grad-cam")

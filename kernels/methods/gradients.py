@@ -50,9 +50,19 @@ def reduce_channels(attribution: np.ndarray, job: Job, how: str) -> np.ndarray:
 
 
 def _per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
-    """One gradient per target of the image itself."""
-    inputs = repeated(job.sample[None], len(job.targets))
-    return (yield from input_gradients(job, inputs, job.targets, rule))
+    """One gradient per target of the image itself: from one forward of the image for max_batch targets at a time
+    (Runner.sample_gradients), or, where the gradient graph does not allow that, from one copy per target."""
+    runner = job.runner
+    seed = one_hot(job.targets, runner.num_classes)
+    grads = []
+    for start in range(0, len(seed), runner.max_batch):
+        out = runner.sample_gradients(job.sample[None], seed[start:start + runner.max_batch], job.passes, rule=rule)
+        if out is None:
+            inputs = repeated(job.sample[None], len(job.targets))
+            return (yield from input_gradients(job, inputs, job.targets, rule))
+        grads.append(out[f"{runner.input_name}__grad"])
+        yield Progress(min(start + runner.max_batch, len(seed)), len(seed), "backward")
+    return np.concatenate(grads)
 
 
 def run_gradient(job: Job) -> Iterator[Event]:

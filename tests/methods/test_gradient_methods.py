@@ -33,7 +33,7 @@ class Net:
     """One zoo net: the torch module, its ONNX export in a Runner, the default layer, and an input."""
 
     def __init__(self, name, exporter, path):
-        self.name = name
+        self.name, self.exporter = name, exporter
         self.torch = zoo.build(name)
         self.model = graph.load_model(path)
         self.runner = Runner(self.model, graph.score_tensor(self.model), graph.input_spec(self.model)[0], max_batch=16)
@@ -253,3 +253,29 @@ def test_several_targets_share_one_forward_to_the_layer(net):
         alone = Job(net.runner, sample, np.array([target]), {}, "NCHW", net.layer)
         np.testing.assert_allclose(together[t], list(m.run(alone))[-1].maps[0], rtol=1e-5, atol=1e-6)
         assert (alone.passes.runs, alone.passes.forward_samples, alone.passes.backward_samples) == (1, 0, 1)
+
+
+def test_several_targets_share_one_forward_of_the_image(net):
+    """Pixel-level methods with four targets: Runner.sample_gradients runs the image forward once for the four
+    seed rows (the CNNs and the dynamo ViT; the Swins' windows and the legacy ViT's run-time reshapes hold the
+    batch as a value, so it declines and the methods repeat the image), and each map equals the one explained alone."""
+    from onnxplain.kernels.methods.layers import one_hot
+    from onnxplain.kernels.runtime import Passes
+
+    targets = [1, 2, 3, 4]
+    sample = net.x[0].numpy()
+    declines = net.name.startswith("swin") or (net.name, net.exporter) == ("vit", "legacy")
+    for rule in ("standard", "guided", "deconvnet"):
+        passes = Passes()
+        out = net.runner.sample_gradients(sample[None], one_hot(np.array(targets), 10), passes, rule=rule)
+        if declines:
+            assert out is None
+            continue
+        copies = net.runner.gradients(np.repeat(sample[None], 4, axis=0), one_hot(np.array(targets), 10), Passes(),
+                                      rule=rule)
+        assert (passes.runs, passes.forward_samples, passes.backward_samples) == (1, 0, 4)
+        assert rel(out["input__grad"], copies["input__grad"]) <= 1e-5
+    for method in ("gradient", "guided_backprop", "deconvnet", "guided_gradcam"):
+        together = net.run(method, targets=targets).maps
+        for t, target in enumerate(targets):
+            np.testing.assert_allclose(together[t], net.run(method, targets=[target]).maps[0], rtol=1e-4, atol=1e-6)
