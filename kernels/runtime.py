@@ -172,8 +172,6 @@ class Runner:
         layers = tuple(layers)
         if any(g.covers(layers, rule, True) for g in self.supplied):
             return None
-        if len(seed) == 1:
-            return self.gradients(sample, seed, passes, layers, rule, layer_rule=layer_rule)
 
         def build():
             try:
@@ -181,9 +179,6 @@ class Runner:
                                               layer_rule=layer_rule),)
             except autodiff.AutodiffError:
                 return ()
-        built = self.cached(f"shared/{rule}/{layer_rule or rule}/" + "|".join(layers), build)
-        if not built:
-            return None
         grads = [*(f"{name}__grad" for name in layers), f"{self.input_name}__grad"]
         chunks, once = [], []
         for i in range(0, len(seed), self.max_batch):
@@ -191,7 +186,10 @@ class Runner:
             if len(rows) == 1:
                 out = self.gradients(sample, rows, passes, layers, rule, layer_rule=layer_rule)
                 out = [out[name] for name in (*layers, *grads)]
-            else:
+            else:       # the first chunk, if any has several rows: None comes before any run
+                built = self.cached(f"shared/{rule}/{layer_rule or rule}/" + "|".join(layers), build)
+                if not built:
+                    return None
                 out = self.run(built[0], [*layers, *grads], {self.input_name: sample, "seed": rows}, passes,
                                samples=len(rows), backward=True)
             once = out[:len(layers)]
