@@ -74,6 +74,13 @@ class Job:
     # another may reuse instead of running the model again (a layer's activations and its targets' gradients).
     shared: dict = field(default_factory=dict)
 
+    def remember(self, key: tuple, value: np.ndarray) -> np.ndarray:
+        """`value` kept in `shared` under `key` for the request's other methods on this sample, read-only: a method
+        that wrote into it would change what the others read."""
+        value.flags.writeable = False
+        self.shared[key] = value
+        return value
+
     def sample_scores(self) -> np.ndarray:
         """The model's scores for the sample [classes] (one forward, unless the caller passed them)."""
         if self.scores is None:

@@ -19,21 +19,26 @@ from onnx import numpy_helper
 
 from ..autodiff import dequantized_constants
 from .base import Event, Job, Maps, Method, ParamError, Progress
-from .gradients import input_gradients, reduce_channels
+from .gradients import input_gradient_key, per_target, reduce_channels
 from .layers import as_maps, one_hot, repeated
 
 EPS = 1e-7
+
+
+def layer_keys(job: Job) -> tuple[tuple, tuple]:
+    """Job.shared's keys of job.layer's activation maps [1, K, h, w] and of its gradient maps for job.targets."""
+    return ("activation", job.layer.name), ("gradient", job.layer.name, tuple(job.targets.tolist()))
 
 
 def layer_tensors(job: Job, gradients: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """[T, K, h, w] activations (and gradients of each target's score) of job.layer, computed once per sample and
     reused by the other CAM methods of the request (job.shared)."""
     runner, layer, memo = job.runner, job.layer, job.shared
-    activation, gradient = ("activation", layer.name), ("gradient", layer.name, tuple(job.targets.tolist()))
+    activation, gradient = layer_keys(job)
     if not gradients:
         if activation not in memo:
-            memo[activation] = as_maps(runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name], layer)
-        memo[activation].flags.writeable = False
+            job.remember(activation, as_maps(runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name],
+                                             layer))
         return repeated(memo[activation], len(job.targets)), None
     if gradient not in memo:
         seed = one_hot(job.targets, runner.num_classes)
@@ -41,10 +46,8 @@ def layer_tensors(job: Job, gradients: bool = True) -> tuple[np.ndarray, np.ndar
         if out is None:     # one target (one forward+backward), or a model that cannot be cut at the layer
             out = runner.gradients(repeated(job.sample[None], len(seed)), seed, job.passes, layers=(layer.name,),
                                    wrt_input=False)
-        memo[activation] = as_maps(out[layer.name][:1], layer)
-        memo[gradient] = as_maps(out[f"{layer.name}__grad"], layer)
-        for key in (activation, gradient):          # shared: a method that wrote into one would change the others'
-            memo[key].flags.writeable = False
+        job.remember(activation, as_maps(out[layer.name][:1], layer))
+        job.remember(gradient, as_maps(out[f"{layer.name}__grad"], layer))
     g = memo[gradient]
     return np.broadcast_to(memo[activation], g.shape), g
 
@@ -193,17 +196,20 @@ def run_guided_gradcam(job: Job) -> Iterator[Event]:
     """Guided backpropagation's input gradient and Grad-CAM's layer gradient come from one forward: the graph has
     two backward passes from the same seed, one under the guided rule to the input, one under the standard rule
     to the layer (kernels.autodiff.augment's layer_rule), and one forward of the image serves max_batch targets
-    where the graph allows (Runner.sample_gradients). With a supplied gradient graph (one rule each) they
-    are two runs, so that the supplied graphs are the ones used."""
+    where the graph allows (Runner.sample_gradients). Either part that another method of the request computed
+    already (guided backprop; Grad-CAM and the other CAM methods) is read from Job.shared, and what this one
+    computes is left there for them. With a supplied gradient graph (one rule each) the parts are two runs, so
+    that the supplied graphs are the ones used."""
     from ..images import upsample_bilinear
 
-    runner, layer = job.runner, job.layer
+    runner, layer, memo = job.runner, job.layer, job.shared
     height, width = job.spatial
-    if runner.supplied:
+    guided_key = input_gradient_key("guided", job.targets)
+    activation, gradient = layer_keys(job)
+    if runner.supplied or guided_key in memo or gradient in memo:
         a, g = layer_tensors(job)
         yield Progress(1, 2, "grad-cam")
-        guided = yield from input_gradients(job, repeated(job.sample[None], len(job.targets)), job.targets,
-                                            rule="guided", stage="guided backprop")
+        guided = yield from per_target(job, rule="guided")
     else:
         a, g, guided = [], [], []
         seed = one_hot(job.targets, runner.num_classes)
@@ -214,12 +220,14 @@ def run_guided_gradcam(job: Job) -> Iterator[Event]:
             if out is None:
                 out = runner.gradients(repeated(job.sample[None], len(rows)), rows, job.passes, layers=(layer.name,),
                                        rule="guided", layer_rule="standard")
-            a.append(as_maps(np.repeat(out[layer.name], len(rows), axis=0) if len(out[layer.name]) < len(rows)
-                             else out[layer.name], layer))
+            a.append(as_maps(out[layer.name][:1], layer))
             g.append(as_maps(out[f"{layer.name}__grad"], layer))
             guided.append(out[f"{runner.input_name}__grad"])
             yield Progress(start + len(rows), len(seed), "guided backprop and grad-cam")
-        a, g, guided = (np.concatenate(parts) for parts in (a, g, guided))
+        job.remember(activation, a[0])
+        g = job.remember(gradient, np.concatenate(g))
+        a = np.broadcast_to(memo[activation], g.shape)
+        guided = job.remember(guided_key, np.concatenate(guided))
     coarse = upsample_bilinear(gradcam(a, g).astype(np.float32), height, width)
     shape = (len(job.targets), 1, height, width) if job.layout == "NCHW" else (len(job.targets), height, width, 1)
     attribution = (guided * coarse.reshape(shape)).astype(np.float32)

@@ -49,40 +49,52 @@ def reduce_channels(attribution: np.ndarray, job: Job, how: str) -> np.ndarray:
     return attribution.sum(axis=axis).astype(np.float32)
 
 
-def _per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
+def input_gradient_key(rule: str, targets: np.ndarray) -> tuple:
+    """Job.shared's key of the input gradients of the sample itself for these targets under this rule."""
+    return ("input-gradient", rule, tuple(targets.tolist()))
+
+
+def per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
     """One gradient per target of the image itself: from one forward of the image for max_batch targets at a time
-    (Runner.sample_gradients), or, where the gradient graph does not allow that, from one copy per target."""
+    (Runner.sample_gradients), or, where the gradient graph does not allow that, from one copy per target.
+    Computed once per sample and rule, and reused by the request's other methods (Job.shared): gradient and
+    input x gradient read the same gradients, guided backprop and guided Grad-CAM the same guided ones."""
     runner = job.runner
+    key = input_gradient_key(rule, job.targets)
+    if key in job.shared:
+        yield Progress(len(job.targets), len(job.targets), "backward")
+        return job.shared[key]
     seed = one_hot(job.targets, runner.num_classes)
     grads = []
     for start in range(0, len(seed), runner.max_batch):
         out = runner.sample_gradients(job.sample[None], seed[start:start + runner.max_batch], job.passes, rule=rule)
         if out is None:
             inputs = repeated(job.sample[None], len(job.targets))
-            return (yield from input_gradients(job, inputs, job.targets, rule))
+            grads = yield from input_gradients(job, inputs, job.targets, rule)
+            return job.remember(key, grads)
         grads.append(out[f"{runner.input_name}__grad"])
         yield Progress(min(start + runner.max_batch, len(seed)), len(seed), "backward")
-    return np.concatenate(grads)
+    return job.remember(key, np.concatenate(grads))
 
 
 def run_gradient(job: Job) -> Iterator[Event]:
-    grad = yield from _per_target(job)
+    grad = yield from per_target(job)
     yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
 
 
 def run_input_x_gradient(job: Job) -> Iterator[Event]:
-    grad = yield from _per_target(job)
+    grad = yield from per_target(job)
     attribution = job.sample[None] * grad
     yield Maps(reduce_channels(attribution, job, "sum"), final=True, attribution=attribution)
 
 
 def run_guided_backprop(job: Job) -> Iterator[Event]:
-    grad = yield from _per_target(job, rule="guided")
+    grad = yield from per_target(job, rule="guided")
     yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
 
 
 def run_deconvnet(job: Job) -> Iterator[Event]:
-    grad = yield from _per_target(job, rule="deconvnet")
+    grad = yield from per_target(job, rule="deconvnet")
     yield Maps(reduce_channels(grad, job, "max_abs"), final=True, attribution=grad)
 
 

@@ -152,6 +152,34 @@ def test_the_cam_methods_of_one_request_share_the_layer_pass(client):
             np.testing.assert_allclose(together[m.image_index, method, m.class_id], m.map, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("order, runs, forward, backward", [
+    # per image: gradcam runs the body (1 sample forward) and the head's gradients (2 rows); gradient runs the
+    # image once for its 2 targets, input x gradient reuses that; guided backprop runs once, guided Grad-CAM reuses
+    # its guided gradients and gradcam's layer gradients
+    (["gradcam", "gradient", "input_x_gradient", "guided_backprop", "guided_gradcam"], 4, 1, 6),
+    # guided Grad-CAM's one run (both backward passes, 2 rows) leaves gradcam and guided backprop nothing to run
+    (["guided_gradcam", "gradcam", "guided_backprop"], 1, 0, 2),
+])
+def test_the_methods_of_one_request_share_their_gradients(client, order, runs, forward, backward):
+    """The gradients one method of a request computed on an image are read by the others that need the same ones
+    (Job.shared), and each map equals the method's map asked alone. Counts: the targets' scores (both images,
+    one run), then the runs per image given above."""
+    from onnxplain.client import Done
+
+    images = [_sample(), _sample("ring")]
+    events = list(client.explain("shapes", images, order, top_k=2))
+    done = events[-1]
+    assert isinstance(done, Done) and done.maps == 2 * 2 * len(order)
+    assert (done.model_runs, done.forward_samples, done.backward_samples) == (1 + 2 * runs, 2 + 2 * forward,
+                                                                              2 * backward)
+    together = {(m.image_index, m.method, m.class_id): m.map for m in final_maps(events)}
+    for method in order:
+        alone = final_maps(client.explain("shapes", images, [method], top_k=2))
+        assert len(alone) == 4
+        for m in alone:
+            np.testing.assert_allclose(together[m.image_index, method, m.class_id], m.map, rtol=1e-5, atol=1e-6)
+
+
 def test_cli_runs_a_cam_method(server, tmp_path):
     from importlib.resources import files
 
