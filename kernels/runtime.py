@@ -196,40 +196,63 @@ class Runner:
             chunks.append(out[len(layers):])
         return {**dict(zip(layers, once)), **_joined(grads, chunks)}
 
-    def head_gradients(self, sample: np.ndarray, seed: np.ndarray, passes: Passes,
-                       layer: str) -> dict[str, np.ndarray] | None:
+    def body(self, sample: np.ndarray, passes: Passes, layer: str) -> list[np.ndarray] | None:
+        """The layer's activation and the other tensors its head reads (each [1, ...]), from one run of the model's
+        body (inputs -> layer), which `head_gradients` can take instead of running it again; None when the model
+        cannot be cut at the layer."""
+        cut = self.cached(f"body/{layer}", lambda: self._cut(layer))
+        if not cut:
+            return None
+        session, _, extras = cut
+        return self.run(session, [layer, *extras], {self.input_name: sample}, passes)
+
+    def head_gradients(self, sample: np.ndarray, seed: np.ndarray, passes: Passes, layer: str,
+                       body: list[np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
         """Many seed rows on one sample: the layer's activation [1, ...] and `<layer>__grad` per seed row, from one
-        run of the model's body (inputs -> layer) and runs of its head's gradient graph (layer -> scores) only,
-        max_batch rows at a time. A layer's gradient for T targets then costs one forward of the body instead of
-        T (`gradients` repeats the sample once per target). None when a supplied gradient graph covers the layer
-        (it is used as it is), or when the model cannot be cut at the layer or its head cannot be differentiated
-        (`gradients` then runs the whole model per row, or says why it cannot)."""
+        run of the model's body (inputs -> layer; or `body`, what `body` gave for this sample) and runs of its
+        head's gradient graph (layer -> scores) only, max_batch rows at a time. A layer's gradient for T targets
+        then costs one forward of the body instead of T (`gradients` repeats the sample once per target). None
+        when a supplied gradient graph covers the layer (it is used as it is), or when the model cannot be cut at
+        the layer or its head cannot be differentiated (`gradients` then runs the whole model per row, or says why
+        it cannot)."""
         if any(g.covers((layer,), "standard", False) for g in self.supplied):
             return None
-        split = self.cached(f"head-gradients/{layer}", lambda: self._head_gradient_sessions(layer))
-        if not split:
+        head = self.cached(f"head-gradients/{layer}", lambda: self._head_gradient_session(layer))
+        if not head:
             return None
-        body, head, extras = split
-        names = [layer, *extras]
-        tensors = self.run(body, names, {self.input_name: sample}, passes)
+        names = [layer, *self.cached(f"body/{layer}", lambda: self._cut(layer))[2]]
+        tensors = body if body is not None else self.body(sample, passes, layer)
         chunks = []
         for i in range(0, len(seed), self.max_batch):
             rows = seed[i:i + self.max_batch]
             feeds = {name: np.repeat(value, len(rows), axis=0) for name, value in zip(names, tensors)}
-            chunks.append(self.run(head, [f"{layer}__grad"], {**feeds, "seed": rows}, passes, backward=True))
+            chunks.append(self.run(head[0], [f"{layer}__grad"], {**feeds, "seed": rows}, passes, backward=True))
         return {layer: tensors[0], **_joined([f"{layer}__grad"], chunks)}
 
-    def _head_gradient_sessions(self, layer: str) -> tuple:
-        """(body session, session of the head's gradient graph, the other tensors the head reads) or () when the
-        model cannot be cut at `layer` or its head cannot be differentiated."""
-        from . import autodiff, graph
+    def _cut(self, layer: str) -> tuple:
+        """(session of the model's body up to `layer`, its head, the other tensors the head reads) or () when the
+        model cannot be cut at `layer`."""
+        from . import graph
 
         try:
             body, head = graph.cut(self.model, layer)
-            gradient = autodiff.differentiate(head, self.score_name, [layer], keep_outputs=False)
+        except ValueError:
+            return ()
+        return self._session(body), head, [i.name for i in head.graph.input][1:]
+
+    def _head_gradient_session(self, layer: str) -> tuple:
+        """(session of the gradient graph of the model's head after `layer`,) or () when the model cannot be cut
+        at `layer` or its head cannot be differentiated."""
+        from . import autodiff
+
+        cut = self.cached(f"body/{layer}", lambda: self._cut(layer))
+        if not cut:
+            return ()
+        try:
+            gradient = autodiff.differentiate(cut[1], self.score_name, [layer], keep_outputs=False)
         except ValueError:      # AutodiffError is one
             return ()
-        return self._session(body), self._session(gradient), [i.name for i in head.graph.input][1:]
+        return (self._session(gradient),)
 
     def resident(self, array: np.ndarray) -> ort.OrtValue:
         """`array` placed once where this runner's sessions run, to feed many runs: a method's constant inputs (the

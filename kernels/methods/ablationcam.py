@@ -27,6 +27,7 @@ from onnx import helper
 from ..compose import PREFIX
 from ..graph import _Graph, cut
 from .base import Event, Job, Maps, Method, ParamError, Progress
+from .cam import layer_body
 from .layers import as_maps
 from .perturb import Builder, batches, compose_front, value_info
 
@@ -96,18 +97,19 @@ def ablation_graphs(runner, layer):
     return body, composed, extras
 
 
-def sessions(runner, layer):
+def head_session(runner, layer):
     def build():
-        body, head, extras = ablation_graphs(runner, layer)
-        return runner.graph(f"ablationcam/body/{layer.name}", lambda: body), \
-            runner.graph(f"ablationcam/head/{layer.name}", lambda: head), extras
+        _, head, extras = ablation_graphs(runner, layer)
+        return runner.graph(f"ablationcam/head/{layer.name}", lambda: head), extras
     return runner.cached(f"ablationcam/{layer.name}", build)
 
 
 def run(job: Job) -> Iterator[Event]:
     runner, layer = job.runner, job.layer
-    body, head, extras = sessions(runner, layer)
-    outputs = runner.run(body, [layer.name, *extras], {runner.input_name: job.sample[None]}, job.passes)
+    head, extras = head_session(runner, layer)
+    outputs = layer_body(job)       # the body's run, shared with the request's other layer methods
+    if outputs is None:
+        raise ParamError(f"ablationcam: the model cannot be cut at layer {layer.name}")
     activation, rest = outputs[0], outputs[1:]
     maps = as_maps(activation, layer)[0].astype(np.float64)              # [K, h, w]
     count = len(maps)
@@ -133,7 +135,7 @@ def run(job: Job) -> Iterator[Event]:
 
 def _check_layer(runner, layer) -> None:
     try:
-        sessions(runner, layer)
+        head_session(runner, layer)
     except ValueError as exc:
         raise ParamError(f"ablationcam cannot cut the model at layer {layer.name}: {exc}") from exc
 

@@ -4,7 +4,8 @@ One base (`layer_run`) does what every variant shares, as pytorch-grad-cam's Bas
 gradients of the layer for every target (one seed row per target), token layers reshaped to their grid
 (layers.as_maps). One target is one forward+backward of the model; several targets run the model up to the layer
 once and only its head's gradient graph per target (Runner.head_gradients), so the top-5 maps cost about one
-forward. Each variant is a short function of (A, G) -> maps; the server upsamples the maps to the input's
+forward. The methods of one request share that run up to the layer and the gradients (Job.shared), with each
+other and with the perturbation methods on a layer (Score-CAM, Ablation-CAM, Opti-CAM). Each variant is a short function of (A, G) -> maps; the server upsamples the maps to the input's
 resolution (bilinear, half-pixel) unless the request asks for the layer's. ReLU is applied only where the
 method's paper applies it.
 """
@@ -30,19 +31,41 @@ def layer_keys(job: Job) -> tuple[tuple, tuple]:
     return ("activation", job.layer.name), ("gradient", job.layer.name, tuple(job.targets.tolist()))
 
 
+def layer_body(job: Job) -> list[np.ndarray] | None:
+    """The outputs of one run of the model up to job.layer on the sample (Runner.body: the layer tensor, then the
+    other tensors its head reads), once per request (Job.shared); None when the model cannot be cut there."""
+    key = ("body", job.layer.name)
+    if key not in job.shared:
+        tensors = job.runner.body(job.sample[None], job.passes, job.layer.name)
+        job.shared[key] = None if tensors is None else [job.remember(("body", job.layer.name, i), t)
+                                                        for i, t in enumerate(tensors)]
+    return job.shared[key]
+
+
+def layer_activation(job: Job) -> np.ndarray:
+    """[1, K, h, w] activation maps of job.layer for the sample, once per request (Job.shared): from the run up to
+    the layer (layer_body), or where the model cannot be cut there from a forward that exposes it."""
+    runner, layer, memo = job.runner, job.layer, job.shared
+    activation, _ = layer_keys(job)
+    if activation not in memo:
+        tensors = layer_body(job) or [runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name]]
+        job.remember(activation, as_maps(tensors[0], layer))
+    return memo[activation]
+
+
 def layer_tensors(job: Job, gradients: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """[T, K, h, w] activations (and gradients of each target's score) of job.layer, computed once per sample and
     reused by the other CAM methods of the request (job.shared)."""
     runner, layer, memo = job.runner, job.layer, job.shared
     activation, gradient = layer_keys(job)
     if not gradients:
-        if activation not in memo:
-            job.remember(activation, as_maps(runner.forward(job.sample[None], (layer.name,), job.passes)[layer.name],
-                                             layer))
-        return repeated(memo[activation], len(job.targets)), None
+        return repeated(layer_activation(job), len(job.targets)), None
     if gradient not in memo:
         seed = one_hot(job.targets, runner.num_classes)
-        out = runner.head_gradients(job.sample[None], seed, job.passes, layer.name) if len(seed) > 1 else None
+        # Several targets, or the body already run: the head's gradient graph alone, on the body's outputs.
+        body = memo.get(("body", layer.name))
+        out = (runner.head_gradients(job.sample[None], seed, job.passes, layer.name, body=body)
+               if len(seed) > 1 or body else None)
         if out is None:     # one target (one forward+backward), or a model that cannot be cut at the layer
             out = runner.gradients(repeated(job.sample[None], len(seed)), seed, job.passes, layers=(layer.name,),
                                    wrt_input=False)

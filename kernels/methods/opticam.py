@@ -69,7 +69,8 @@ from scipy.linalg import solve_triangular
 from ..compose import PREFIX
 from ..images import black_sample
 from .base import Event, Job, Maps, Method, Param, ParamError, Progress
-from .layers import as_maps, one_hot
+from .cam import layer_activation
+from .layers import one_hot
 from .perturb import Builder, batches, channels_of, compose_front, sample_info, value_info
 
 U, ACTS, MASK, SEED, BASE = f"{PREFIX}u", f"{PREFIX}acts", f"{PREFIX}mask", f"{PREFIX}seed", f"{PREFIX}base"
@@ -184,8 +185,7 @@ def run(job: Job) -> Iterator[Event]:
     p = job.params
     runner, targets = job.runner, job.targets
     count_t = len(targets)
-    activations = runner.forward(job.sample[None], (job.layer.name,), job.passes)[job.layer.name]
-    acts = np.maximum(as_maps(activations, job.layer), 0).astype(np.float32)       # [1, K, h, w]
+    acts = np.maximum(layer_activation(job), 0).astype(np.float32)       # [1, K, h, w]
     grid = acts.shape[1:]
     channels = channels_of(job.sample, job.layout)
     reference = job.sample_scores()[targets].astype(np.float64)

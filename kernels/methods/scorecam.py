@@ -33,7 +33,7 @@ import numpy as np
 
 from ..compose import PREFIX
 from .base import Event, Job, Maps, Method, Progress
-from .layers import as_maps
+from .cam import layer_activation
 from .perturb import Builder, batches, channels_of, compose_front, sample_info, softmax, value_info
 
 
@@ -49,9 +49,9 @@ def masking_graph(runner, layout: str, spatial: tuple[int, int], channels: int, 
 
 
 def activation_maps(job: Job) -> np.ndarray:
-    """[K, h, w] activation maps of job.layer for the sample (one forward)."""
-    out = job.runner.forward(job.sample[None], (job.layer.name,), job.passes)
-    return as_maps(out[job.layer.name], job.layer)[0]
+    """[K, h, w] activation maps of job.layer for the sample (one run up to the layer, shared by the request's
+    layer methods)."""
+    return layer_activation(job)[0]
 
 
 def run(job: Job) -> Iterator[Event]:

@@ -255,6 +255,26 @@ def test_several_targets_share_one_forward_to_the_layer(net):
         assert (alone.passes.runs, alone.passes.forward_samples, alone.passes.backward_samples) == (1, 0, 1)
 
 
+def test_a_layer_gradient_after_its_activations_runs_the_head_alone(net, monkeypatch):
+    """EigenCAM, then Grad-CAM on one target of the same sample (one request: Job.shared): the first runs the model
+    up to the layer, the second only the head's gradient graph, fed that run's outputs instead of the image, and
+    its map equals Grad-CAM asked alone (one forward+backward of the whole model)."""
+    from onnxplain.kernels.methods import METHODS as ALL
+    sample, shared, fed = net.x[0].numpy(), {}, []
+    run = net.runner.run
+    monkeypatch.setattr(net.runner, "run", lambda session, outputs, feeds, *a, **k: (
+        fed.append(set(feeds)), run(session, outputs, feeds, *a, **k))[1])
+    first = Job(net.runner, sample, np.array([3]), {}, "NCHW", net.layer, shared=shared)
+    list(ALL["eigencam"].run(first))
+    second = Job(net.runner, sample, np.array([3]), {}, "NCHW", net.layer, shared=shared)
+    maps = list(ALL["gradcam"].run(second))[-1].maps
+    assert len(fed) == 2 and fed[0] == {"input"} and "input" not in fed[1] and net.layer.name in fed[1]
+    assert (second.passes.runs, second.passes.forward_samples, second.passes.backward_samples) == (1, 0, 1)
+    alone = Job(net.runner, sample, np.array([3]), {}, "NCHW", net.layer)
+    np.testing.assert_allclose(maps, list(ALL["gradcam"].run(alone))[-1].maps, rtol=1e-5, atol=1e-6)
+    assert "input" in fed[2]
+
+
 def test_several_targets_share_one_forward_of_the_image(net):
     """Pixel-level methods with four targets: Runner.sample_gradients runs the image forward once for the four
     seed rows (the CNNs and the dynamo ViT; the Swins' windows and the legacy ViT's run-time reshapes hold the

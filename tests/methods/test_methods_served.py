@@ -134,8 +134,9 @@ def test_swin_last_stage_grid_is_found_and_every_method_runs(swin_server, name, 
 
 
 def test_the_cam_methods_of_one_request_share_the_layer_pass(client):
-    """Seven CAM methods on two images, top 2 each: per image, the model runs up to the layer and its head's
-    gradient graph once for both targets; every method reads those. Each map equals the method's map asked alone."""
+    """Seven CAM methods on two images, top 2 each: per image, the model runs up to the layer once (for cam) and
+    its head's gradient graph once for both targets, on that run's outputs; every method reads those. Each map
+    equals the method's map asked alone."""
     from onnxplain.client import Done
 
     shared = [m for m in CAM_METHODS if m != "guided_gradcam"]
@@ -143,9 +144,10 @@ def test_the_cam_methods_of_one_request_share_the_layer_pass(client):
     events = list(client.explain("shapes", images, shared, top_k=2))
     done = events[-1]
     assert isinstance(done, Done) and done.maps == 2 * 2 * len(shared)
-    # the targets' scores (both images, one run), then per image: the forward to the layer for cam (eigencam reuses
-    # its activations), the body once and the head's gradients for the 2 targets for gradcam (the others reuse them)
-    assert (done.model_runs, done.forward_samples, done.backward_samples) == (1 + 2 * 3, 2 + 2 * 2, 2 * 2)
+    # the targets' scores (both images, one run), then per image: the body (the model up to the layer) for cam,
+    # whose activations eigencam reuses, and the head's gradients for the 2 targets on the body's outputs for
+    # gradcam (the others reuse them)
+    assert (done.model_runs, done.forward_samples, done.backward_samples) == (1 + 2 * 2, 2 + 2 * 1, 2 * 2)
     together = {(m.image_index, m.method, m.class_id): m.map for m in final_maps(events)}
     for method in shared:
         for m in final_maps(client.explain("shapes", images, [method], top_k=2)):
@@ -178,6 +180,21 @@ def test_the_methods_of_one_request_share_their_gradients(client, order, runs, f
         assert len(alone) == 4
         for m in alone:
             np.testing.assert_allclose(together[m.image_index, method, m.class_id], m.map, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "opticam"])
+def test_a_layer_method_reuses_the_run_up_to_the_layer(client, method):
+    """After EigenCAM on the same image, Score-CAM, Ablation-CAM and Opti-CAM read its run of the model up to the
+    layer (Job.shared): the pair costs the second method's runs alone, and its map is the one asked alone."""
+    from onnxplain.client import Done
+
+    params = {"opticam": {"iterations": 3}}.get(method, {})
+    alone = list(client.explain("shapes", [_sample()], [(method, params)]))
+    pair = list(client.explain("shapes", [_sample()], ["eigencam", (method, params)]))
+    assert isinstance(alone[-1], Done) and isinstance(pair[-1], Done)
+    assert (pair[-1].model_runs, pair[-1].forward_samples) == (alone[-1].model_runs, alone[-1].forward_samples)
+    ours = next(m for m in final_maps(pair) if m.method == method)
+    np.testing.assert_allclose(ours.map, final_maps(alone)[0].map, rtol=1e-5, atol=1e-6)
 
 
 def test_cli_runs_a_cam_method(server, tmp_path):
