@@ -5,9 +5,9 @@ gradients of the layer for every target (one seed row per target), token layers 
 (layers.as_maps). One target is one forward+backward of the model; several targets run the model up to the layer
 once and only its head's gradient graph per target (Runner.head_gradients), so the top-5 maps cost about one
 forward. The methods of one request share that run up to the layer and the gradients (Job.shared), with each
-other and with the perturbation methods on a layer (Score-CAM, Ablation-CAM, Opti-CAM). Each variant is a short function of (A, G) -> maps; the server upsamples the maps to the input's
-resolution (bilinear, half-pixel) unless the request asks for the layer's. ReLU is applied only where the
-method's paper applies it.
+other and with the perturbation methods on a layer (Score-CAM, Ablation-CAM, Opti-CAM). Each variant is a short
+function of (A, G) -> maps; the server upsamples the maps to the input's resolution (bilinear, half-pixel) unless
+the request asks for the layer's. ReLU is applied only where the method's paper applies it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def layer_body(job: Job) -> list[np.ndarray] | None:
     key = ("body", job.layer.name)
     if key not in job.shared:
         tensors = job.runner.body(job.sample[None], job.passes, job.layer.name)
-        job.shared[key] = None if tensors is None else [job.remember(("body", job.layer.name, i), t)
-                                                        for i, t in enumerate(tensors)]
+        for tensor in tensors or ():
+            tensor.flags.writeable = False      # shared, as Job.remember keeps them
+        job.shared[key] = tensors
     return job.shared[key]
 
 
