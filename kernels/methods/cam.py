@@ -235,7 +235,7 @@ def run_guided_gradcam(job: Job) -> Iterator[Event]:
         yield Progress(1, 2, "grad-cam")
         guided = yield from per_target(job, rule="guided")
     else:
-        a, g, guided = [], [], []
+        g, guided = [], []
         seed = one_hot(job.targets, runner.num_classes)
         for start in range(0, len(seed), runner.max_batch):
             rows = seed[start:start + runner.max_batch]
@@ -244,11 +244,11 @@ def run_guided_gradcam(job: Job) -> Iterator[Event]:
             if out is None:
                 out = runner.gradients(repeated(job.sample[None], len(rows)), rows, job.passes, layers=(layer.name,),
                                        rule="guided", layer_rule="standard")
-            a.append(as_maps(out[layer.name][:1], layer))
+            if activation not in memo:      # the same activation in every chunk: kept from the first
+                job.remember(activation, as_maps(out[layer.name][:1], layer))
             g.append(as_maps(out[f"{layer.name}__grad"], layer))
             guided.append(out[f"{runner.input_name}__grad"])
             yield Progress(start + len(rows), len(seed), "guided backprop and grad-cam")
-        job.remember(activation, a[0])
         g = job.remember(gradient, np.concatenate(g))
         a = np.broadcast_to(memo[activation], g.shape)
         guided = job.remember(guided_key, np.concatenate(guided))
