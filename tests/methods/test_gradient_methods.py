@@ -209,6 +209,22 @@ def test_cam_variants_follow_their_formulas_on_autograd_tensors(net, method):
             assert pearson(ours[t], expected[t]) >= 0.999, (method, t)
 
 
+def test_eigencam_decomposes_once_for_all_targets(net, monkeypatch):
+    """EigenCAM is class-agnostic: three targets cost one eigen-decomposition, and each gets the map of the
+    formula on the autograd activations."""
+    from onnxplain.kernels.methods import cam
+
+    calls = []
+    top = cam._top_eigenpair
+    monkeypatch.setattr(cam, "_top_eigenpair", lambda m: (calls.append(m.shape), top(m))[1])
+    maps = net.run("eigencam", targets=(3, 7, 1)).maps
+    assert len(calls) == 1 and maps.shape[0] == 3
+    expected = _formula("eigencam", *net.layer_tensors(targets=(3,)))[0]
+    for m in maps:
+        np.testing.assert_array_equal(m, maps[0])
+    assert pearson(maps[0], expected) >= 0.999
+
+
 def test_gradcampp_matches_its_literal_formula_at_zero_denominators():
     """The simplified weights g / (2 + sum(A) g) and the literal alpha formula agree, also where 2 + sum(A) g is
     exactly 0 for a positive g (alpha = g^2 there) and where g is 0 or negative."""
