@@ -58,8 +58,9 @@ def test_noise_draws_are_normal_and_independent():
 
 
 def test_smoothgrad_and_integrated_gradients_do_not_depend_on_the_batch_size():
-    """Batches of 32 rows (10 samples x 3 targets) against batches of 2 rows (one sample's 3 targets split in
-    two runs); the progress events count rows in both."""
+    """Batches of 32 rows (3 targets: one sample's forward shared by its 3 backward rows per run) against batches
+    of 2 rows (two targets of a sample per run, then two samples of the third target); the progress events count
+    rows in both."""
     for method, params in [("smoothgrad", {"samples": 13, "variant": "variance", "seed": 4}),
                            ("smoothgrad", {"samples": 13, "variant": "plain", "seed": 4}),
                            ("integrated_gradients", {"steps": 17, "method": "riemann_trapezoid"})]:
@@ -77,6 +78,33 @@ def test_smoothgrad_and_integrated_gradients_do_not_depend_on_the_batch_size():
         if method == "integrated_gradients":
             assert np.allclose([s["completeness_gap"] for s in small.stats],
                                [s["completeness_gap"] for s in big.stats], atol=1e-4)
+
+
+def test_three_targets_share_each_samples_forward(monkeypatch):
+    """From SHARED_FROM (3) targets on, SmoothGrad and integrated gradients run each noisy copy or path point
+    forward once for all the targets: one run per sample with a backward row per target. Their attribution is
+    what the copies repeated per target give (the path below SHARED_FROM targets, or where the graph cannot share
+    its forward), and each target's equals that target explained alone."""
+    from onnxplain.kernels.methods import gradients
+
+    assert gradients.SHARED_FROM == len(TARGETS)
+    for method, params in [("smoothgrad", {"samples": 7, "variant": "variance", "seed": 4}),
+                           ("integrated_gradients", {"steps": 9, "method": "gausslegendre"})]:
+        samples = params.get("samples", params.get("steps"))
+        final_scores = int(method == "integrated_gradients")     # its completeness check: one forward run
+        shared, job, _ = attribution(runner(32), method, params)
+        assert (job.passes.runs, job.passes.backward_samples) == (samples + final_scores, samples * len(TARGETS))
+        with monkeypatch.context() as patch:
+            patch.setattr(gradients, "shared_summing_session", lambda runner, squares: None)
+            copies, copies_job, _ = attribution(runner(32), method, params)
+        assert (copies_job.passes.runs, copies_job.passes.backward_samples) == (1 + final_scores,
+                                                                                samples * len(TARGETS))
+        scale = np.abs(copies.attribution).max()
+        assert scale > 0
+        np.testing.assert_allclose(shared.attribution, copies.attribution, rtol=1e-5, atol=1e-6 * scale)
+        for i, target in enumerate(TARGETS):
+            alone, _, _ = attribution(runner(32), method, params, targets=np.array([target]))
+            np.testing.assert_allclose(shared.attribution[i], alone.attribution[0], rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_integrated_gradients_memory_holds_a_batch_not_the_path():
