@@ -186,8 +186,6 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
     before). Targets beyond a batch are taken in groups, each drawing the steps anew."""
     runner, targets = job.runner, job.targets
     count = len(weights)
-    session = runner.gradient_session(composed=(f"sums/{int(squares)}", lambda graph: summing_graph(
-        graph, runner.input_name, squares)))
     outputs = [SUMS, SQUARES] if squares else [SUMS]
     total = np.zeros((len(targets), base.size))
     total_sq = np.zeros_like(total) if squares else None
@@ -199,6 +197,8 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
         group = targets[first:first + runner.max_batch]
         t = len(group)
         one_forward = shared_summing_session(runner, squares) if t >= SHARED_FROM else None
+        session = one_forward or runner.gradient_session(composed=(f"sums/{int(squares)}", lambda graph: summing_graph(
+            graph, runner.input_name, squares)))
         k = 1 if one_forward is not None else max(1, runner.max_batch // t)
         chunks = step(k) if shared is None else None
         for start in range(0, count, k):
@@ -212,7 +212,7 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
                 COEF: np.tile(coefs[start:start + n], 1 if one_forward is not None else t).astype(
                     np.float32).reshape(-1, *unit),
                 GROUPS: weighting, "seed": one_hot(np.repeat(group, n), runner.num_classes)})
-            out = runner.run(one_forward or session, outputs, feeds, job.passes, samples=t * n, backward=True)
+            out = runner.run(session, outputs, feeds, job.passes, samples=t * n, backward=True)
             total[first:first + t] += out[0]
             if squares:
                 total_sq[first:first + t] += out[1]
