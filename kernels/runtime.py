@@ -166,19 +166,10 @@ class Runner:
         layout, and at one row it is slower (ResNet-50 79 -> 87 ms, EfficientNet-Lite0 20 -> 25 ms on 2 cores;
         at two rows it is already faster: 154 -> 131 ms). None when a supplied gradient graph covers the request
         (it is used as it is) or the graph's backward reads the batch as a value (a Swin's windows): the caller
-        then repeats the sample."""
-        from . import autodiff
-
+        then repeats the sample (shared_session)."""
         layers = tuple(layers)
-        if any(g.covers(layers, rule, True) for g in self.supplied):
+        if any(g.covers(layers, rule, True) for g in self.supplied):     # before any run, as the None below
             return None
-
-        def build():
-            try:
-                return (self.gradient_session(layers, rule, True, composed=("shared", autodiff.share_forward),
-                                              layer_rule=layer_rule),)
-            except autodiff.AutodiffError:
-                return ()
         grads = [*(f"{name}__grad" for name in layers), f"{self.input_name}__grad"]
         chunks, once = [], []
         for i in range(0, len(seed), self.max_batch):
@@ -187,14 +178,37 @@ class Runner:
                 out = self.gradients(sample, rows, passes, layers, rule, layer_rule=layer_rule)
                 out = [out[name] for name in (*layers, *grads)]
             else:       # the first chunk, if any has several rows: None comes before any run
-                built = self.cached(f"shared/{rule}/{layer_rule or rule}/" + "|".join(layers), build)
-                if not built:
+                session = self.shared_session(layers, rule, layer_rule)
+                if session is None:
                     return None
-                out = self.run(built[0], [*layers, *grads], {self.input_name: sample, "seed": rows}, passes,
+                out = self.run(session, [*layers, *grads], {self.input_name: sample, "seed": rows}, passes,
                                samples=len(rows), backward=True)
             once = out[:len(layers)]
             chunks.append(out[len(layers):])
         return {**dict(zip(layers, once)), **_joined(grads, chunks)}
+
+    def shared_session(self, layers: tuple[str, ...] = (), rule: str = "standard", layer_rule: str | None = None,
+                       composed: tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]] | None = None
+                       ) -> ort.InferenceSession | None:
+        """The session of autodiff.share_forward of the gradient graph for (layers, rule, layer_rule) with respect to
+        the input: one sample in, K seed rows, one forward for them all; with `composed` = (name, compose), of
+        compose(that graph). Built once; None when a supplied gradient graph covers the request (it is used as it
+        is) or the graph's backward reads the batch as a value (a Swin's windows)."""
+        from . import autodiff
+
+        layers = tuple(layers)
+        if any(g.covers(layers, rule, True) for g in self.supplied):
+            return None
+        name, compose = composed or ("shared", lambda graph: graph)
+
+        def build():
+            try:
+                return (self.gradient_session(layers, rule, True, layer_rule=layer_rule, composed=(
+                    name, lambda graph: compose(autodiff.share_forward(graph)))),)
+            except autodiff.AutodiffError:
+                return ()
+        built = self.cached(f"{name}/{rule}/{layer_rule or rule}/" + "|".join(layers), build)
+        return built[0] if built else None
 
     def body(self, sample: np.ndarray, passes: Passes, layer: str) -> list[np.ndarray] | None:
         """The layer's activation and the other tensors its head reads (each [1, ...]), from one run of the model's

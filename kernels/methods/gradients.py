@@ -156,25 +156,6 @@ def summing_graph(gradient_model: onnx.ModelProto, input_name: str, squares: boo
     return compose_front(gradient_model, input_name, b, inputs, x, [SUMS, SQUARES] if squares else [SUMS])
 
 
-def shared_summing_session(runner, squares: bool):
-    """The session of summing_graph around the gradient graph whose forward runs once for many seed rows
-    (autodiff.share_forward): one sample in, a sum per seed row out. None when a supplied gradient graph covers
-    the input gradient (it is used as it is) or the backward reads the batch as a value (a Swin's windows)."""
-    from ..autodiff import AutodiffError, share_forward
-
-    if any(g.covers((), "standard", True) for g in runner.supplied):
-        return None
-
-    def build():
-        try:
-            return (runner.gradient_session(composed=(f"shared-sums/{int(squares)}", lambda graph: summing_graph(
-                share_forward(graph), runner.input_name, squares))),)
-        except AutodiffError:
-            return ()
-    built = runner.cached(f"shared-sums/{int(squares)}", build)
-    return built[0] if built else None
-
-
 def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callable[[int], Iterator[np.ndarray]],
                            coefs: np.ndarray, weights: np.ndarray, squares: bool, stage: str) -> Iterator[Event]:
     """sum_s weights[s] d(score of each target)/dx at x_s = base + coefs[s] * step_s, [T, *sample] in float64
@@ -182,7 +163,7 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
     function that hands the step_s over in chunks of k samples. Summed by summing_graph, whose sums are added up
     here: the gradients never leave onnxruntime. Each run takes every target of max_batch // T samples (a sample
     repeated per target); from SHARED_FROM targets on, it takes one sample and a seed row per target instead, so
-    that the targets share the sample's forward (shared_summing_session; where the graph cannot share it, as
+    that the targets share the sample's forward (Runner.shared_session; where the graph cannot share it, as
     before). Targets beyond a batch are taken in groups, each drawing the steps anew."""
     runner, targets = job.runner, job.targets
     count = len(weights)
@@ -196,9 +177,9 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
     for first in range(0, len(targets), runner.max_batch):
         group = targets[first:first + runner.max_batch]
         t = len(group)
-        one_forward = shared_summing_session(runner, squares) if t >= SHARED_FROM else None
-        session = one_forward or runner.gradient_session(composed=(f"sums/{int(squares)}", lambda graph: summing_graph(
-            graph, runner.input_name, squares)))
+        sums = (f"sums/{int(squares)}", lambda graph: summing_graph(graph, runner.input_name, squares))
+        one_forward = runner.shared_session(composed=sums) if t >= SHARED_FROM else None
+        session = one_forward or runner.gradient_session(composed=sums)
         k = 1 if one_forward is not None else max(1, runner.max_batch // t)
         chunks = step(k) if shared is None else None
         for start in range(0, count, k):

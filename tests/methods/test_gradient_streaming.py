@@ -95,7 +95,7 @@ def test_three_targets_share_each_samples_forward(monkeypatch):
         shared, job, _ = attribution(runner(32), method, params)
         assert (job.passes.runs, job.passes.backward_samples) == (samples + final_scores, samples * len(TARGETS))
         with monkeypatch.context() as patch:
-            patch.setattr(gradients, "shared_summing_session", lambda runner, squares: None)
+            patch.setattr(Runner, "shared_session", lambda self, *args, **kwargs: None)
             copies, copies_job, _ = attribution(runner(32), method, params)
         assert (copies_job.passes.runs, copies_job.passes.backward_samples) == (1 + final_scores,
                                                                                 samples * len(TARGETS))
