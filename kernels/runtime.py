@@ -199,15 +199,16 @@ class Runner:
         layers = tuple(layers)
         if any(g.covers(layers, rule, True) for g in self.supplied):
             return None
-        name, compose = composed or ("shared", lambda graph: graph)
+        name, compose = composed or (None, lambda graph: graph)
+        tag = "shared" if name is None else f"shared-{name}"    # never gradient_session's key for compose alone
 
         def build():
             try:
                 return (self.gradient_session(layers, rule, True, layer_rule=layer_rule, composed=(
-                    name, lambda graph: compose(autodiff.share_forward(graph)))),)
+                    tag, lambda graph: compose(autodiff.share_forward(graph)))),)
             except autodiff.AutodiffError:
                 return ()
-        built = self.cached(f"{name}/{rule}/{layer_rule or rule}/" + "|".join(layers), build)
+        built = self.cached(f"{tag}/{rule}/{layer_rule or rule}/" + "|".join(layers), build)
         return built[0] if built else None
 
     def body(self, sample: np.ndarray, passes: Passes, layer: str) -> list[np.ndarray] | None:

@@ -107,6 +107,22 @@ def test_three_targets_share_each_samples_forward(monkeypatch):
             np.testing.assert_allclose(shared.attribution[i], alone.attribution[0], rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_shared_and_repeated_sums_keep_their_own_graphs():
+    """One runner explains three targets (each sample's forward shared), then two (the sample repeated per
+    target), then three again: each call runs its own graph (a batch of rows in the second, one sample in the
+    others) and gives what each target explained alone gives."""
+    run = runner(32)
+    params = {"samples": 5, "variant": "squared", "seed": 2}
+    alone = {int(t): attribution(runner(32), "smoothgrad", params, targets=np.array([t]))[0].attribution[0]
+             for t in TARGETS}
+    for targets in (TARGETS, TARGETS[:2], TARGETS):
+        result, job, _ = attribution(run, "smoothgrad", params, targets=targets)
+        assert job.passes.runs == (5 if len(targets) == 3 else 1)
+        for row, target in zip(result.attribution, targets):
+            scale = np.abs(alone[int(target)]).max()
+            np.testing.assert_allclose(row, alone[int(target)], rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_integrated_gradients_memory_holds_a_batch_not_the_path():
     """1000 path points x 4 targets of a 96 x 96 image: every gradient at once is 4000 x 110 KB = 442 MB (and as
     much again for the inputs); summed as they arrive, numpy's peak stays near a few batches."""
