@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import qdq
 from .autodiff_rules import NON_DIFFERENTIABLE, QUANTIZED, RULES, RULE_VARIANTS
 
 __all__ = ["augment", "augment_cached", "differentiate", "share_forward", "AutodiffError", "RULE_VARIANTS"]
@@ -426,7 +427,7 @@ def _path(g: _Graph, of: str, wrt: Sequence[str]):
 def _refuse_integer_cuts(g: _Graph, nodes, active: set, of: str, wrt) -> None:
     """Raise where the derivative would silently stop at an integer tensor that the score still depends on: a node
     without a rule that turns a tensor on the path into integers (DynamicQuantizeLinear), or any node but
-    DequantizeLinear that reads a quantized tensor (QLinearConv and the other QOperator-format ops). Left alone,
+    DequantizeLinear that reads a quantized tensor (a QOperator-format node kernels.qdq could not rewrite). Left alone,
     the walk would find no path there and return a zero gradient for a model whose output plainly depends on it.
     Integer outputs of nodes that have a rule (Cast to an integer type, TopK's indices) and of NON_DIFFERENTIABLE
     nodes are true zeros and pass."""
@@ -442,10 +443,12 @@ def _refuse_integer_cuts(g: _Graph, nodes, active: set, of: str, wrt) -> None:
             continue
         reads_quantized = any(i in g.real for i in n.input) and n.op_type != "DequantizeLinear"
         if reads_quantized or n.op_type not in RULES:
-            hint = (" Operators that compute on integers (the QOperator format, dynamic quantization) have no rules: "
-                    "quantize the model in the QDQ format instead (QuantizeLinear/DequantizeLinear around float "
-                    "operators, differentiated with the straight-through estimator) or serve it with a gradient "
-                    "graph of your own." if reads_quantized or "Quantize" in n.op_type else "")
+            hint = (" Operators that compute on integers have no rules (kernels.qdq writes the QOperator format's "
+                    "QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/Sigmoid/LeakyRelu/Softmax and pools "
+                    "in the QDQ format, but not this node, nor dynamic quantization): quantize the model in the QDQ "
+                    "format instead (QuantizeLinear/DequantizeLinear around float operators, differentiated with the "
+                    "straight-through estimator) or serve it with a gradient graph of your own."
+                    if reads_quantized or "Quantize" in n.op_type else "")
             raise AutodiffError(f"no gradient rule for operator {n.op_type!r} (node {n.name!r}) on the path from "
                                 f"{list(wrt)} to {of!r}: its output {cut[0]!r} is {_type_name(g.dtype(cut[0]))}, "
                                 f"so no derivative would reach the score through it.{hint}")
@@ -503,7 +506,7 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str
         raise AutodiffError(f"rule must be one of {sorted(RULE_VARIANTS)}, got {rule!r}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    m = _fold_dequantized_constants(_lift_opset(m))
+    m = _fold_dequantized_constants(_lift_opset(qdq.from_qoperator(m)))
     g = _Graph(m)
     known = g.taken
     for name in [of, *wrt, *extra_outputs]:

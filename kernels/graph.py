@@ -48,6 +48,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import qdq
+
 __all__ = [
     "Layer",
     "load_model",
@@ -78,7 +80,8 @@ class Layer:
 
 
 def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
-    """Parse, check and shape-infer a model given as a path, raw bytes or a ModelProto.
+    """Parse, check and shape-infer a model given as a path, raw bytes or a ModelProto. A model quantized in the
+    QOperator format comes back in the QDQ format (kernels.qdq), so that it can be differentiated.
 
     Raises ValueError naming the problem: too large, not an ONNX model, fails the checker, no float input.
     """
@@ -125,6 +128,10 @@ def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ValueError(f"model fails the ONNX checker: {_first_line(e)}") from e
+    try:
+        model = qdq.from_qoperator(model)
+    except Exception as e:  # noqa: BLE001 - a node the rewrite cannot read is a model error
+        raise ValueError(f"model's QOperator nodes cannot be written in the QDQ format: {_first_line(e)}") from e
     try:
         model = infer_shapes(model)
     except Exception as e:  # noqa: BLE001 - inference errors are model errors

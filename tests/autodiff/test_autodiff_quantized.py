@@ -294,16 +294,18 @@ def quantized(tmp_path_factory):
 
 
 def torch_reading(model):
-    """The QDQ graph evaluated by torch, op by op (the few ops onnxruntime's quantizer writes here): each
-    QuantizeLinear -> DequantizeLinear pair on an activation becomes torch.fake_quantize_per_tensor_affine, whose
-    backward is the straight-through estimator; quantized weights and biases are dequantized constants."""
+    """The QDQ graph evaluated by torch, op by op (the ops onnxruntime's quantizer writes here, and those
+    kernels.qdq writes for its QOperator form): each QuantizeLinear -> DequantizeLinear pair on an activation becomes
+    torch.fake_quantize_per_tensor_affine, whose backward is the straight-through estimator; quantized weights and
+    biases are dequantized constants. `run(x, env)` fills `env` with every tensor it computed."""
     import torch.nn.functional as F
 
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     quantized = {}
 
-    def run(x):
-        env = {model.graph.input[0].name: x}
+    def run(x, env=None):
+        env = {} if env is None else env
+        env[model.graph.input[0].name] = x
         val = lambda name: env[name] if name in env else torch.from_numpy(inits[name].astype(np.float32))
         for n in model.graph.node:
             a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
@@ -315,20 +317,33 @@ def torch_reading(model):
                 src, s, z = quantized[i[0]]
                 lo, hi = RANGES[inits[z].dtype.type]
                 out = torch.fake_quantize_per_tensor_affine(env[src], float(inits[s]), int(inits[z]), lo, hi)
-            elif n.op_type == "DequantizeLinear":   # a constant: weights per output channel, biases
+            elif n.op_type == "DequantizeLinear":   # a constant: weights per output channel (or per column), biases
                 s, z = inits[i[1]], inits[i[2]]
-                shape = [-1] + [1] * (inits[i[0]].ndim - 1) if s.ndim == 1 and inits[i[0]].ndim > 1 else [-1]
-                w = (inits[i[0]].astype(np.float64) - z.reshape(shape)) * s.reshape(shape)
+                q = inits[i[0]]
+                shape = [1] * q.ndim
+                if s.ndim == 1 and s.size > 1:
+                    shape[a.get("axis", 1) % q.ndim] = -1
+                w = (q.astype(np.float64) - z.reshape(shape)) * s.reshape(shape)
                 out = torch.from_numpy(w.astype(np.float32))
-            elif n.op_type == "Conv":
+            elif n.op_type in ("Conv", "MaxPool"):
                 pads = a.get("pads", [0, 0, 0, 0])
-                assert pads[:2] == pads[2:]
-                out = F.conv2d(val(i[0]), val(i[1]), val(i[2]) if len(i) > 2 else None, a.get("strides", 1), pads[:2],
-                               a.get("dilations", 1), a.get("group", 1))
-            elif n.op_type == "Relu":
-                out = torch.relu(val(i[0]))
-            elif n.op_type == "ReduceMean":
-                out = val(i[0]).mean(dim=tuple(a["axes"]), keepdim=bool(a.get("keepdims", 1)))
+                assert pads[:2] == pads[2:] and not a.get("ceil_mode")
+                out = (F.conv2d(val(i[0]), val(i[1]), val(i[2]) if len(i) > 2 else None, a.get("strides", 1),
+                                pads[:2], a.get("dilations", 1), a.get("group", 1)) if n.op_type == "Conv" else
+                       F.max_pool2d(val(i[0]), a["kernel_shape"], a.get("strides", 1), pads[:2]))
+            elif n.op_type in ("Relu", "Sigmoid"):
+                out = getattr(torch, n.op_type.lower())(val(i[0]))
+            elif n.op_type == "LeakyRelu":
+                out = F.leaky_relu(val(i[0]), a.get("alpha", 0.01))
+            elif n.op_type in ("Add", "Mul"):
+                out = val(i[0]) + val(i[1]) if n.op_type == "Add" else val(i[0]) * val(i[1])
+            elif n.op_type == "Concat":
+                out = torch.cat([val(t) for t in i], a["axis"])
+            elif n.op_type in ("ReduceMean", "GlobalAveragePool"):
+                axes, keep = (a["axes"], a.get("keepdims", 1)) if n.op_type == "ReduceMean" else ((2, 3), 1)
+                out = val(i[0]).mean(dim=tuple(axes), keepdim=bool(keep))
+            elif n.op_type == "Flatten":
+                out = val(i[0]).flatten(a.get("axis", 1))
             elif n.op_type == "Gemm":
                 assert a.get("transB") == 1 and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
                 out = val(i[0]) @ val(i[1]).T + val(i[2])
@@ -381,11 +396,164 @@ def test_dequantized_weights_are_folded_exactly(quantized):
     np.testing.assert_array_equal(folded, plain)
 
 
-@pytest.mark.parametrize("form, operator", [("qop", "QLinearConv"), ("dynamic", "DynamicQuantizeLinear")])
-def test_models_that_compute_on_integers_are_refused_by_name(quantized, form, operator):
-    """Before: the walk stopped at the integer tensor and every gradient came back zero."""
-    with pytest.raises(AutodiffError, match=f"{operator}.*QDQ format"):
-        augment(quantized[form])
+def test_models_that_compute_on_integers_are_refused_by_name(quantized):
+    """Before: the walk stopped at the integer tensor and every gradient came back zero. Dynamic quantization
+    (DynamicQuantizeLinear -> ConvInteger/MatMulInteger) has no QDQ form that kernels.qdq writes."""
+    with pytest.raises(AutodiffError, match="DynamicQuantizeLinear.*QDQ format"):
+        augment(quantized["dynamic"])
+
+
+def test_a_qoperator_node_the_rewrite_cannot_read_is_named(quantized):
+    """A QLinearConv whose weight is a graph input (no constant to dequantize per channel) is kept as it is: the
+    refusal names it instead of a zero gradient."""
+    qop = onnx.ModelProto()
+    qop.CopyFrom(quantized["qop"])
+    conv = next(n for n in qop.graph.node if n.op_type == "QLinearConv")
+    weight = next(t for t in qop.graph.initializer if t.name == conv.input[3])
+    qop.graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+    qop.graph.initializer.remove(weight)
+    with pytest.raises(AutodiffError, match=f"QLinearConv.*{conv.name}.*QDQ format"):
+        augment(qop)
+
+
+class _Mixed(nn.Module):
+    """Every operator onnxruntime's QOperator quantizer writes for a CNN here: QLinearConv (ReLU folded in),
+    MaxPool and Flatten on integers, QLinearAdd, QLinearSigmoid, QLinearMul, QLinearConcat, QLinearLeakyRelu,
+    QLinearGlobalAveragePool, QGemm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.c4, self.fc = nn.Conv2d(8, 8, 1), nn.Conv2d(16, 16, 3, 2, 1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        a = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        b = torch.relu(self.c2(a)) + a
+        c = torch.sigmoid(self.c3(b)) * b
+        e = nn.functional.leaky_relu(self.c4(torch.cat([b, c], 1)), 0.1)
+        return self.fc(nn.functional.adaptive_avg_pool2d(e, 1).flatten(1))
+
+
+QOPERATOR = {"uint8 per channel": ("QUInt8", True), "int8 per tensor": ("QInt8", False)}
+
+
+@pytest.fixture(scope="module")
+def qoperator(tmp_path_factory):
+    """_Mixed in the QOperator format, both activation types."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    d = tmp_path_factory.mktemp("qoperator")
+    torch.manual_seed(0)
+    torch.onnx.export(_Mixed().eval(), (torch.randn(2, 3, 16, 16),), str(d / "float.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter({"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+                              for i in range(8))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    out = {}
+    for case, (activations, per_channel) in QOPERATOR.items():
+        path = d / f"{activations}.onnx"
+        quantize_static(str(d / "float.onnx"), str(path), Calibration(), quant_format=QuantFormat.QOperator,
+                        per_channel=per_channel, activation_type=getattr(QuantType, activations),
+                        weight_type=QuantType.QInt8)
+        out[case] = onnx.load(str(path))
+    return out
+
+
+@pytest.mark.parametrize("case", list(QOPERATOR))
+def test_qoperator_model_is_read_in_the_qdq_format_with_the_same_scores(qoperator, case):
+    """kernels.qdq writes every node in the QDQ format, standard operators only, integer tensors under their names;
+    onnxruntime fuses it back into its integer kernels, so the scores equal the QOperator model's bit for bit, and
+    the graph as ONNX defines it (optimisations off) is what torch's fake quantization computes."""
+    import onnxruntime as ort
+    from onnxplain.kernels.qdq import from_qoperator
+
+    qop = qoperator[case]
+    ops = {n.op_type for n in qop.graph.node}
+    assert {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat", "QLinearLeakyRelu",
+            "QLinearGlobalAveragePool", "QGemm", "MaxPool", "Flatten"} <= ops
+    rewritten = from_qoperator(qop)
+    assert_standard(rewritten)
+    assert not {n.op_type for n in rewritten.graph.node} - {"QuantizeLinear", "DequantizeLinear", "Conv", "MaxPool",
+                                                            "Add", "Mul", "Sigmoid", "Concat", "LeakyRelu",
+                                                            "GlobalAveragePool", "Flatten", "Gemm"}
+    integers = {o for n in qop.graph.node for o in n.output if n.op_type != "DequantizeLinear"}
+    assert integers <= {o for n in rewritten.graph.node for o in n.output}
+    x = (np.random.default_rng(4).standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
+    want = session(qop).run(["logits"], {"x": x})[0]
+    np.testing.assert_array_equal(session(rewritten).run(["logits"], {"x": x})[0], want)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(rewritten.SerializeToString(), opts).run(["logits"], {"x": x})[0]
+    np.testing.assert_allclose(plain, torch_reading(rewritten)(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(QOPERATOR))
+def test_qoperator_model_gradients_match_torch_reading(qoperator, case):
+    """Loaded as the server loads it: layers are the dequantized maps (no integer tensor), and the default layer's
+    and the input's gradients at batch 3 with different seed rows match torch autograd through fake quantization."""
+    model = G.load_model(qoperator[case])
+    layers = G.candidate_layers(model)
+    assert layers and all(layer.name.endswith("_dequantized") for layer in layers)
+    layer = G.default_layer(model).name
+    assert layer == "/LeakyRelu_output_0_dequantized"
+    x = (np.random.default_rng(4).standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
+    seed = np.random.default_rng(5).standard_normal((3, 5)).astype(np.float32)
+    aug = augment(model, layers=[layer])
+    assert_standard(aug)
+    logits, gl, gx = session(aug).run(["logits", f"{layer}__grad", "x__grad"], {"x": x, "seed": seed})
+    xx = torch.from_numpy(x).requires_grad_()
+    env = {}
+    want = torch_reading(model)(xx, env)
+    env[layer].retain_grad()
+    (want * torch.from_numpy(seed)).sum().backward()
+    np.testing.assert_allclose(logits, want.detach().numpy(), rtol=1e-4, atol=1e-4)
+    assert np.abs(gx).max() > 0 and np.abs(gl).max() > 0
+    assert rel(gl, env[layer].grad.numpy()) < 1e-4
+    assert rel(gx, xx.grad.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype, zero", [(np.uint8, 131), (np.int8, -9)])
+def test_value_moving_operators_on_integers_stay_exact(dtype, zero):
+    """Pad (its integer 0 is the real value -scale * zero), MaxPool, Transpose, Reshape and Split reading quantized
+    tensors become DequantizeLinear -> float operator -> QuantizeLinear with the input's own scale and zero point:
+    the same integers, bit for bit, with onnxruntime's optimisations on and off."""
+    import onnxruntime as ort
+    from onnxplain.kernels.qdq import from_qoperator
+
+    inits = {"s": np.array(0.05, np.float32), "z": np.array(zero, dtype), "pads": np.array([0, 0, 1, 2, 0, 0, 2, 1]),
+             "shape": np.array([2, 3, -1]), "split": np.array([10, 20]), "ws": np.array([0.01, 0.02, 0.03], np.float32),
+             "wz": np.zeros(3, np.int8), "w": np.random.default_rng(1).integers(-9, 9, (3, 3, 1, 1)).astype(np.int8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("QLinearConv", ["q", "s", "z", "w", "ws", "wz", "s", "z"], ["c"]),  # (a QOperator model)
+             helper.make_node("DequantizeLinear", ["c", "s", "z"], ["c_out"]),
+             helper.make_node("Pad", ["q", "pads"], ["p"]),
+             helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[2, 2], strides=[1, 1]),
+             helper.make_node("Transpose", ["m"], ["t"], perm=[0, 1, 3, 2]),
+             helper.make_node("Reshape", ["t", "shape"], ["r"]),
+             helper.make_node("Split", ["r", "split"], ["a", "b"], axis=2)]
+    nodes += [helper.make_node("DequantizeLinear", [t, "s", "z"], [f"{t}_out"]) for t in ("a", "b")]
+    graph = helper.make_graph(nodes, "moves", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 3])],
+                              [helper.make_tensor_value_info(f"{t}_out", TensorProto.FLOAT, [2, 3, n]) for t, n in
+                               [("a", 10), ("b", 20)]] + [helper.make_tensor_value_info("c_out", TensorProto.FLOAT, [2, 3, 4, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rewritten = from_qoperator(model)
+    assert_standard(rewritten)
+    assert [n.op_type for n in rewritten.graph.node].count("QuantizeLinear") == 1 + 1 + 5 + 1  # Split: two outputs
+    x = (np.random.default_rng(2).standard_normal((2, 3, 4, 3)) * 3).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = session(model).run(["a_out", "b_out"], {"x": x})
+    assert np.ptp(want[0]) > 0 and (want[0] == want[0].min()).any()
+    for s in (session(rewritten), ort.InferenceSession(rewritten.SerializeToString(), opts)):
+        for got, ref in zip(s.run(["a_out", "b_out"], {"x": x}), want):
+            np.testing.assert_array_equal(got, ref)
 
 
 def test_blocked_and_float8_quantization_are_refused_by_name():
