@@ -195,8 +195,8 @@ def method_plans(entry: ModelEntry, specs, limits: Limits) -> list[MethodPlan]:
                                 f"{entry.name}; valid layers: {valid}")
             if layer is None and not valid:
                 raise invalid(f"methods[{i}]: {name} needs a layer, and model {entry.name} has none: no float "
-                              "feature map or token grid lies between its input and its scores (a model quantized "
-                              "in the QOperator format keeps its maps as integers)")
+                              "feature map or token grid lies between its input and its scores (a model that "
+                              "computes on integers keeps its maps as integers)")
             if layer is None:
                 raise invalid(f"methods[{i}]: model {entry.name} has no default layer for {name}; "
                               f"set layer to one of {valid}")
