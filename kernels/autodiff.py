@@ -430,19 +430,20 @@ def _refuse_integer_cuts(g: _Graph, nodes, active: set, of: str, wrt) -> None:
     DequantizeLinear that reads a quantized tensor (a QOperator-format node kernels.qdq could not rewrite). Left alone,
     the walk would find no path there and return a zero gradient for a model whose output plainly depends on it.
     Integer outputs of nodes that have a rule (Cast to an integer type, TopK's indices) and of NON_DIFFERENTIABLE
-    nodes are true zeros and pass."""
+    nodes are true zeros and pass; a node of another domain (com.microsoft's QLinearSoftmax) has no rule."""
     reaches = {of}
     for n in reversed(nodes):
         if any(o in reaches for o in n.output):
             reaches.update(i for i in n.input if i)
     for n in nodes:
-        if n.domain not in ("", "ai.onnx") or n.op_type in NON_DIFFERENTIABLE:
+        standard = n.domain in ("", "ai.onnx")
+        if standard and n.op_type in NON_DIFFERENTIABLE:
             continue
         cut = [o for o in n.output if o and o not in active and o in reaches]
         if not cut or not any(i in active for i in n.input):
             continue
         reads_quantized = any(i in g.real for i in n.input) and n.op_type != "DequantizeLinear"
-        if reads_quantized or n.op_type not in RULES:
+        if reads_quantized or not standard or n.op_type not in RULES:
             hint = (" Operators that compute on integers have no rules (kernels.qdq writes the QOperator format's "
                     "QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/Sigmoid/LeakyRelu/Softmax and pools "
                     "in the QDQ format, but not this node, nor dynamic quantization): quantize the model in the QDQ "

@@ -40,8 +40,9 @@ _MOVES = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeez
 
 
 class _Rewrite:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, shaped: onnx.ModelProto):
         self.model = model
+        self.shaped = shaped
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         g = model.graph
         self.values = {t.name: t for t in g.initializer}
@@ -53,6 +54,7 @@ class _Rewrite:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.count = 0
+        self.node_names = {n.name for n in g.node}
 
     def name(self, base: str) -> str:
         out, k = base, 1
@@ -64,8 +66,14 @@ class _Rewrite:
     def emit(self, op_type: str, inputs, output: str | None = None, base: str = "", **attrs) -> str:
         out = output or self.name(base)
         self.count += 1
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"qdq/{op_type}/{self.count}", **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.node_name(op_type), **attrs))
         return out
+
+    def node_name(self, op_type: str) -> str:
+        while f"qdq/{op_type}/{self.count}" in self.node_names:
+            self.count += 1
+        self.node_names.add(f"qdq/{op_type}/{self.count}")
+        return f"qdq/{op_type}/{self.count}"
 
     def const(self, value: np.ndarray, base: str) -> str:
         name = self.name(base)
@@ -174,7 +182,7 @@ class _Rewrite:
         x, xs, xz, ys, yz = n.input
         if not _attrs(n).get("channels_last", 0):
             return self.linear(n, "GlobalAveragePool", [(x, xs, xz)], (ys, yz))
-        rank = _rank_of(self.model, x)
+        rank = _rank_of(self.shaped, x)
         if rank is None:
             raise _Skip
         self.reduce_mean(n, x, xs, xz, ys, yz, list(range(1, rank - 1)), 1)
@@ -195,7 +203,7 @@ class _Rewrite:
     def qlinear_softmax(self, n):
         x, xs, xz, ys, yz = n.input
         attrs = _attrs(n)
-        axis, rank = attrs.get("axis", -1), _rank_of(self.model, x)
+        axis, rank = attrs.get("axis", -1), _rank_of(self.shaped, x)
         if rank is None or (attrs.get("opset", 13) < 13 and axis % rank != rank - 1):
             raise _Skip     # the legacy softmax flattens the dims from axis on
         self.linear(n, "Softmax", [(x, xs, xz)], (ys, yz), axis=axis)
@@ -225,8 +233,7 @@ class _Rewrite:
         keep_index = n.op_type == "MaxPool" and len(outs) > 1 and outs[1]
         if keep_index:      # MaxPool's indices are the same for the float map
             floats[1] = outs[1]
-        self.count += 1
-        self.nodes.append(helper.make_node(n.op_type, ins, floats, name=n.name or f"qdq/{n.op_type}/{self.count}",
+        self.nodes.append(helper.make_node(n.op_type, ins, floats, name=n.name or self.node_name(n.op_type),
                                            domain=n.domain, **_attrs(n)))
         for o, f in zip(outs[: 1 if keep_index else len(outs)], floats):
             if o:
@@ -250,6 +257,11 @@ class _Rewrite:
         changed = False
         for n in self.model.graph.node:
             domain = "" if n.domain == "ai.onnx" else n.domain
+            if n.op_type == "DequantizeLinear" and domain == "" and len(n.input) >= 2:
+                scale = self.value(n.input[1])
+                if scale is not None and scale.size == 1:     # a reader further on reuses the model's own
+                    zero = n.input[2] if len(n.input) > 2 else ""
+                    self.dequantized.setdefault((n.input[0], n.input[1], zero, None), n.output[0])
             fn = table.get((domain, n.op_type)) or (self.move if domain == "" and n.op_type in _MOVES else None)
             if n.op_type == "QuantizeLinear" and domain == "" and len(n.input) >= 2:
                 self.params[n.output[0]] = (n.input[1], n.input[2] if len(n.input) > 2 else "")
@@ -289,25 +301,39 @@ def _rank_of(model, name):
     return None
 
 
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the shapes ONNX can infer recorded (ranks for QLinearSoftmax and channels-last pools); `model`
+    itself when inference fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - ranks are a convenience here; kernels.graph reports a model that fails
+        return model
+
+
 def from_qoperator(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with its QOperator nodes (and the value-moving operators that read their integers) written in the
-    QDQ format; `model` itself when it has none. The com.microsoft opset import goes when no node uses it."""
-    if not any(n.op_type.startswith("QLinear") or n.op_type == "QGemm" for n in model.graph.node):
-        return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    r = _Rewrite(m)
-    if not r.run():
-        return model
-    read_before = {i for n in m.graph.node for i in n.input}
-    del m.graph.node[:]
-    m.graph.node.extend(r.nodes)
-    read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    keep = [t for t in m.graph.initializer if t.name in read or t.name not in read_before]   # the int32 biases go
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep + r.inits)
-    if not any(n.domain == _MS for n in m.graph.node):
-        keep = [o for o in m.opset_import if o.domain != _MS]
-        del m.opset_import[:]
-        m.opset_import.extend(keep)
-    return m
+    QDQ format; `model` itself when it has none. The com.microsoft opset import goes when no node uses it. A second
+    pass sees the shapes that ONNX infers once the first pass has written the com.microsoft nodes before a
+    QLinearSoftmax as standard operators (it needs its input's rank)."""
+    out = model
+    for _ in range(3):
+        if not any(n.op_type.startswith("QLinear") or n.op_type == "QGemm" for n in out.graph.node):
+            break
+        m = onnx.ModelProto()
+        m.CopyFrom(out)
+        r = _Rewrite(m, _with_shapes(out))
+        if not r.run():
+            break
+        read_before = {i for n in m.graph.node for i in n.input}
+        del m.graph.node[:]
+        m.graph.node.extend(r.nodes)
+        read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+        keep = [t for t in m.graph.initializer if t.name in read or t.name not in read_before]   # the int32 biases go
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep + r.inits)
+        if not any(n.domain == _MS for n in m.graph.node):
+            keep = [o for o in m.opset_import if o.domain != _MS]
+            del m.opset_import[:]
+            m.opset_import.extend(keep)
+        out = m
+    return out
