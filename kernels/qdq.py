@@ -11,10 +11,13 @@ and whose dequantized maps `graph` lists as layers.
 
 What stays the same: every integer tensor keeps its name and its values (a QuantizeLinear now writes it), the
 scores, the graph's inputs and outputs. onnxruntime's QDQ fusion turns DequantizeLinear -> operator ->
-QuantizeLinear back into its integer kernels when it can, so a forward-only session of the rewritten model computes
-what the QOperator model does. The float operator rounds once where the integer kernel rounds once, so where
-onnxruntime does not fuse (the augmented graph reads the float weights) an output may land on the quantization
-step next to the integer kernel's, as for any QDQ model.
+QuantizeLinear back into its integer kernels, so with uint8 activations a forward-only session of the rewritten
+model computes what the QOperator model does, bit for bit (EfficientNet-Lite0: the same 49 QLinearConv, 9
+QLinearAdd, QLinearGlobalAveragePool and QGemm after onnxruntime's optimisations). With int8 activations on x86 it
+leaves the convolutions around residual sums in float (its int8 -> uint8 conversion skips a QuantizeLinear with two
+readers), and those may round to the next step. The float operator rounds once where the integer kernel rounds
+once, so where onnxruntime does not fuse (the augmented graph reads the float weights) an output may land on the
+quantization step next to the integer kernel's, as for any QDQ model.
 
 Names: the map an integer tensor `t_quantized` stands for is `t_dequantized` (DequantizeLinear's output, what the
 next float operator reads, the name a layer is listed under); the float operator's output before its quantizer is
