@@ -268,14 +268,13 @@ class _Float(nn.Module):
         return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    """A float net and the three forms onnxruntime.quantization writes of it: QDQ (per channel), QOperator, dynamic."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+def _exported(net, d):
+    """`net` exported to d/float.onnx (legacy exporter, opset 17, dynamic batch), and a calibration reader factory:
+    8 standard-normal 16 x 16 images."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    d = tmp_path_factory.mktemp("quantized")
     torch.manual_seed(0)
-    torch.onnx.export(_Float().eval(), (torch.randn(2, 3, 16, 16),), str(d / "float.onnx"), dynamo=False,
+    torch.onnx.export(net().eval(), (torch.randn(2, 3, 16, 16),), str(d / "float.onnx"), dynamo=False,
                       opset_version=17, input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}})
 
     class Calibration(CalibrationDataReader):
@@ -285,6 +284,17 @@ def quantized(tmp_path_factory):
 
         def get_next(self):
             return next(self.feeds, None)
+
+    return Calibration
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A float net and the three forms onnxruntime.quantization writes of it: QDQ (per channel), QOperator, dynamic."""
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+
+    d = tmp_path_factory.mktemp("quantized")
+    Calibration = _exported(_Float, d)
 
     quantize_static(str(d / "float.onnx"), str(d / "qdq.onnx"), Calibration(), quant_format=QuantFormat.QDQ,
                     per_channel=True)
@@ -440,20 +450,10 @@ QOPERATOR = {"uint8 per channel": ("QUInt8", True), "int8 per tensor": ("QInt8",
 @pytest.fixture(scope="module")
 def qoperator(tmp_path_factory):
     """_Mixed in the QOperator format, both activation types."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     d = tmp_path_factory.mktemp("qoperator")
-    torch.manual_seed(0)
-    torch.onnx.export(_Mixed().eval(), (torch.randn(2, 3, 16, 16),), str(d / "float.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}})
-
-    class Calibration(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter({"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)}
-                              for i in range(8))
-
-        def get_next(self):
-            return next(self.feeds, None)
+    Calibration = _exported(_Mixed, d)
 
     out = {}
     for case, (activations, per_channel) in QOPERATOR.items():
