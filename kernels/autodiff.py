@@ -343,8 +343,13 @@ def _fold_dequantized_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     values = dequantized_constants(model)
     if values:
         keep = [n for n in model.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in values)]
+        read_before = {i for n in model.graph.node for i in n.input}
+        read = {i for n in keep for i in n.input} | {o.name for o in [*model.graph.output, *model.graph.input]}
         del model.graph.node[:]
         model.graph.node.extend(keep)
+        inits = [t for t in model.graph.initializer if t.name in read or t.name not in read_before]  # the integers go
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(inits)
         model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in values.items())
     return model
 
@@ -404,13 +409,14 @@ def _path(g: _Graph, of: str, wrt: Sequence[str]):
     for n in nodes:
         if n.op_type in NON_DIFFERENTIABLE and n.domain in ("", "ai.onnx"):
             continue  # (a custom-domain node stays on the path, so that the walk reports it has no rule)
-        if any(i in active for i in n.input):
-            for o in n.output:
-                if o and g.dtype(o) in _FLOAT_TYPES:
-                    active.add(o)
-                elif o and n.op_type in QUANTIZED and n.domain in ("", "ai.onnx"):
-                    active.add(o)
-                    g.real[o] = g.dtype(n.input[0])
+        if not any(i in active for i in n.input):
+            continue
+        if n.op_type in QUANTIZED and n.domain in ("", "ai.onnx"):
+            # the quantized output only: DynamicQuantizeLinear's scale and zero point are held constant
+            active.add(n.output[0])
+            g.real[n.output[0]] = g.dtype(n.input[0])
+        else:
+            active.update(o for o in n.output if o and g.dtype(o) in _FLOAT_TYPES)
     _refuse_integer_cuts(g, nodes, active, of, wrt)
     needed = {of}
     on_path = []
@@ -426,8 +432,8 @@ def _path(g: _Graph, of: str, wrt: Sequence[str]):
 
 def _refuse_integer_cuts(g: _Graph, nodes, active: set, of: str, wrt) -> None:
     """Raise where the derivative would silently stop at an integer tensor that the score still depends on: a node
-    without a rule that turns a tensor on the path into integers (DynamicQuantizeLinear), or any node but
-    DequantizeLinear that reads a quantized tensor (a QOperator-format node kernels.qdq could not rewrite). Left alone,
+    without a rule that turns a tensor on the path into integers, or any node but DequantizeLinear that reads a
+    quantized tensor (a QOperator-format node or an integer product kernels.qdq could not rewrite). Left alone,
     the walk would find no path there and return a zero gradient for a model whose output plainly depends on it.
     Integer outputs of nodes that have a rule (Cast to an integer type, TopK's indices) and of NON_DIFFERENTIABLE
     nodes are true zeros and pass; a node of another domain (com.microsoft's QLinearSoftmax) has no rule."""
@@ -445,8 +451,9 @@ def _refuse_integer_cuts(g: _Graph, nodes, active: set, of: str, wrt) -> None:
         reads_quantized = any(i in g.real for i in n.input) and n.op_type != "DequantizeLinear"
         if reads_quantized or not standard or n.op_type not in RULES:
             hint = (" Operators that compute on integers have no rules (kernels.qdq writes the QOperator format's "
-                    "QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/Sigmoid/LeakyRelu/Softmax and pools "
-                    "in the QDQ format, but not this node, nor dynamic quantization): quantize the model in the QDQ "
+                    "QLinearConv, QLinearMatMul, QGemm, QLinearAdd/Mul/Concat/Sigmoid/LeakyRelu/Softmax and pools, "
+                    "and dynamic quantization's ConvInteger/MatMulInteger -> Cast -> Mul by the two scales, in the "
+                    "QDQ format, but not this node): quantize the model in the QDQ "
                     "format instead (QuantizeLinear/DequantizeLinear around float operators, differentiated with the "
                     "straight-through estimator) or serve it with a gradient graph of your own."
                     if reads_quantized or "Quantize" in n.op_type else "")

@@ -201,7 +201,10 @@ def _cast(c):
 # QuantizeLinear passes it where round(x / s) + z fell inside the integer type's range and nowhere else: the
 # straight-through estimator with saturation, exactly the backward of torch.fake_quantize_per_{tensor,channel}_affine.
 # (The true derivative of rounding is zero almost everywhere, which would make every quantized model's map zero.)
-QUANTIZED = {"QuantizeLinear"}
+# DynamicQuantizeLinear (dynamic quantization) is a QuantizeLinear whose scale and zero point it computes from its
+# own input's range: its quantized output is treated the same way, with that scale and zero point held constant
+# (they are not differentiated, as a quantization-aware-trained net's observers are not).
+QUANTIZED = {"QuantizeLinear", "DynamicQuantizeLinear"}
 _INT_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
                TensorProto.INT16: (-32768, 32767), TensorProto.UINT4: (0, 15), TensorProto.INT4: (-8, 7)}
 
@@ -234,16 +237,27 @@ def _quantize_linear(c):
         bounds = [float(np.float32((b - z + d) * s)) for b, d in ((lo, -0.5), (hi, 0.5))]
         local = lambda g: _band_mask(c, x, *bounds, g)
     else:
-        q = c("Round", c("Div", x, _along_axis(c, scale, x)))
-        if zero:
-            q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
-        inside = c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
-        local = lambda g: _mask(c, inside, g)
+        local = lambda g: _mask(c, _inside(c, x, scale, zero, lo, hi), g)
     if zeros is not None and all(v == lo for v in zeros):
         # The range starts at exactly 0: a rectifier. Quantizers write ReLU/ReLU6 into the range and drop the node
         # (onnxruntime's does), so under guided and deconvnet this is where the model's ReLU went.
         return [_rectify(c, local), None, None]
     return [local(c.g), None, None]
+
+
+def _inside(c, x, scale, zero, lo, hi):
+    """round(x / scale) + zero lies in [lo, hi] (a boolean tensor shaped like x)."""
+    q = c("Round", c("Div", x, _along_axis(c, scale, x)))
+    if zero:
+        q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
+    return c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
+
+
+@rule("DynamicQuantizeLinear")
+def _dynamic_quantize_linear(c):
+    # uint8 over [min(x, 0), max(x, 0)]: only a value that rounds past 255 at the top of the range saturates. The
+    # model keeps its ReLUs (dynamic quantization absorbs none), so guided and deconvnet need nothing here.
+    return [_mask(c, _inside(c, c.x(0), c.y(1), c.y(2), 0, 255), c.g)]
 
 
 @rule("DequantizeLinear")

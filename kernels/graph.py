@@ -81,7 +81,7 @@ class Layer:
 
 def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
     """Parse, check and shape-infer a model given as a path, raw bytes or a ModelProto. A model quantized in the
-    QOperator format comes back in the QDQ format (kernels.qdq), so that it can be differentiated.
+    QOperator format, or dynamically, comes back in the QDQ format (kernels.qdq), so that it can be differentiated.
 
     Raises ValueError naming the problem: too large, not an ONNX model, fails the checker, no float input.
     """
@@ -575,7 +575,7 @@ _POINTWISE = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
     "Softplus", "Softsign", "Gelu", "Mish", "Erf", "ThresholdedRelu", "Swish", "BatchNormalization",
     "Add", "Sub", "Mul", "Div", "Dropout", "Identity", "Cast", "Neg", "Abs", "Pow", "Sqrt", "Max", "Min",
-    "QuantizeLinear", "DequantizeLinear",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
 }
 
 

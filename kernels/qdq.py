@@ -1,4 +1,5 @@
-"""Models quantized in the QOperator format, rewritten in the QDQ format so that they can be differentiated.
+"""Models quantized in the QOperator format or dynamically, rewritten in the QDQ format so that they can be
+differentiated.
 
 onnxruntime.quantization's QOperator format (the ONNX Model Zoo's int8 models) computes on integers: QLinearConv,
 QLinearMatMul and onnxruntime's com.microsoft QLinearAdd, QLinearMul, QLinearConcat, QGemm, ... read and write
@@ -23,6 +24,12 @@ Names: the map an integer tensor `t_quantized` stands for is `t_dequantized` (De
 next float operator reads, the name a layer is listed under); the float operator's output before its quantizer is
 `t_float`. A node the table does not know (QAttention, a QLinearAveragePool in channels-last layout ...) is left as
 it is, and `autodiff` names it when it lies on a path it must differentiate.
+
+Dynamic quantization (onnxruntime.quantization.quantize_dynamic) quantizes the input of each ConvInteger and
+MatMulInteger per run, DynamicQuantizeLinear(x) -> (q, s, z), and scales the integer product by s times the weight's
+scale (Cast, Mul). `integer_product` writes that as the float operator on DequantizeLinear(q, s, z) and the float
+weight: the scores equal the integer kernels' up to float rounding, DynamicQuantizeLinear stays (its rule passes the
+gradient straight through, s and z held constant).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ _MOVES = {"MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeez
           "Identity", "DepthToSpace", "SpaceToDepth", "Tile", "Expand", "ReduceMax", "ReduceMin", "Split", "Pad"}
 
 
+_INTEGER_OPS = {"QGemm", "MatMulInteger", "ConvInteger"}
+
+
 class _Rewrite:
     def __init__(self, model: onnx.ModelProto, shaped: onnx.ModelProto):
         self.model = model
@@ -58,6 +68,16 @@ class _Rewrite:
         self.inits: list[onnx.TensorProto] = []
         self.count = 0
         self.node_names = {n.name for n in g.node}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for n in g.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+            for o in n.output:
+                self.producer[o] = n
+        self.outputs = {o.name for o in g.output}
+        self.absorbed: set[tuple] = set()   # (op type, output) of later nodes a rewrite wrote into its own
+        self.orphaned: set[str] = set()     # tensors no node may read any more once the rewrite is done
 
     def name(self, base: str) -> str:
         out, k = base, 1
@@ -217,6 +237,45 @@ class _Rewrite:
             raise _Skip
         self.linear(n, "Concat", [tuple(rest[i:i + 3]) for i in range(0, len(rest), 3)], (ys, yz), **_attrs(n))
 
+    def integer_product(self, n):
+        """Dynamic quantization (onnxruntime.quantization.quantize_dynamic): DynamicQuantizeLinear(x) -> (q, s, z),
+        then MatMulInteger(q, w, z, wz) or ConvInteger -> Cast to float -> Mul by s * sw, the product of the two
+        scales. The integer product times s * sw is the float operator on the two real values s * (q - z) and
+        sw * (w - wz): that operator on the two dequantized inputs, written to the Mul's output, and the Cast and
+        the Mul go. `q` keeps its DynamicQuantizeLinear, whose rule passes the gradient straight through with its
+        scale and zero point held constant."""
+        a, b, az, bz = (list(n.input) + ["", "", ""])[:4]
+        cast = self.only_reader(n.output[0], "Cast")
+        if a not in self.params or cast is None or _attrs(cast).get("to") != onnx.TensorProto.FLOAT:
+            raise _Skip
+        mul = self.only_reader(cast.output[0], "Mul")
+        if mul is None or list(mul.input).count(cast.output[0]) != 1:
+            raise _Skip
+        scales = self.producer.get(next(i for i in mul.input if i != cast.output[0]))
+        sa, za = self.params[a]
+        if scales is None or scales.op_type != "Mul" or az != za or list(scales.input).count(sa) != 1:
+            raise _Skip
+        sb = next(i for i in scales.input if i != sa)
+        w, scale, zero = self.value(b), self.value(sb), self.value(bz) if bz else np.zeros((), np.int64)
+        if w is None or scale is None or zero is None or w.dtype.kind not in "iu" or scale.dtype != np.float32:
+            raise _Skip
+        if scale.size != 1 and (n.op_type == "ConvInteger" or scale.shape != w.shape[-1:]):
+            raise _Skip     # MatMulInteger: one scale per column of w (the Mul's broadcast), ConvInteger: one scale
+        # The weight as its float value (one rounding, as DequantizeLinear's): a DequantizeLinear of it would be
+        # fused by onnxruntime into MatMulNBits, which quantizes the activations again (accuracy level 4).
+        fw = self.const(((w.astype(np.int64) - zero.astype(np.int64)).astype(np.float32) * scale).astype(np.float32),
+                        f"{self.stem(b)}_dequantized")
+        op, attrs = ("MatMul", {}) if n.op_type == "MatMulInteger" else ("Conv", _attrs(n))
+        self.emit(op, [self.dq(a, sa, za), fw], output=mul.output[0], **attrs)
+        self.absorbed.update((("Cast", cast.output[0]), ("Mul", mul.output[0])))
+        if len(self.readers.get(scales.output[0], [])) == 1 and scales.output[0] not in self.outputs:
+            self.orphaned.add(scales.output[0])
+
+    def only_reader(self, t: str, op_type: str):
+        readers = self.readers.get(t, [])
+        ok = len(readers) == 1 and readers[0].op_type == op_type and readers[0].domain in ("", "ai.onnx")
+        return readers[0] if ok and t not in self.outputs else None
+
     def move(self, n):
         x = n.input[0]
         if x not in self.params or any(i in self.params for i in n.input[1:]):
@@ -256,9 +315,13 @@ class _Rewrite:
             (_MS, "QLinearReduceMean"): self.qlinear_reduce_mean,
             (_MS, "QLinearSoftmax"): self.qlinear_softmax,
             (_MS, "QLinearConcat"): self.qlinear_concat,
+            ("", "MatMulInteger"): self.integer_product,
+            ("", "ConvInteger"): self.integer_product,
         }
         changed = False
         for n in self.model.graph.node:
+            if n.output and (n.op_type, n.output[0]) in self.absorbed:
+                continue
             domain = "" if n.domain == "ai.onnx" else n.domain
             if n.op_type == "DequantizeLinear" and domain == "" and len(n.input) >= 2:
                 scale = self.value(n.input[1])
@@ -268,6 +331,8 @@ class _Rewrite:
             fn = table.get((domain, n.op_type)) or (self.move if domain == "" and n.op_type in _MOVES else None)
             if n.op_type == "QuantizeLinear" and domain == "" and len(n.input) >= 2:
                 self.params[n.output[0]] = (n.input[1], n.input[2] if len(n.input) > 2 else "")
+            if n.op_type == "DynamicQuantizeLinear" and domain == "" and len(n.output) == 3:
+                self.params[n.output[0]] = (n.output[1], n.output[2])
             if fn is None:
                 self.nodes.append(n)
                 continue
@@ -279,6 +344,7 @@ class _Rewrite:
                 del self.nodes[mark[0]:], self.inits[mark[1]:]
                 self.dequantized, self.params, self.taken = mark[2], mark[3], mark[4]
                 self.nodes.append(n)
+        self.nodes = [n for n in self.nodes if not (any(n.output) and set(n.output) - {''} <= self.orphaned)]
         return changed
 
     def qlinear_average_pool(self, n):
@@ -314,13 +380,13 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def from_qoperator(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with its QOperator nodes (and the value-moving operators that read their integers) written in the
-    QDQ format; `model` itself when it has none. The com.microsoft opset import goes when no node uses it. A second
-    pass sees the shapes that ONNX infers once the first pass has written the com.microsoft nodes before a
-    QLinearSoftmax as standard operators (it needs its input's rank)."""
+    """`model` with its QOperator nodes (and the value-moving operators that read their integers) and its dynamically
+    quantized integer products written in the QDQ format; `model` itself when it has none. The com.microsoft opset
+    import goes when no node uses it. A second pass sees the shapes that ONNX infers once the first pass has written
+    the com.microsoft nodes before a QLinearSoftmax as standard operators (it needs its input's rank)."""
     out = model
     for _ in range(3):
-        if not any(n.op_type.startswith("QLinear") or n.op_type == "QGemm" for n in out.graph.node):
+        if not any(n.op_type.startswith("QLinear") or n.op_type in _INTEGER_OPS for n in out.graph.node):
             break
         m = onnx.ModelProto()
         m.CopyFrom(out)

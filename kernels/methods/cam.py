@@ -166,7 +166,7 @@ def layer_run(combine: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callab
 
 LINEAR = {"Gemm", "MatMul"}
 RESHAPES = {"Flatten", "Reshape", "Squeeze", "Identity"}
-QDQ = {"QuantizeLinear", "DequantizeLinear"}   # a quantized head: the pairs round values, the head stays linear
+QDQ = {"QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear"}   # a quantized head: rounding, still linear
 
 
 def classifier_weights(model: onnx.ModelProto, layer: str, score: str) -> np.ndarray:

@@ -406,11 +406,134 @@ def test_dequantized_weights_are_folded_exactly(quantized):
     np.testing.assert_array_equal(folded, plain)
 
 
-def test_models_that_compute_on_integers_are_refused_by_name(quantized):
-    """Before: the walk stopped at the integer tensor and every gradient came back zero. Dynamic quantization
-    (DynamicQuantizeLinear -> ConvInteger/MatMulInteger) has no QDQ form that kernels.qdq writes."""
-    with pytest.raises(AutodiffError, match="DynamicQuantizeLinear.*QDQ format"):
-        augment(quantized["dynamic"])
+class _Tokens(nn.Module):
+    """What dynamic quantization is for: a patch embedding, a token projection (MatMulInteger, one scale per column
+    when quantized per channel), a token-mixing softmax product and a linear head, ReLU nowhere after the patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.proj, self.head = nn.Conv2d(3, 16, 4, 4), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).reshape(3, 16, 16).transpose(1, 2)
+        t = t + torch.softmax(self.proj(t) @ t.transpose(1, 2), -1) @ t
+        return self.head(t.mean(1))
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory, quantized):
+    """onnxruntime.quantization.quantize_dynamic's output for the CNN (its defaults: int8 weights per tensor) and
+    for the token net (fixed batch 3, int8 weights per column)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    d = tmp_path_factory.mktemp("dynamic")
+    torch.manual_seed(0)
+    torch.onnx.export(_Tokens().eval(), (torch.randn(3, 3, 16, 16),), str(d / "tokens.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"])
+    quantize_dynamic(str(d / "tokens.onnx"), str(d / "tokens_dynamic.onnx"), per_channel=True)
+    return {"cnn": quantized["dynamic"], "tokens": onnx.load(str(d / "tokens_dynamic.onnx"))}
+
+
+def torch_reading_dynamic(model):
+    """A dynamically quantized graph evaluated by torch op by op, as ONNX defines each node. DynamicQuantizeLinear:
+    scale (max(x, 0) - min(x, 0)) / 255 and zero point round(-min(x, 0) / scale) from x's values (held constant:
+    not differentiated), its uint8 codes as fake_quantize(x) / scale + zero point, whose backward is the
+    straight-through estimator; ConvInteger and MatMulInteger on those codes minus the zero points, exactly."""
+    import torch.nn.functional as F
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def run(x, env=None):
+        env = {} if env is None else env
+        env[model.graph.input[0].name] = x
+        val = lambda name: env[name] if name in env else torch.from_numpy(inits[name].astype(np.float32))
+        for n in model.graph.node:
+            a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
+            i = list(n.input)
+            if n.op_type == "DynamicQuantizeLinear":
+                v = val(i[0]).detach()
+                lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+                scale = float(np.float32(hi - lo) / np.float32(255))
+                zero = int(np.clip(np.rint(-lo / scale), 0, 255))
+                codes = torch.fake_quantize_per_tensor_affine(val(i[0]), scale, zero, 0, 255) / scale + zero
+                env.update(zip(n.output, (codes, torch.tensor(scale), torch.tensor(float(zero)))))
+                continue
+            if n.op_type in ("ConvInteger", "MatMulInteger"):
+                q, w = val(i[0]) - val(i[2]), val(i[1]) - val(i[3])
+                out = (F.conv2d(q, w, None, a.get("strides", 1), a.get("pads", [0, 0, 0, 0])[:2])
+                       if n.op_type == "ConvInteger" else q @ w)
+            elif n.op_type == "Constant":
+                out = torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+            elif n.op_type == "Reshape":
+                out = val(i[0]).reshape([int(v) for v in env[i[1]]] if i[1] in env else inits[i[1]].tolist())
+            elif n.op_type == "Transpose":
+                out = val(i[0]).permute(*a["perm"])
+            elif n.op_type in ("Add", "Mul", "MatMul"):
+                out = {"Add": torch.add, "Mul": torch.mul, "MatMul": torch.matmul}[n.op_type](val(i[0]), val(i[1]))
+            elif n.op_type in ("Cast", "Relu"):
+                out = val(i[0]) if n.op_type == "Cast" else torch.relu(val(i[0]))
+            elif n.op_type == "Softmax":
+                out = torch.softmax(val(i[0]), a.get("axis", -1))
+            elif n.op_type == "ReduceMean":
+                out = val(i[0]).mean(dim=tuple(a["axes"]), keepdim=bool(a.get("keepdims", 1)))
+            else:
+                raise AssertionError(f"the reading has no {n.op_type}")
+            env[n.output[0]] = out
+        return env[model.graph.output[0].name]
+
+    return run
+
+
+@pytest.mark.parametrize("net", ["cnn", "tokens"])
+def test_dynamically_quantized_model_gradients_match_torch_reading(dynamic, net):
+    """Before: refused (DynamicQuantizeLinear -> ConvInteger/MatMulInteger compute on integers). kernels.qdq writes
+    each integer product, its Cast and its Mul by the two scales as the float operator on the two dequantized
+    inputs: the scores equal onnxruntime's integer kernels' up to float rounding, the layers are the dequantized
+    maps, and the default layer's and the input's gradients at batch 3 with different seed rows match torch autograd
+    on the original graph read op by op (DynamicQuantizeLinear's scale and zero point held constant)."""
+    from onnxplain.kernels.qdq import from_qoperator
+
+    original = dynamic[net]
+    ops = {n.op_type for n in original.graph.node}
+    assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"} <= ops
+    rewritten = from_qoperator(original)
+    assert_standard(rewritten)
+    assert not {n.op_type for n in rewritten.graph.node} & {"ConvInteger", "MatMulInteger", "Cast"}
+    x = (np.random.default_rng(4).standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
+    want = session(original).run(["logits"], {"x": x})[0]
+    np.testing.assert_allclose(session(rewritten).run(["logits"], {"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+    model = G.load_model(original)
+    layer = G.default_layer(model).name
+    assert all(not layer.name.endswith("_quantized") for layer in G.candidate_layers(model))
+    seed = np.random.default_rng(5).standard_normal((3, 5)).astype(np.float32)
+    aug = augment(model, layers=[layer])
+    assert_standard(aug)
+    logits, gl, gx = session(aug).run(["logits", f"{layer}__grad", "x__grad"], {"x": x, "seed": seed})
+    xx = torch.from_numpy(x).requires_grad_()
+    env = {}
+    reference = torch_reading_dynamic(original)(xx, env)
+    env[layer].retain_grad()
+    (reference * torch.from_numpy(seed)).sum().backward()
+    np.testing.assert_allclose(logits, reference.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(gx).max() > 0 and np.abs(gl).max() > 0
+    assert rel(gl, env[layer].grad.numpy()) < 1e-4
+    assert rel(gx, xx.grad.numpy()) < 1e-4
+
+
+def test_an_integer_product_the_rewrite_cannot_read_is_named(dynamic):
+    """A ConvInteger whose output is scaled by a constant (not the product of its input's dynamic scale and the
+    weight's) is not dynamic quantization's pattern: it is kept, and the refusal names it instead of a zero
+    gradient."""
+    model = onnx.ModelProto()
+    model.CopyFrom(dynamic["cnn"])
+    scales = next(n for n in model.graph.node if n.op_type == "Mul" and "quant_scales" in n.output[0])
+    reader = next(n for n in model.graph.node if scales.output[0] in n.input)
+    constants = {t.name for t in model.graph.initializer}
+    reader.input[list(reader.input).index(scales.output[0])] = next(i for i in scales.input if i in constants)
+    conv = next(n for n in model.graph.node if n.op_type == "ConvInteger")
+    with pytest.raises(AutodiffError, match=f"ConvInteger.*{conv.name}.*QDQ format"):
+        augment(model)
 
 
 def test_a_qoperator_node_the_rewrite_cannot_read_is_named(quantized):
