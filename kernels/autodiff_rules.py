@@ -255,9 +255,16 @@ def _inside(c, x, scale, zero, lo, hi):
 
 @rule("DynamicQuantizeLinear")
 def _dynamic_quantize_linear(c):
-    # uint8 over [min(x, 0), max(x, 0)]: only a value that rounds past 255 at the top of the range saturates. The
-    # model keeps its ReLUs (dynamic quantization absorbs none), so guided and deconvnet need nothing here.
-    return [_mask(c, _inside(c, c.x(0), c.y(1), c.y(2), 0, 255), c.g)]
+    # uint8 over [min(x, 0), max(x, 0)]: round(x / s) + z lies in [0, 255] iff x lies between the rounding
+    # boundaries (0 - z - 0.5) * s and (255 - z + 0.5) * s (up to ties at exactly half a step), which are scalars:
+    # x == clip(x, lo, hi) in two passes over x instead of the seven of dividing, rounding and comparing. Only the
+    # top of the range can saturate (by one step). The model keeps its ReLUs (dynamic quantization absorbs none), so
+    # guided and deconvnet need nothing here.
+    x, scale = c.x(0), c.y(1)
+    zero = c("Cast", c.y(2), to=c.dtype(x))
+    lo = c("Mul", c("Sub", _k(c, -0.5), zero), scale)
+    hi = c("Mul", c("Sub", _k(c, 255.5), zero), scale)
+    return [_mask(c, c("Equal", c("Clip", x, lo, hi), x), c.g)]
 
 
 @rule("DequantizeLinear")
