@@ -208,7 +208,11 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
         model = graph.with_input_size(model, pre.height, pre.width)
     score = graph.score_tensor(model)
     served = model if score in {o.name for o in model.graph.output} else graph.expose(model, [score])
-    max_batch = 1 if shape[0] == 1 else limits.max_batch   # a fixed batch of 1 cannot be batched
+    # A fixed batch of 1 cannot be batched. A dynamically quantized model computes one scale per tensor over the
+    # whole batch it runs, so a sample batched with others (SmoothGrad's noisy copies, integrated gradients' steps,
+    # other images) would be quantized with their range: it runs alone, as each image is a function of itself.
+    coupled = any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
+    max_batch = 1 if shape[0] == 1 or coupled else limits.max_batch
     runner = Runner(served, score, input_name, max_batch=max_batch, providers=pick_providers(provider),
                     threads=threads)
     try:

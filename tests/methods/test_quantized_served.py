@@ -182,6 +182,27 @@ def test_every_method_runs_on_a_model_that_computes_on_integers_and_agrees_with_
         assert _final(client.explain(model, [image], [("occlusion", {"window": 16, "stride": 8})]))
 
 
+def test_a_dynamically_quantized_model_runs_each_sample_alone(quantized_server):
+    """Its quantizers take one scale over the whole batch they run, so a sample batched with others would be
+    quantized with their range: the server runs it one sample per run (GetModel reports max_batch 1), and an
+    image's scores are the same alone and among others, as are its integrated gradients (their steps batched for a
+    float model), bit for bit."""
+    from onnxplain.default_model import shapes
+
+    images = [png_bytes(image) for image in shapes.generate(3, seed=5, size=96).images]
+    with Client(quantized_server.address, timeout=300) as client:
+        assert client.model("shapes_dynamic").limits.max_batch == 1
+        assert client.model("shapes").limits.max_batch > 1
+        together = client.predict("shapes_dynamic", images, top_k=3)
+        for i, image in enumerate(images):
+            alone = client.predict("shapes_dynamic", [image], top_k=3)[0]
+            assert [(c.class_id, c.logit) for c in alone.top] == [(c.class_id, c.logit) for c in together[i].top]
+        ig = ("integrated_gradients", {"steps": 8})
+        together = _final(client.explain("shapes_dynamic", images[:2], [ig], targets=[1]))
+        alone = _final(client.explain("shapes_dynamic", images[1:2], [ig], targets=[1]))
+        np.testing.assert_array_equal(together[1].map, alone[0].map)
+
+
 def test_a_model_that_computes_on_integers_gets_forward_methods_and_a_named_refusal(quantized_server):
     """A MatMulInteger that kernels.qdq cannot read (its output scaled by a constant, not by its input's dynamic
     scale), in the head, so on every path: gradient methods get FAILED_PRECONDITION naming it, forward methods serve
