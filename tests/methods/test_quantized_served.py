@@ -40,9 +40,9 @@ AGREEMENT = {"gradient": 0.55, "input_x_gradient": 0.55, "smoothgrad": 0.55, "in
 QOP_AGREEMENT = {"gradient": 0.85, "input_x_gradient": 0.8, "smoothgrad": 0.25, "integrated_gradients": 0.85,
                  "guided_backprop": 0.95, "deconvnet": 0.85, "guided_gradcam": 0.95}
 # The same for its dynamically quantized version (onnxruntime.quantization.quantize_dynamic: int8 weights per tensor,
-# each convolution's and the head's input quantized to uint8 over its own range per run); measured when the test was
-# written: CAM methods 1.000, guided backprop and guided Grad-CAM 0.998, integrated gradients 0.967, deconvnet 0.963,
-# gradient 0.951, input x gradient 0.916, SmoothGrad (4 samples) 0.859.
+# each convolution's and the head's input quantized to uint8 over its own range per run, one sample per run);
+# measured when the test was written: CAM methods 1.000, guided backprop and guided Grad-CAM 0.998, integrated
+# gradients 0.971, deconvnet 0.963, gradient 0.951, input x gradient 0.916, SmoothGrad (4 samples) 0.855.
 DYNAMIC_AGREEMENT = {"gradient": 0.85, "input_x_gradient": 0.8, "smoothgrad": 0.7, "integrated_gradients": 0.9,
                      "guided_backprop": 0.95, "deconvnet": 0.9, "guided_gradcam": 0.95}
 
