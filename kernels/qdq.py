@@ -28,8 +28,9 @@ it is, and `autodiff` names it when it lies on a path it must differentiate.
 Dynamic quantization (onnxruntime.quantization.quantize_dynamic) quantizes the input of each ConvInteger and
 MatMulInteger per run, DynamicQuantizeLinear(x) -> (q, s, z), and scales the integer product by s times the weight's
 scale (Cast, Mul). `integer_product` writes that as the float operator on DequantizeLinear(q, s, z) and the float
-weight: the scores equal the integer kernels' up to float rounding, DynamicQuantizeLinear stays (its rule passes the
-gradient straight through, s and z held constant).
+weight: the scores equal the integer kernels' up to float rounding (a last-bit difference may flip the next
+quantizer's rounding: on EfficientNet-Lite0, 49 of them deep, up to 0.17 on logits spanning 9 to 13), and
+DynamicQuantizeLinear stays (its rule passes the gradient straight through, s and z held constant).
 """
 
 from __future__ import annotations
