@@ -304,10 +304,14 @@ def quantized(tmp_path_factory):
 
 
 def torch_reading(model):
-    """The QDQ graph evaluated by torch, op by op (the ops onnxruntime's quantizer writes here, and those
+    """A quantized graph evaluated by torch, op by op (the ops onnxruntime's quantizer writes here, and those
     kernels.qdq writes for its QOperator form): each QuantizeLinear -> DequantizeLinear pair on an activation becomes
     torch.fake_quantize_per_tensor_affine, whose backward is the straight-through estimator; quantized weights and
-    biases are dequantized constants. `run(x, env)` fills `env` with every tensor it computed."""
+    biases are dequantized constants. Dynamic quantization as ONNX defines it: DynamicQuantizeLinear's scale
+    (max(x, 0) - min(x, 0)) / 255 and zero point round(-min(x, 0) / scale) come from x's values (held constant: not
+    differentiated), its uint8 codes are fake_quantize(x) / scale + zero point (the same backward), ConvInteger and
+    MatMulInteger act on those codes minus the zero points, exactly. `run(x, env)` fills `env` with every tensor it
+    computed."""
     import torch.nn.functional as F
 
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -322,6 +326,14 @@ def torch_reading(model):
             i = list(n.input)
             if n.op_type == "QuantizeLinear":
                 quantized[n.output[0]] = (i[0], i[1], i[2])
+                continue
+            if n.op_type == "DynamicQuantizeLinear":
+                v = val(i[0]).detach()
+                lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+                scale = float(np.float32(hi - lo) / np.float32(255))
+                zero = int(np.clip(np.rint(-lo / scale), 0, 255))
+                codes = torch.fake_quantize_per_tensor_affine(val(i[0]), scale, zero, 0, 255) / scale + zero
+                env.update(zip(n.output, (codes, torch.tensor(scale), torch.tensor(float(zero)))))
                 continue
             if n.op_type == "DequantizeLinear" and i[0] in quantized:
                 src, s, z = quantized[i[0]]
@@ -345,8 +357,20 @@ def torch_reading(model):
                 out = getattr(torch, n.op_type.lower())(val(i[0]))
             elif n.op_type == "LeakyRelu":
                 out = F.leaky_relu(val(i[0]), a.get("alpha", 0.01))
-            elif n.op_type in ("Add", "Mul"):
-                out = val(i[0]) + val(i[1]) if n.op_type == "Add" else val(i[0]) * val(i[1])
+            elif n.op_type in ("ConvInteger", "MatMulInteger"):
+                q, w = val(i[0]) - val(i[2]), val(i[1]) - val(i[3])
+                out = (F.conv2d(q, w, None, a.get("strides", 1), a.get("pads", [0, 0, 0, 0])[:2])
+                       if n.op_type == "ConvInteger" else q @ w)
+            elif n.op_type in ("Add", "Mul", "MatMul"):
+                out = {"Add": torch.add, "Mul": torch.mul, "MatMul": torch.matmul}[n.op_type](val(i[0]), val(i[1]))
+            elif n.op_type in ("Cast", "Constant"):
+                out = val(i[0]) if n.op_type == "Cast" else torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+            elif n.op_type == "Reshape":
+                out = val(i[0]).reshape([int(v) for v in env[i[1]]] if i[1] in env else inits[i[1]].tolist())
+            elif n.op_type == "Transpose":
+                out = val(i[0]).permute(*a["perm"])
+            elif n.op_type == "Softmax":
+                out = torch.softmax(val(i[0]), a.get("axis", -1))
             elif n.op_type == "Concat":
                 out = torch.cat([val(t) for t in i], a["axis"])
             elif n.op_type in ("ReduceMean", "GlobalAveragePool"):
@@ -434,63 +458,14 @@ def dynamic(tmp_path_factory, quantized):
     return {"cnn": quantized["dynamic"], "tokens": onnx.load(str(d / "tokens_dynamic.onnx"))}
 
 
-def torch_reading_dynamic(model):
-    """A dynamically quantized graph evaluated by torch op by op, as ONNX defines each node. DynamicQuantizeLinear:
-    scale (max(x, 0) - min(x, 0)) / 255 and zero point round(-min(x, 0) / scale) from x's values (held constant:
-    not differentiated), its uint8 codes as fake_quantize(x) / scale + zero point, whose backward is the
-    straight-through estimator; ConvInteger and MatMulInteger on those codes minus the zero points, exactly."""
-    import torch.nn.functional as F
-
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-    def run(x, env=None):
-        env = {} if env is None else env
-        env[model.graph.input[0].name] = x
-        val = lambda name: env[name] if name in env else torch.from_numpy(inits[name].astype(np.float32))
-        for n in model.graph.node:
-            a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
-            i = list(n.input)
-            if n.op_type == "DynamicQuantizeLinear":
-                v = val(i[0]).detach()
-                lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
-                scale = float(np.float32(hi - lo) / np.float32(255))
-                zero = int(np.clip(np.rint(-lo / scale), 0, 255))
-                codes = torch.fake_quantize_per_tensor_affine(val(i[0]), scale, zero, 0, 255) / scale + zero
-                env.update(zip(n.output, (codes, torch.tensor(scale), torch.tensor(float(zero)))))
-                continue
-            if n.op_type in ("ConvInteger", "MatMulInteger"):
-                q, w = val(i[0]) - val(i[2]), val(i[1]) - val(i[3])
-                out = (F.conv2d(q, w, None, a.get("strides", 1), a.get("pads", [0, 0, 0, 0])[:2])
-                       if n.op_type == "ConvInteger" else q @ w)
-            elif n.op_type == "Constant":
-                out = torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
-            elif n.op_type == "Reshape":
-                out = val(i[0]).reshape([int(v) for v in env[i[1]]] if i[1] in env else inits[i[1]].tolist())
-            elif n.op_type == "Transpose":
-                out = val(i[0]).permute(*a["perm"])
-            elif n.op_type in ("Add", "Mul", "MatMul"):
-                out = {"Add": torch.add, "Mul": torch.mul, "MatMul": torch.matmul}[n.op_type](val(i[0]), val(i[1]))
-            elif n.op_type in ("Cast", "Relu"):
-                out = val(i[0]) if n.op_type == "Cast" else torch.relu(val(i[0]))
-            elif n.op_type == "Softmax":
-                out = torch.softmax(val(i[0]), a.get("axis", -1))
-            elif n.op_type == "ReduceMean":
-                out = val(i[0]).mean(dim=tuple(a["axes"]), keepdim=bool(a.get("keepdims", 1)))
-            else:
-                raise AssertionError(f"the reading has no {n.op_type}")
-            env[n.output[0]] = out
-        return env[model.graph.output[0].name]
-
-    return run
-
-
 @pytest.mark.parametrize("net", ["cnn", "tokens"])
 def test_dynamically_quantized_model_gradients_match_torch_reading(dynamic, net):
     """Before: refused (DynamicQuantizeLinear -> ConvInteger/MatMulInteger compute on integers). kernels.qdq writes
     each integer product, its Cast and its Mul by the two scales as the float operator on the two dequantized
     inputs: the scores equal onnxruntime's integer kernels' up to float rounding, the layers are the dequantized
     maps, and the default layer's and the input's gradients at batch 3 with different seed rows match torch autograd
-    on the original graph read op by op (DynamicQuantizeLinear's scale and zero point held constant)."""
+    on the original graph read op by op (torch_reading: DynamicQuantizeLinear's scale and zero point held
+    constant)."""
     from onnxplain.kernels.qdq import from_qoperator
 
     original = dynamic[net]
@@ -506,19 +481,7 @@ def test_dynamically_quantized_model_gradients_match_torch_reading(dynamic, net)
     model = G.load_model(original)
     layer = G.default_layer(model).name
     assert all(not layer.name.endswith("_quantized") for layer in G.candidate_layers(model))
-    seed = np.random.default_rng(5).standard_normal((3, 5)).astype(np.float32)
-    aug = augment(model, layers=[layer])
-    assert_standard(aug)
-    logits, gl, gx = session(aug).run(["logits", f"{layer}__grad", "x__grad"], {"x": x, "seed": seed})
-    xx = torch.from_numpy(x).requires_grad_()
-    env = {}
-    reference = torch_reading_dynamic(original)(xx, env)
-    env[layer].retain_grad()
-    (reference * torch.from_numpy(seed)).sum().backward()
-    np.testing.assert_allclose(logits, reference.detach().numpy(), rtol=1e-4, atol=1e-5)
-    assert np.abs(gx).max() > 0 and np.abs(gl).max() > 0
-    assert rel(gl, env[layer].grad.numpy()) < 1e-4
-    assert rel(gx, xx.grad.numpy()) < 1e-4
+    _gradients_match_the_reading(model, layer, torch_reading(original), x, atol=1e-5)
 
 
 def test_an_integer_product_the_rewrite_cannot_read_is_named(dynamic):
@@ -626,16 +589,22 @@ def test_qoperator_model_gradients_match_torch_reading(qoperator, case):
     layer = G.default_layer(model).name
     assert layer == "/LeakyRelu_output_0_dequantized"
     x = (np.random.default_rng(4).standard_normal((3, 3, 16, 16)) * 2).astype(np.float32)
-    seed = np.random.default_rng(5).standard_normal((3, 5)).astype(np.float32)
+    _gradients_match_the_reading(model, layer, torch_reading(model), x, atol=1e-4)
+
+
+def _gradients_match_the_reading(model, layer, reading, x, atol):
+    """`layer`'s and the input's gradients of `model` at x's batch with different seed rows (5 classes) against
+    torch autograd through `reading` (rel < 1e-4), and the scores against its forward."""
+    seed = np.random.default_rng(5).standard_normal((len(x), 5)).astype(np.float32)
     aug = augment(model, layers=[layer])
     assert_standard(aug)
     logits, gl, gx = session(aug).run(["logits", f"{layer}__grad", "x__grad"], {"x": x, "seed": seed})
     xx = torch.from_numpy(x).requires_grad_()
     env = {}
-    want = torch_reading(model)(xx, env)
+    want = reading(xx, env)
     env[layer].retain_grad()
     (want * torch.from_numpy(seed)).sum().backward()
-    np.testing.assert_allclose(logits, want.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, want.detach().numpy(), rtol=1e-4, atol=atol)
     assert np.abs(gx).max() > 0 and np.abs(gl).max() > 0
     assert rel(gl, env[layer].grad.numpy()) < 1e-4
     assert rel(gx, xx.grad.numpy()) < 1e-4
