@@ -237,20 +237,16 @@ def _quantize_linear(c):
         bounds = [float(np.float32((b - z + d) * s)) for b, d in ((lo, -0.5), (hi, 0.5))]
         local = lambda g: _band_mask(c, x, *bounds, g)
     else:
-        local = lambda g: _mask(c, _inside(c, x, scale, zero, lo, hi), g)
+        q = c("Round", c("Div", x, _along_axis(c, scale, x)))
+        if zero:
+            q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
+        inside = c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
+        local = lambda g: _mask(c, inside, g)
     if zeros is not None and all(v == lo for v in zeros):
         # The range starts at exactly 0: a rectifier. Quantizers write ReLU/ReLU6 into the range and drop the node
         # (onnxruntime's does), so under guided and deconvnet this is where the model's ReLU went.
         return [_rectify(c, local), None, None]
     return [local(c.g), None, None]
-
-
-def _inside(c, x, scale, zero, lo, hi):
-    """round(x / scale) + zero lies in [lo, hi] (a boolean tensor shaped like x)."""
-    q = c("Round", c("Div", x, _along_axis(c, scale, x)))
-    if zero:
-        q = c("Add", q, c("Cast", _along_axis(c, zero, x), to=c.dtype(x)))
-    return c("And", c("GreaterOrEqual", q, _k(c, lo)), c("LessOrEqual", q, _k(c, hi)))
 
 
 @rule("DynamicQuantizeLinear")

@@ -260,7 +260,7 @@ class _Rewrite:
         w, scale, zero = self.value(b), self.value(sb), self.value(bz) if bz else np.zeros((), np.int64)
         if w is None or scale is None or zero is None or w.dtype.kind not in "iu" or scale.dtype != np.float32:
             raise _Skip
-        if scale.size != 1 and (n.op_type == "ConvInteger" or scale.shape != w.shape[-1:]):
+        if any(v.size != 1 and (n.op_type == "ConvInteger" or v.shape != w.shape[-1:]) for v in (scale, zero)):
             raise _Skip     # MatMulInteger: one scale per column of w (the Mul's broadcast), ConvInteger: one scale
         # The weight as its float value (one rounding, as DequantizeLinear's): a DequantizeLinear of it would be
         # fused by onnxruntime into MatMulNBits, which quantizes the activations again (accuracy level 4).
