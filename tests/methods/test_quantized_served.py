@@ -185,8 +185,7 @@ def test_every_method_runs_on_a_model_that_computes_on_integers_and_agrees_with_
 def test_a_dynamically_quantized_model_runs_each_sample_alone(quantized_server):
     """Its quantizers take one scale over the whole batch they run, so a sample batched with others would be
     quantized with their range: the server runs it one sample per run (GetModel reports max_batch 1), and an
-    image's scores are the same alone and among others, as are its integrated gradients (their steps batched for a
-    float model), bit for bit."""
+    image's scores are the same alone and among others, bit for bit (batched, they move by 2e-3 here)."""
     from onnxplain.default_model import shapes
 
     images = [png_bytes(image) for image in shapes.generate(3, seed=5, size=96).images]
@@ -197,10 +196,6 @@ def test_a_dynamically_quantized_model_runs_each_sample_alone(quantized_server):
         for i, image in enumerate(images):
             alone = client.predict("shapes_dynamic", [image], top_k=3)[0]
             assert [(c.class_id, c.logit) for c in alone.top] == [(c.class_id, c.logit) for c in together[i].top]
-        ig = ("integrated_gradients", {"steps": 8})
-        together = _final(client.explain("shapes_dynamic", images[:2], [ig], targets=[1]))
-        alone = _final(client.explain("shapes_dynamic", images[1:2], [ig], targets=[1]))
-        np.testing.assert_array_equal(together[1].map, alone[0].map)
 
 
 def test_a_model_that_computes_on_integers_gets_forward_methods_and_a_named_refusal(quantized_server):
