@@ -40,15 +40,19 @@ class Passes:
 
 
 class Runner:
-    """Runs a model and graphs composed around it, in batches of at most `max_batch` samples."""
+    """Runs a model and graphs composed around it, in batches of at most `max_batch` samples, and at most
+    `max_rows` seed rows (targets) on one sample's forward (sample_gradients, head_gradients; default max_batch).
+    A model whose batch couples its samples (dynamic quantization: one scale over the whole batch) runs one sample
+    per run, but its rows on one sample still share a run: copies of one sample have one range."""
 
     def __init__(self, model: onnx.ModelProto, score_name: str, input_name: str, *,
-                 max_batch: int = 32, providers: list[str] | None = None, threads: int = 0,
-                 spinning: bool = False):
+                 max_batch: int = 32, max_rows: int | None = None, providers: list[str] | None = None,
+                 threads: int = 0, spinning: bool = False):
         self.model = model
         self.score_name = score_name
         self.input_name = input_name
         self.max_batch = max_batch
+        self.max_rows = max_rows or max_batch
         _quiet_blas()
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -160,7 +164,7 @@ class Runner:
                          rule: str = "standard", layer_rule: str | None = None) -> dict[str, np.ndarray] | None:
         """Many seed rows on one sample [1, ...]: what `gradients` gives for one copy of the sample per row (each
         layer's activation, once here, [1, ...]; per row its gradient and the input gradient), from one forward
-        of the sample per max_batch rows instead of one per row (autodiff.share_forward of the gradient graph
+        of the sample per max_rows rows instead of one per row (autodiff.share_forward of the gradient graph
         `gradients` runs). A lone row runs that graph itself: the shared one's forward has a static batch of one
         and its backward K rows, so onnxruntime keeps fewer of the backward's element-wise products in its blocked
         layout, and at one row it is slower (ResNet-50 79 -> 87 ms, EfficientNet-Lite0 20 -> 25 ms on 2 cores;
@@ -172,8 +176,8 @@ class Runner:
             return None
         grads = [*(f"{name}__grad" for name in layers), f"{self.input_name}__grad"]
         chunks, once = [], []
-        for i in range(0, len(seed), self.max_batch):
-            rows = seed[i:i + self.max_batch]
+        for i in range(0, len(seed), self.max_rows):
+            rows = seed[i:i + self.max_rows]
             if len(rows) == 1:
                 out = self.gradients(sample, rows, passes, layers, rule, layer_rule=layer_rule)
                 out = [out[name] for name in (*layers, *grads)]
@@ -225,7 +229,7 @@ class Runner:
                        body: list[np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
         """Many seed rows on one sample: the layer's activation [1, ...] and `<layer>__grad` per seed row, from one
         run of the model's body (inputs -> layer; or `body`, what `body` gave for this sample) and runs of its
-        head's gradient graph (layer -> scores) only, max_batch rows at a time. A layer's gradient for T targets
+        head's gradient graph (layer -> scores) only, max_rows rows at a time. A layer's gradient for T targets
         then costs one forward of the body instead of T (`gradients` repeats the sample once per target). None
         when a supplied gradient graph covers the layer (it is used as it is), or when the model cannot be cut at
         the layer or its head cannot be differentiated (`gradients` then runs the whole model per row, or says why
@@ -238,8 +242,8 @@ class Runner:
         names = [layer, *self.cached(f"body/{layer}", lambda: self._cut(layer))[2]]
         tensors = body if body is not None else self.body(sample, passes, layer)
         chunks = []
-        for i in range(0, len(seed), self.max_batch):
-            rows = seed[i:i + self.max_batch]
+        for i in range(0, len(seed), self.max_rows):
+            rows = seed[i:i + self.max_rows]
             feeds = {name: np.repeat(value, len(rows), axis=0) for name, value in zip(names, tensors)}
             chunks.append(self.run(head[0], [f"{layer}__grad"], {**feeds, "seed": rows}, passes, backward=True))
         return {layer: tensors[0], **_joined([f"{layer}__grad"], chunks)}

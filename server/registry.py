@@ -211,10 +211,11 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
     # A fixed batch of 1 cannot be batched. A dynamically quantized model computes one scale per tensor over the
     # whole batch it runs, so a sample batched with others (SmoothGrad's noisy copies, integrated gradients' steps,
     # other images) would be quantized with their range: it runs alone, as each image is a function of itself.
+    # Its targets still share a run (one forward, a seed row each): copies of one sample have that sample's range.
     coupled = any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
     max_batch = 1 if shape[0] == 1 or coupled else limits.max_batch
-    runner = Runner(served, score, input_name, max_batch=max_batch, providers=pick_providers(provider),
-                    threads=threads)
+    runner = Runner(served, score, input_name, max_batch=max_batch, max_rows=1 if shape[0] == 1 else limits.max_batch,
+                    providers=pick_providers(provider), threads=threads)
     try:
         scores = runner.scores(np.zeros((1, *pre.sample_shape), np.float32), Passes())
     except Exception as exc:

@@ -226,8 +226,8 @@ def job_bytes(entry: ModelEntry, plans: list[MethodPlan], images: int, targets: 
     the maps it holds (input-sized attributions when asked). Activations inside the model are not counted."""
     sample = 4 * int(np.prod(entry.preprocessing.sample_shape))
     kinds = 1 + 2 * any(plan.method.uses_gradients for plan in plans)
-    return images * sample + entry.runner.max_batch * sample * kinds + map_bytes(entry, len(plans), images, targets,
-                                                                                attributions)
+    rows = max(entry.runner.max_batch, entry.runner.max_rows)
+    return images * sample + rows * sample * kinds + map_bytes(entry, len(plans), images, targets, attributions)
 
 
 def map_bytes(entry: ModelEntry, methods: int, images: int, targets: int, attributions: bool) -> int:

@@ -235,7 +235,7 @@ def run_cam(job: Job) -> Iterator[Event]:
 def run_guided_gradcam(job: Job) -> Iterator[Event]:
     """Guided backpropagation's input gradient and Grad-CAM's layer gradient come from one forward: the graph has
     two backward passes from the same seed, one under the guided rule to the input, one under the standard rule
-    to the layer (kernels.autodiff.augment's layer_rule), and one forward of the image serves max_batch targets
+    to the layer (kernels.autodiff.augment's layer_rule), and one forward of the image serves max_rows targets
     where the graph allows (Runner.sample_gradients). Either part that another method of the request computed
     already (guided backprop; Grad-CAM and the other CAM methods) is read from Job.shared, and what this one
     computes is left there for them. With a supplied gradient graph (one rule each) the parts are two runs, so
@@ -253,8 +253,8 @@ def run_guided_gradcam(job: Job) -> Iterator[Event]:
     else:
         g, guided = [], []
         seed = one_hot(job.targets, runner.num_classes)
-        for start in range(0, len(seed), runner.max_batch):
-            rows = seed[start:start + runner.max_batch]
+        for start in range(0, len(seed), runner.max_rows):
+            rows = seed[start:start + runner.max_rows]
             out = runner.sample_gradients(job.sample[None], rows, job.passes, layers=(layer.name,), rule="guided",
                                           layer_rule="standard")
             if out is None:

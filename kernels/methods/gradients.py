@@ -56,7 +56,7 @@ def input_gradient_key(rule: str, targets: np.ndarray) -> tuple:
 
 
 def per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
-    """One gradient per target of the image itself: from one forward of the image for max_batch targets at a time
+    """One gradient per target of the image itself: from one forward of the image for max_rows targets at a time
     (Runner.sample_gradients), or, where the gradient graph does not allow that, from one copy per target.
     Computed once per sample and rule, and reused by the request's other methods (Job.shared): gradient and
     input x gradient read the same gradients, guided backprop and guided Grad-CAM the same guided ones."""
@@ -67,14 +67,14 @@ def per_target(job: Job, rule: str = "standard") -> Iterator[Event]:
         return job.shared[key]
     seed = one_hot(job.targets, runner.num_classes)
     grads = []
-    for start in range(0, len(seed), runner.max_batch):
-        out = runner.sample_gradients(job.sample[None], seed[start:start + runner.max_batch], job.passes, rule=rule)
+    for start in range(0, len(seed), runner.max_rows):
+        out = runner.sample_gradients(job.sample[None], seed[start:start + runner.max_rows], job.passes, rule=rule)
         if out is None:
             inputs = repeated(job.sample[None], len(job.targets))
             grads = yield from input_gradients(job, inputs, job.targets, rule)
             return job.remember(key, grads)
         grads.append(out[f"{runner.input_name}__grad"])
-        yield Progress(min(start + runner.max_batch, len(seed)), len(seed), "backward")
+        yield Progress(min(start + runner.max_rows, len(seed)), len(seed), "backward")
     return job.remember(key, np.concatenate(grads))
 
 
@@ -174,11 +174,13 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
     shared = None if callable(step) else runner.resident(step[None])
     unit = [1] * base.ndim
     done = 0
-    for first in range(0, len(targets), runner.max_batch):
-        group = targets[first:first + runner.max_batch]
+    sums = (f"sums/{int(squares)}", lambda graph: summing_graph(graph, runner.input_name, squares))
+    shareable = len(targets) >= SHARED_FROM and runner.shared_session(composed=sums) is not None
+    size = runner.max_rows if shareable else runner.max_batch     # targets per group
+    for first in range(0, len(targets), size):
+        group = targets[first:first + size]
         t = len(group)
-        sums = (f"sums/{int(squares)}", lambda graph: summing_graph(graph, runner.input_name, squares))
-        one_forward = runner.shared_session(composed=sums) if t >= SHARED_FROM else None
+        one_forward = runner.shared_session(composed=sums) if shareable and t >= SHARED_FROM else None
         session = one_forward or runner.gradient_session(composed=sums)
         k = 1 if one_forward is not None else max(1, runner.max_batch // t)
         chunks = step(k) if shared is None else None

@@ -311,12 +311,12 @@ def test_several_targets_share_one_forward_of_the_image(net):
                                       rule=rule)
         assert (passes.runs, passes.forward_samples, passes.backward_samples) == (1, 0, 4)
         assert rel(out["input__grad"], copies["input__grad"]) <= 1e-5
-        net.runner.max_batch = 3        # a shared chunk of three rows, then a lone row through the plain graph
+        net.runner.max_rows = 3        # a shared chunk of three rows, then a lone row through the plain graph
         try:
             passes = Passes()
             out = net.runner.sample_gradients(sample[None], one_hot(np.array(targets), 10), passes, rule=rule)
         finally:
-            net.runner.max_batch = 16
+            net.runner.max_rows = 16
         assert (passes.runs, passes.backward_samples) == (2, 4)
         assert rel(out["input__grad"], copies["input__grad"]) <= 1e-5
     for method in ("gradient", "guided_backprop", "deconvnet", "guided_gradcam"):

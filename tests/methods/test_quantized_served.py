@@ -198,6 +198,36 @@ def test_a_dynamically_quantized_model_runs_each_sample_alone(quantized_server):
             assert [(c.class_id, c.logit) for c in alone.top] == [(c.class_id, c.logit) for c in together[i].top]
 
 
+# Runs of one request for 4 targets of one image on the dynamically quantized model: the targets' scores, then the
+# method's runs. gradient, guided Grad-CAM: one forward for the 4 seed rows; gradcam: the body, then the head's
+# gradients for the 4 rows; SmoothGrad (4 samples) and integrated gradients (8 steps, after the scores of the image
+# and of the baseline for its completeness gap, a run each): one sample per run (each is its own image) with its 4
+# targets' rows on it. One sample per row would take 1 + 4, 1 + 1 + 4, 1 + 4 * 4 and 1 + 2 + 4 * 8 runs.
+SHARED_ROWS = {"gradient": 1 + 1, "gradcam": 1 + 2, "integrated_gradients": 1 + 2 + 8, "smoothgrad": 1 + 4,
+               "guided_gradcam": 1 + 1}
+
+
+@pytest.mark.parametrize("method", sorted(SHARED_ROWS))
+def test_a_dynamically_quantized_models_targets_share_its_forward(quantized_server, method):
+    """One sample per run does not mean one target per run: copies of one sample have that sample's range, so its
+    targets share a forward (one seed row each), and each target's map is the one asked alone."""
+    from onnxplain.client import Done
+    from onnxplain.default_model import shapes
+
+    image = png_bytes(shapes.generate(1, seed=9, size=96).images[0])
+    params = FAST.get(method, {})
+    targets = [0, 1, 2, 3]
+    with Client(quantized_server.address, timeout=300) as client:
+        events = list(client.explain("shapes_dynamic", [image], [(method, params)], targets=targets))
+        done = events[-1]
+        assert isinstance(done, Done) and done.maps == len(targets)
+        assert done.model_runs == SHARED_ROWS[method]
+        together = {m.class_id: m.map for m in _final(events)}
+        for target in targets:
+            alone = _final(client.explain("shapes_dynamic", [image], [(method, params)], targets=[target]))
+            np.testing.assert_allclose(together[target], alone[0].map, rtol=1e-5, atol=1e-6 * np.abs(alone[0].map).max())
+
+
 def test_a_model_that_computes_on_integers_gets_forward_methods_and_a_named_refusal(quantized_server):
     """A MatMulInteger that kernels.qdq cannot read (its output scaled by a constant, not by its input's dynamic
     scale), in the head, so on every path: gradient methods get FAILED_PRECONDITION naming it, forward methods serve
