@@ -655,13 +655,47 @@ def share_forward(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.Model
 
     The backward reads forward tensors (a ReLU's mask, a Softmax's output, MaxPool's switches) with one row:
     element-wise operators broadcast them against the K rows by themselves (so a mask is computed once), other
-    operators read an Expand to K rows, and MaxPool's flat switch indices get each row's offset. Raises
-    AutodiffError where the backward would read a forward value that holds the batch in any other way (a shape, a
-    tensor whose batch is merged into another dim) or where shapes are unknown, so a caller can repeat the sample
-    instead."""
+    operators read an Expand to K rows, and MaxPool's flat switch indices get each row's offset. A value computed
+    from the shape of a tensor of one row per sample (a Gather's zeros to scatter into, sized by the run-time shape
+    of what it gathered from) is computed again from that shape with K rows. Raises AutodiffError where the backward
+    would read a forward value that holds the batch in any other way (the shape of a tensor whose batch is merged
+    into another dim, as a Swin's windows) or where shapes are unknown, so a caller can repeat the sample
+    instead. Where ONNX's shape inference leaves a tensor's batch untied (a reshape to a run-time shape, as the
+    legacy exporter writes a ViT's), onnxruntime's symbolic shape inference is asked before giving up."""
+    try:
+        return _share_forward(model, seed_name, None)
+    except AutodiffError:
+        refined = _symbolic_shapes(model)
+        if refined is None:
+            raise
+        return _share_forward(model, seed_name, refined)
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> list | None:
+    """The value infos onnxruntime's symbolic shape inference (sympy) gives `model`'s tensors, or None where it
+    cannot: it follows a batch through Shape -> Gather -> Concat -> Reshape and arithmetic on it, which ONNX's
+    data propagation does not."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        bare = onnx.ModelProto()
+        bare.CopyFrom(model)
+        del bare.graph.value_info[:]
+        inferred = SymbolicShapeInference.infer_shapes(bare, auto_merge=True)
+    except Exception:  # noqa: BLE001 - sympy missing, or an operator it does not know: ONNX's shapes stand
+        return None
+    return list(inferred.graph.value_info) if inferred is not None else None
+
+
+def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | None) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if value_info is not None:
+        del m.graph.value_info[:]
+        m.graph.value_info.extend(value_info)
     g = _Graph(m)
+    if value_info is not None:      # over ONNX's own inference, which _Graph ran
+        g.types.update((vi.name, vi.type.tensor_type) for vi in value_info if vi.type.HasField("tensor_type"))
     graph = m.graph
     seed_dims = g.dims(seed_name)
     if seed_name not in {i.name for i in graph.input} or not seed_dims or not isinstance(seed_dims[0], str):
@@ -676,13 +710,16 @@ def share_forward(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.Model
 
     switches = {n.output[1] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]}
     late = {seed_name}          # tensors with K rows: those computed from the seed or from MaxPool's switches
-    held = set()                # one-row tensors that hold the batch as a value (shapes, sizes, what they make)
+    # Tensors made from the batch as a value alone (a run-time shape or size, then constants: sizes, zeros, flat
+    # positions), with their node; what a forward tensor makes with them (a Reshape of it) is forward data.
+    held = {}
     for node in graph.node:
         ins = [i for i in node.input if i]
         if any(i in late or i in switches for i in ins):
             late.update(o for o in node.output if o)
-        elif any(i in held for i in ins) or (node.op_type in ("Shape", "Size") and not _static(g.dims(ins[0]))):
-            held.update(o for o in node.output if o and not _carries_rows(g.dims(o), batch))
+        elif ((node.op_type in ("Shape", "Size") and not _static(g.dims(ins[0])))
+              or (any(i in held for i in ins) and all(i in held or i in inits or i in g.consts for i in ins))):
+            held.update((o, node) for o in node.output if o)
 
     made: dict = {}
     nodes = []
@@ -718,6 +755,45 @@ def share_forward(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.Model
             made[("expand", name)] = out
         return made[("expand", name)]
 
+    def k_rows(name, reader):
+        """The held value `name` as K copies of the sample give it: a Shape or Size of a tensor of one row per
+        sample with K rows, and the nodes from there on again, on those."""
+        if ("k", name) in made:
+            return made[("k", name)]
+        node = held[name]
+        source = g.dims(node.input[0])
+        if node.op_type in ("Shape", "Size") and node.input[0] not in held:
+            # the batch once among its dims (not merged into one), the others static
+            if not source or source.count(batch) != 1 or not _static([d for d in source if d != batch]):
+                raise AutodiffError(f"{reader.op_type} node {reader.name!r} reads {name!r}, whose value depends on "
+                                    f"the batch held in {node.input[0]!r} of shape {source}")
+            rows(1)
+            if node.op_type == "Size":
+                out = emit("Mul", [made["k"], g.const(np.asarray([int(np.prod([d for d in source if d != batch]))],
+                                                                 np.int64))])
+                out = emit("Squeeze", [out, g.const(np.asarray([0], np.int64))])
+            else:
+                rank, attrs = len(source), {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                start, end = (max(0, min(rank, v + rank if v < 0 else v))
+                              for v in (attrs.get("start", 0), attrs.get("end", rank)))
+                dims = source[start:end]
+                if batch not in dims:
+                    return name         # static
+                at = dims.index(batch)
+                parts = [g.const(np.asarray(part, np.int64)) for part in (dims[:at], dims[at + 1:])]
+                out = emit("Concat", [parts[0], made["k"], parts[1]], axis=0)
+            made[("k", name)] = out
+            return out
+        inputs = [k_rows(i, reader) if i in held else i for i in node.input]      # the others: constants
+        outs = [g.fresh("share") if o else "" for o in node.output]
+        clone = helper.make_node(node.op_type, inputs, outs, name=g.fresh(f"share/{node.op_type}"), domain=node.domain)
+        clone.attribute.extend(node.attribute)
+        nodes.append(clone)
+        for o, fresh in zip(node.output, outs):
+            if o:
+                made[("k", o)] = fresh
+        return made[("k", name)]
+
     rewritten = []
     for node in graph.node:
         if any(o in late for o in node.output if o):
@@ -725,7 +801,10 @@ def share_forward(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.Model
                 if not name or name in late or name in inits or name in g.consts:
                     continue
                 dims = g.dims(name)
-                if name in held or dims is None:
+                if name in held:
+                    node.input[j] = k_rows(name, node)
+                    continue
+                if dims is None:
                     raise AutodiffError(f"{node.op_type} node {node.name!r} reads {name!r}, whose value or shape "
                                         "depends on the batch")
                 if not _carries_rows(dims, batch):

@@ -16,11 +16,12 @@ from onnxplain.kernels.autodiff import AutodiffError, augment, share_forward
 
 CASES = [(n, e) for n in zoo.NAMES for e in zoo.EXPORTERS]
 ROWS = 3
-# Graphs whose backward reads the batch as a value: Swin's windows merge the batch into the window dim, and the
-# legacy exporter's ViT reshapes by run-time shapes that shape inference cannot tie to the batch. share_forward
-# refuses them (callers then repeat the sample); the test holds the list exact both ways.
-REFUSED = {("swin", "legacy"), ("swin", "dynamo"), ("swin_nhwc", "legacy"), ("swin_nhwc", "dynamo"),
-           ("vit", "legacy")}
+# Graphs whose backward reads the batch as a value merged into another dim: Swin's windows (batch x windows).
+# share_forward refuses them (callers then repeat the sample); the test holds the list exact both ways. (The legacy
+# exporter's ViT reshapes by run-time shapes that ONNX's shape inference cannot tie to the batch, and its CLS
+# token's Gather has a backward sized by a run-time shape: onnxruntime's symbolic shape inference ties them, and the
+# sizes are computed again for K rows.)
+REFUSED = {("swin", "legacy"), ("swin", "dynamo"), ("swin_nhwc", "legacy"), ("swin_nhwc", "dynamo")}
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -101,17 +102,39 @@ def test_shared_forward_offsets_maxpool_switches():
     assert errors["input__grad"] <= 1e-6
 
 
-def test_shared_forward_refuses_a_batch_held_in_a_shape():
-    """A backward that reads the batch as a value (here a Reshape to the forward tensor's run-time shape) cannot
-    run its forward once: share_forward says so instead of answering wrongly."""
+def _reshaping_net(merged: bool) -> onnx.ModelProto:
+    """input [n, 10] -> Relu -> Reshape to its own run-time shape -> logits; and its gradient graph, whose input
+    gradient is reshaped again by a forward run-time shape into an output "again__grad": the Relu's (the batch
+    first), or that of the Relu's output reshaped to [-1, 5] ([2n, 5]: the batch merged into a dim)."""
     nodes = [helper.make_node("Relu", ["input"], ["r"]),
              helper.make_node("Shape", ["r"], ["s"]),
              helper.make_node("Reshape", ["r", "s"], ["logits"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 10])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    aug = augment(model, wrt_input=True, keep_outputs=False)
-    aug.graph.node.append(helper.make_node("Reshape", ["input__grad", "s"], ["again"]))
-    aug.graph.output.append(helper.make_tensor_value_info("again", TensorProto.FLOAT, None))
+    aug = augment(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), wrt_input=True)
+    if merged:
+        aug.graph.initializer.append(numpy_helper.from_array(np.asarray([-1, 5], np.int64), "halves"))
+        aug.graph.node.extend([helper.make_node("Reshape", ["r", "halves"], ["f"]),
+                               helper.make_node("Shape", ["f"], ["sf"]),
+                               helper.make_node("Reshape", ["input__grad", "halves"], ["g2"]),
+                               helper.make_node("Reshape", ["g2", "sf"], ["again__grad"])])
+    else:
+        aug.graph.node.append(helper.make_node("Reshape", ["input__grad", "s"], ["again__grad"]))
+    aug.graph.output.append(helper.make_tensor_value_info("again__grad", TensorProto.FLOAT, ["n", 10]))
+    return aug
+
+
+def test_shared_forward_computes_a_run_time_shape_again_for_the_rows():
+    """A backward that reads the batch as a value (a Reshape to a forward tensor's run-time shape, as a Gather's
+    adjoint sizes its zeros) gets that shape for K rows: the shape of a tensor of one row per sample, with K."""
+    aug = _reshaping_net(merged=False)
+    errors = _compare(aug, np.random.default_rng(1).standard_normal((1, 10)).astype(np.float32), _seeds(10))
+    assert errors["again__grad"] <= 1e-6 and errors["input__grad"] <= 1e-6
+    assert any(n.op_type == "Concat" and "share" in n.name for n in share_forward(aug).graph.node)
+
+
+def test_shared_forward_refuses_a_batch_merged_into_another_dim():
+    """The run-time shape of a tensor whose batch is merged into a dim ([2n, 5]) cannot be had for K rows from one
+    forward: share_forward says so instead of answering wrongly."""
     with pytest.raises(AutodiffError, match="depends on the batch"):
-        share_forward(aug)
+        share_forward(_reshaping_net(merged=True))

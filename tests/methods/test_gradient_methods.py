@@ -293,14 +293,14 @@ def test_a_layer_gradient_after_its_activations_runs_the_head_alone(net, monkeyp
 
 def test_several_targets_share_one_forward_of_the_image(net):
     """Pixel-level methods with four targets: Runner.sample_gradients runs the image forward once for the four
-    seed rows (the CNNs and the dynamo ViT; the Swins' windows and the legacy ViT's run-time reshapes hold the
-    batch as a value, so it declines and the methods repeat the image), and each map equals the one explained alone."""
+    seed rows (the CNNs and both ViTs; the Swins' windows hold the batch merged into a dim, so it declines and the
+    methods repeat the image), and each map equals the one explained alone."""
     from onnxplain.kernels.methods.layers import one_hot
     from onnxplain.kernels.runtime import Passes
 
     targets = [1, 2, 3, 4]
     sample = net.x[0].numpy()
-    declines = net.name.startswith("swin") or (net.name, net.exporter) == ("vit", "legacy")
+    declines = net.name.startswith("swin")
     for rule in ("standard", "guided", "deconvnet"):
         passes = Passes()
         out = net.runner.sample_gradients(sample[None], one_hot(np.array(targets), 10), passes, rule=rule)
