@@ -175,12 +175,12 @@ def weighted_gradient_sums(job: Job, base: np.ndarray, step: np.ndarray | Callab
     unit = [1] * base.ndim
     done = 0
     sums = (f"sums/{int(squares)}", lambda graph: summing_graph(graph, runner.input_name, squares))
-    shareable = len(targets) >= SHARED_FROM and runner.shared_session(composed=sums) is not None
-    size = runner.max_rows if shareable else runner.max_batch     # targets per group
+    shared_forward = runner.shared_session(composed=sums) if len(targets) >= SHARED_FROM else None
+    size = runner.max_rows if shared_forward is not None else runner.max_batch     # targets per group
     for first in range(0, len(targets), size):
         group = targets[first:first + size]
         t = len(group)
-        one_forward = runner.shared_session(composed=sums) if shareable and t >= SHARED_FROM else None
+        one_forward = shared_forward if t >= SHARED_FROM else None
         session = one_forward or runner.gradient_session(composed=sums)
         k = 1 if one_forward is not None else max(1, runner.max_batch // t)
         chunks = step(k) if shared is None else None
