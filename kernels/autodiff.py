@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import qdq
+from . import contrib, qdq
 from .autodiff_rules import NON_DIFFERENTIABLE, QUANTIZED, RULES, RULE_VARIANTS
 
 __all__ = ["augment", "augment_cached", "differentiate", "share_forward", "AutodiffError", "RULE_VARIANTS"]
@@ -514,7 +514,7 @@ def differentiate(model: onnx.ModelProto, of: str, wrt: Sequence[str], rule: str
         raise AutodiffError(f"rule must be one of {sorted(RULE_VARIANTS)}, got {rule!r}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    m = _fold_dequantized_constants(_lift_opset(qdq.from_qoperator(m)))
+    m = _fold_dequantized_constants(_lift_opset(qdq.from_qoperator(contrib.to_standard(m))))
     g = _Graph(m)
     known = g.taken
     for name in [of, *wrt, *extra_outputs]:

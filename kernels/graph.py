@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import qdq
+from . import contrib, qdq
 
 __all__ = [
     "Layer",
@@ -81,7 +81,9 @@ class Layer:
 
 def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
     """Parse, check and shape-infer a model given as a path, raw bytes or a ModelProto. A model quantized in the
-    QOperator format, or dynamically, comes back in the QDQ format (kernels.qdq), so that it can be differentiated.
+    QOperator format, or dynamically, comes back in the QDQ format (kernels.qdq), and one saved after onnxruntime's
+    graph optimizations comes back with its fused nodes written as standard operators (kernels.contrib), so that it
+    can be differentiated and its layers have shapes.
 
     Raises ValueError naming the problem: too large, not an ONNX model, fails the checker, no float input.
     """
@@ -123,6 +125,11 @@ def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
 
     if len(model.graph.node) == 0:
         raise ValueError("model has no nodes (is it an ONNX model?)")
+    try:   # before the checker: onnxruntime's LayerNormalization below opset 17 is not an ONNX operator there
+        model = contrib.to_standard(model)
+    except Exception as e:  # noqa: BLE001 - a fused node the rewrite cannot read is a model error
+        raise ValueError(f"model's onnxruntime-fused nodes cannot be written as standard operators: "
+                         f"{_first_line(e)}") from e
     try:
         if model.ByteSize() < _TWO_GIB:
             onnx.checker.check_model(model)

@@ -144,11 +144,11 @@ def external_data_bytes(model: onnx.ModelProto, directory: pathlib.Path, name: s
 
 
 def custom_domains(model: onnx.ModelProto) -> set[str]:
-    """Operator domains beyond the ONNX standard ones, used by any node or imported by the model (a model's
-    own local functions are its code, not an operator library: their domains do not count)."""
+    """Operator domains beyond the ONNX standard ones that a node uses, in the graph, its subgraphs or a function
+    (a model's own local functions are its code, not an operator library: their domains do not count). An opset
+    import alone runs nothing: onnxruntime's saved models import every domain it knows."""
     local = {f.domain for f in model.functions}
-    used = {o.domain for o in model.opset_import}
-    used |= {n.domain for g in _graphs(model.graph) for n in g.node}
+    used = {n.domain for g in _graphs(model.graph) for n in g.node}
     used |= {n.domain for f in model.functions for n in f.node}
     return used - STANDARD_DOMAINS - local
 

@@ -224,3 +224,37 @@ def _sample(name: str = "star") -> bytes:
     return (files("onnxplain.default_model") / "samples" / f"{name}.png").read_bytes()
 
 
+
+
+@needs_shared
+def test_the_shared_model_as_onnxruntime_saves_it_explains_as_the_original(client, tmp_path):
+    """Users deploy what an onnxruntime session saves (optimized_model_filepath: 33 FusedConv here): served, its
+    layers and maps are the original model's (kernels.contrib writes the fused nodes back as standard ones)."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from support import efficientnet_config
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(SHARED / "models" / "efficientnet_lite0_imagenet.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    config = dataclasses.replace(efficientnet_config(), name="optimized", path=tmp_path / "optimized.onnx",
+                                 labels=None)
+    srv = start_server([config])
+    try:
+        with Client(srv.address, timeout=120) as optimized:
+            assert [layer.name for layer in optimized.model("optimized").layers] == \
+                [layer.name for layer in client.model("efficientnet").layers]
+            photo = [SHARED / "images" / "chelsea.jpg"]
+            methods = ["gradcam", ("integrated_gradients", {"steps": 8}), "guided_backprop"]
+            got = final_maps(optimized.explain("optimized", photo, methods, targets=[281, 285]))
+            want = final_maps(client.explain("efficientnet", photo, methods, targets=[281, 285]))
+            assert len(got) == len(want) == 6
+            for g, w in zip(got, want):
+                assert (g.method, g.class_id) == (w.method, w.class_id)
+                np.testing.assert_allclose(g.map, w.map, rtol=1e-4, atol=1e-4 * np.abs(w.map).max())
+    finally:
+        srv.stop(0)
