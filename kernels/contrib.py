@@ -41,6 +41,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .qdq import drop_unused_import, fresh_name, with_shapes
+
 __all__ = ["to_standard"]
 
 _MS = "com.microsoft"
@@ -85,11 +87,7 @@ class _Lowering:
 
     # -- emitting ------------------------------------------------------------------------------------------
     def name(self, base: str) -> str:
-        out, k = base, 1
-        while out in self.taken:
-            out, k = f"{base}_{k}", k + 1
-        self.taken.add(out)
-        return out
+        return fresh_name(self.taken, base)
 
     def __call__(self, op_type: str, *inputs: str, out: str = "", **attrs) -> str:
         """Emit a node; its output is `out`, or a fresh name when `out` is empty."""
@@ -311,13 +309,6 @@ _LOWER = {
 }
 
 
-def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - ranks only decide FusedMatMul's and MultiHeadAttention's forms here
-        return model
-
-
 def to_standard(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with the onnxruntime-fused nodes it knows written as standard operators; `model` itself when it has
     none. Passes repeat while they rewrite something: a rank that ONNX infers only once an earlier fused node is
@@ -333,7 +324,7 @@ def to_standard(model: onnx.ModelProto) -> onnx.ModelProto:
             break
         m = onnx.ModelProto()
         m.CopyFrom(out)
-        e = _Lowering(m, _with_shapes(out))
+        e = _Lowering(m, with_shapes(out))
         nodes, changed = [], False
         for node in m.graph.node:
             start = len(e.nodes)
@@ -348,9 +339,6 @@ def to_standard(model: onnx.ModelProto) -> onnx.ModelProto:
         del m.graph.node[:]
         m.graph.node.extend(nodes)
         m.graph.initializer.extend(e.inits)
-        if not any(n.domain == _MS for n in m.graph.node):
-            keep = [o for o in m.opset_import if o.domain != _MS]
-            del m.opset_import[:]
-            m.opset_import.extend(keep)
+        drop_unused_import(m, _MS)
         out = m
     return out

@@ -81,11 +81,7 @@ class _Rewrite:
         self.orphaned: set[str] = set()     # tensors no node may read any more once the rewrite is done
 
     def name(self, base: str) -> str:
-        out, k = base, 1
-        while out in self.taken:
-            out, k = f"{base}_{k}", k + 1
-        self.taken.add(out)
-        return out
+        return fresh_name(self.taken, base)
 
     def emit(self, op_type: str, inputs, output: str | None = None, base: str = "", **attrs) -> str:
         out = output or self.name(base)
@@ -371,9 +367,26 @@ def _rank_of(model, name):
     return None
 
 
-def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with the shapes ONNX can infer recorded (ranks for QLinearSoftmax and channels-last pools); `model`
-    itself when inference fails."""
+def drop_unused_import(model: onnx.ModelProto, domain: str) -> None:
+    """Remove `model`'s import of `domain` when no node of its graph uses it."""
+    if not any(n.domain == domain for n in model.graph.node):
+        keep = [o for o in model.opset_import if o.domain != domain]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+
+
+def fresh_name(taken: set[str], base: str) -> str:
+    """`base`, or `base_<k>` for the first k that makes it new; recorded in `taken`."""
+    out, k = base, 1
+    while out in taken:
+        out, k = f"{base}_{k}", k + 1
+    taken.add(out)
+    return out
+
+
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the shapes ONNX can infer recorded (the ranks that a rewrite needs: QLinearSoftmax's,
+    channels-last pools', FusedMatMul's); `model` itself when inference fails."""
     try:
         return onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - ranks are a convenience here; kernels.graph reports a model that fails
@@ -391,7 +404,7 @@ def from_qoperator(model: onnx.ModelProto) -> onnx.ModelProto:
             break
         m = onnx.ModelProto()
         m.CopyFrom(out)
-        r = _Rewrite(m, _with_shapes(out))
+        r = _Rewrite(m, with_shapes(out))
         if not r.run():
             break
         read_before = {i for n in m.graph.node for i in n.input}
@@ -401,9 +414,6 @@ def from_qoperator(model: onnx.ModelProto) -> onnx.ModelProto:
         keep = [t for t in m.graph.initializer if t.name in read or t.name not in read_before]   # the int32 biases go
         del m.graph.initializer[:]
         m.graph.initializer.extend(keep + r.inits)
-        if not any(n.domain == _MS for n in m.graph.node):
-            keep = [o for o in m.opset_import if o.domain != _MS]
-            del m.opset_import[:]
-            m.opset_import.extend(keep)
+        drop_unused_import(m, _MS)
         out = m
     return out
