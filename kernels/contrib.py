@@ -25,7 +25,9 @@ it knows as the standard operators it fuses, as onnxruntime's contrib operator d
                              softmax(Q K^T * scale + attention_bias) V, heads merged
   MultiHeadAttention         the same from separate query, key and value of rank 3 (+ bias thirds)
 
-The node's outputs keep their names, so a layer is listed under the name it has in the optimized model. The forward
+The node's outputs keep their names, so a layer is listed under the name it has in the optimized model; an
+Attention's projections, which the fusion hid, come back as `unfused/<node>/query`, `.../key` and `.../value` (a
+ViT's default layer is the last one's value). The forward
 computes what onnxruntime's kernels compute up to float rounding (their Gelu evaluates erf by its own polynomial,
 their attention scales inside the product); onnxruntime fuses the standard operators again when it builds a session.
 A node the table does not know, or one whose form it does not rewrite (an Attention with a mask, past state,
@@ -275,8 +277,8 @@ def _attention(e, n, a, x, y):
     projected = e("MatMul", x[0], x[1])
     if x[2]:
         projected = e("Add", projected, x[2])
-    q, k, v = (e("Slice", projected, e.i64([lo]), e.i64([lo + s]), e.i64([-1]))
-               for lo, s in zip(np.cumsum([0] + sizes[:2]).tolist(), sizes))
+    q, k, v = (e("Slice", projected, e.i64([lo]), e.i64([lo + s]), e.i64([-1]), out=e.name(f"{e.prefix}/{part}"))
+               for lo, s, part in zip(np.cumsum([0] + sizes[:2]).tolist(), sizes, ("query", "key", "value")))
     scale = a.get("scale") or 1.0 / math.sqrt(sizes[0] // heads)
     e.attend(q, k, v, heads, float(scale), x[5], y[0])
 
@@ -295,8 +297,9 @@ def _multi_head_attention(e, n, a, x, y):
         b = e.values.get(x[3])
         if b is None or list(b.dims) != [2 * width + v_width]:
             return False
-        q, k, v = (e("Add", t, e("Slice", x[3], e.i64([lo]), e.i64([hi]), e.i64([0])))
-                   for t, lo, hi in ((q, 0, width), (k, width, 2 * width), (v, 2 * width, 2 * width + v_width)))
+        q, k, v = (e("Add", t, e("Slice", x[3], e.i64([lo]), e.i64([hi]), e.i64([0])), out=e.name(f"{e.prefix}/{part}"))
+                   for t, lo, hi, part in ((q, 0, width, "query"), (k, width, 2 * width, "key"),
+                                           (v, 2 * width, 2 * width + v_width, "value")))
     e.attend(q, k, v, heads, float(a.get("scale") or 1.0 / math.sqrt(width // heads)), x[5], y[0])
 
 
