@@ -27,9 +27,9 @@ it knows as the standard operators it fuses, as onnxruntime's contrib operator d
 
 The node's outputs keep their names, so a layer is listed under the name it has in the optimized model; an
 Attention's projections, which the fusion hid, come back as `unfused/<node>/query`, `.../key` and `.../value` (a
-ViT's default layer is the last one's value). The forward
-computes what onnxruntime's kernels compute up to float rounding (their Gelu evaluates erf by its own polynomial,
-their attention scales inside the product); onnxruntime fuses the standard operators again when it builds a session.
+ViT's default layer is the last one's value). The forward computes what onnxruntime's kernels compute up to float
+rounding (their Gelu evaluates erf by its own polynomial, their attention scales inside the product); onnxruntime
+fuses the standard operators again when it builds a session.
 A node the table does not know, or one whose form it does not rewrite (an Attention with a mask, past state,
 rotary embedding or one direction; a packed MultiHeadAttention; a FusedMatMul that moves batch axes or whose ranks
 are unknown), stays as it is, and `autodiff` names it when it lies on a path to differentiate.
@@ -196,10 +196,10 @@ def _str(v, default=""):
 
 
 def _fused_conv(e, n, a, x, y):
-    if _str(a.get("activation")) not in _ACTIVATIONS | {""}:
+    kind = _str(a.get("activation"))
+    if kind not in _ACTIVATIONS | {""}:
         return False
     conv = {k: a[k] for k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides") if k in a}
-    kind = _str(a.get("activation"))
     t = e("Conv", *[i for i in x[:3] if i], **conv, out="" if x[3] or kind else y[0])
     if x[3]:
         t = e("Add", t, x[3], out="" if kind else y[0])
