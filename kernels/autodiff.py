@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from collections import OrderedDict
 from typing import Sequence
 
@@ -206,8 +207,16 @@ class _Graph:
                     self.consts[n.output[0]] = numpy_helper.to_array(a.t)
                 elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
                     self.consts[n.output[0]] = np.asarray(helper.get_attribute_value(a))
+        # The graph's outputs are inferred, not read as declared: the legacy exporter names an output's dims that
+        # its dynamic_axes leave out ("Gemmlogits_dim_0"), which would untie the scores' batch (and the seed's) from
+        # the input's; a dim inference cannot tell keeps its declared name.
+        bare = onnx.ModelProto()
+        bare.CopyFrom(model)
+        for vi in bare.graph.output:
+            for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
+                d.ClearField("dim_param")
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(bare, data_prop=True)
         except Exception:  # noqa: BLE001 - a model ORT accepts may still trip the checker's inference
             inferred = model
         self.types = {}
@@ -215,6 +224,14 @@ class _Graph:
         for vi in itertools.chain(ig.input, ig.value_info, ig.output):
             if vi.type.HasField("tensor_type"):
                 self.types[vi.name] = vi.type.tensor_type
+        for vi in g.output:
+            t = self.types.get(vi.name)
+            declared = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+            if t is not None and t.HasField("shape") and len(t.shape.dim) == len(declared):
+                for d, was in zip(t.shape.dim, declared):
+                    if not d.HasField("dim_value") and was.dim_param and (not d.dim_param
+                                                                          or d.dim_param.startswith("unk__")):
+                        d.dim_param = was.dim_param
         for t in g.initializer:
             self.types.setdefault(t.name, onnx.TypeProto.Tensor(elem_type=t.data_type, shape=_shape_proto(t.dims)))
         self.taken = {n for node in g.node for n in itertools.chain(node.input, node.output)}
@@ -655,23 +672,32 @@ def share_forward(model: onnx.ModelProto, seed_name: str = "seed") -> onnx.Model
 
     The backward reads forward tensors (a ReLU's mask, a Softmax's output, MaxPool's switches) with one row:
     element-wise operators broadcast them against the K rows by themselves (so a mask is computed once), other
-    operators read an Expand to K rows, and MaxPool's flat switch indices get each row's offset. A value computed
-    from the shape of a tensor of one row per sample (a Gather's zeros to scatter into, sized by the run-time shape
-    of what it gathered from) is computed again from that shape with K rows. Raises AutodiffError where the backward
-    would read a forward value that holds the batch in any other way (the shape of a tensor whose batch is merged
-    into another dim, as a Swin's windows) or where shapes are unknown, so a caller can repeat the sample
-    instead. Where ONNX's shape inference leaves a tensor's batch untied (a reshape to a run-time shape, as the
-    legacy exporter writes a ViT's), onnxruntime's symbolic shape inference is asked before giving up."""
+    operators read an Expand to K rows, and MaxPool's flat switch indices get each row's offset. A forward tensor
+    whose batch is merged into a dim (c * batch: a Swin's windows, torch.nn.MultiheadAttention's batch x heads) is
+    tiled K times along it, which is right if that dim runs over the batch outermost; the result is then checked
+    against K copies of a random sample (one run of each graph) and refused if it differs. A value computed from
+    the shape of a tensor of one row per sample (a Gather's zeros to scatter into, sized by the run-time shape of
+    what it gathered from) is computed again from that shape with K rows (c * K for a merged dim). Raises
+    AutodiffError where the backward would read a forward value that holds the batch in any other way or whose
+    shape is unknown, so a caller can repeat the sample instead. Where ONNX's shape inference leaves a tensor's
+    batch untied (a reshape to a run-time shape, as the legacy exporter writes a ViT's), onnxruntime's symbolic
+    shape inference is asked, then the shapes the graph's tensors take at batch 1 and 2 (measured shapes are
+    seen, not proved, so that result is checked too)."""
     try:
         return _share_forward(model, seed_name, None)
-    except AutodiffError:
-        refined = _symbolic_shapes(model)
-        if refined is None:
-            raise
-        return _share_forward(model, seed_name, refined)
+    except AutodiffError as error:
+        last = error
+    for shapes in (_symbolic_shapes, _measured_shapes):
+        refined = shapes(model, seed_name)
+        if refined is not None:
+            try:       # measured shapes are seen, not proved: the result is then checked as a merged batch is
+                return _share_forward(model, seed_name, refined, check=shapes is _measured_shapes)
+            except AutodiffError as error:
+                last = error
+    raise last
 
 
-def _symbolic_shapes(model: onnx.ModelProto) -> list | None:
+def _symbolic_shapes(model: onnx.ModelProto, seed_name: str) -> list | None:
     """The value infos onnxruntime's symbolic shape inference (sympy) gives `model`'s tensors, or None where it
     cannot: it follows a batch through Shape -> Gather -> Concat -> Reshape and arithmetic on it, which ONNX's
     data propagation does not."""
@@ -687,7 +713,67 @@ def _symbolic_shapes(model: onnx.ModelProto) -> list | None:
     return list(inferred.graph.value_info) if inferred is not None else None
 
 
-def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | None) -> onnx.ModelProto:
+def _measured_shapes(model: onnx.ModelProto, seed_name: str, batches=(1, 2)) -> list | None:
+    """Value infos from the shapes every tensor takes when `model` runs at batch 1 and 2 (random float32
+    inputs): a dim that does not change is static, one that is c times the batch in each run is written "c*n"
+    (n: the seed's batch symbol), others are left unknown. For graphs whose shape arithmetic neither inference
+    follows (the legacy exporter's torch.nn.MultiheadAttention); None where an input is not float32 with static
+    dims after the batch, or the runs fail."""
+    import onnxruntime as ort
+
+    seed_dims = [d.dim_param or d.dim_value for vi in model.graph.input if vi.name == seed_name
+                 for d in vi.type.tensor_type.shape.dim]
+    if not seed_dims or not isinstance(seed_dims[0], str):
+        return None
+    inits = {t.name for t in model.graph.initializer}
+    shapes, types = {}, {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=o) for o in itertools.chain(
+        (i.name for i in probe.graph.input if i.name not in inits), (o for n in probe.graph.node for o in n.output))
+        if o and o not in outputs)
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        rng = np.random.default_rng(0)
+        for batch in batches:
+            feeds = {}
+            for vi in model.graph.input:
+                if vi.name in inits:
+                    continue
+                t = vi.type.tensor_type
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim][1:]
+                if t.elem_type != TensorProto.FLOAT or None in dims:
+                    return None
+                feeds[vi.name] = rng.standard_normal((batch, *dims)).astype(np.float32)
+            for name, value in zip(names, session.run(names, feeds)):
+                if isinstance(value, np.ndarray):
+                    shapes.setdefault(name, []).append(value.shape)
+                    types[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
+    except Exception:  # noqa: BLE001 - the shapes stay unknown: share_forward refuses as before
+        return None
+    infos = []
+    for name, runs in shapes.items():
+        if len(runs) != len(batches) or len({len(r) for r in runs}) != 1:
+            continue
+        dims = []
+        for sizes in zip(*runs):
+            c = sizes[0] // batches[0]
+            if len(set(sizes)) == 1:
+                dims.append(sizes[0])
+            elif c and all(size == c * b for size, b in zip(sizes, batches)):
+                dims.append(seed_dims[0] if c == 1 else f"{c}*{seed_dims[0]}")
+            else:
+                dims.append(None)
+        infos.append(helper.make_tensor_value_info(name, types[name], dims))
+    return infos
+
+
+def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | None, check: bool = False
+                   ) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     if value_info is not None:
@@ -755,6 +841,20 @@ def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | No
             made[("expand", name)] = out
         return made[("expand", name)]
 
+    def tiled(name, axis, factor):
+        """A forward tensor whose `axis` holds the batch `factor` times, for one sample, repeated K times along it:
+        what K copies of the sample give if that axis runs over the batch outermost (a reshape that merges the
+        batch dim with the ones after it); the other order is caught by the check below."""
+        if ("tile", name) not in made:
+            rank = len(g.dims(name))
+            rows(1)
+            repeats = emit("Concat", [g.const(np.ones(axis, np.int64)), made["k"],
+                                      g.const(np.ones(rank - axis - 1, np.int64))], axis=0)
+            made[("tile", name)] = emit("Tile", [name, repeats])
+            if factor != 1:
+                made["merged"] = True
+        return made[("tile", name)]
+
     def k_rows(name, reader):
         """The held value `name` as K copies of the sample give it: a Shape or Size of a tensor of one row per
         sample with K rows, and the nodes from there on again, on those."""
@@ -763,25 +863,26 @@ def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | No
         node = held[name]
         source = g.dims(node.input[0])
         if node.op_type in ("Shape", "Size") and node.input[0] not in held:
-            # the batch once among its dims (not merged into one), the others static
-            if not source or source.count(batch) != 1 or not _static([d for d in source if d != batch]):
+            # one dim the batch or c times it (merged: a Swin's windows, attention's batch x heads), the others static
+            where = _batch_axis(source, batch)
+            if where is None:
                 raise AutodiffError(f"{reader.op_type} node {reader.name!r} reads {name!r}, whose value depends on "
                                     f"the batch held in {node.input[0]!r} of shape {source}")
+            axis, factor = where
             rows(1)
+            k = emit("Mul", [made["k"], g.const(np.asarray([factor], np.int64))]) if factor != 1 else made["k"]
             if node.op_type == "Size":
-                out = emit("Mul", [made["k"], g.const(np.asarray([int(np.prod([d for d in source if d != batch]))],
-                                                                 np.int64))])
-                out = emit("Squeeze", [out, g.const(np.asarray([0], np.int64))])
+                rest = int(np.prod([d for i, d in enumerate(source) if i != axis]))
+                out = emit("Squeeze", [emit("Mul", [k, g.const(np.asarray([rest], np.int64))]),
+                                       g.const(np.asarray([0], np.int64))])
             else:
                 rank, attrs = len(source), {a.name: helper.get_attribute_value(a) for a in node.attribute}
                 start, end = (max(0, min(rank, v + rank if v < 0 else v))
                               for v in (attrs.get("start", 0), attrs.get("end", rank)))
-                dims = source[start:end]
-                if batch not in dims:
+                if not start <= axis < end:
                     return name         # static
-                at = dims.index(batch)
-                parts = [g.const(np.asarray(part, np.int64)) for part in (dims[:at], dims[at + 1:])]
-                out = emit("Concat", [parts[0], made["k"], parts[1]], axis=0)
+                parts = [g.const(np.asarray(part, np.int64)) for part in (source[start:axis], source[axis + 1:end])]
+                out = emit("Concat", [parts[0], k, parts[1]], axis=0)
             made[("k", name)] = out
             return out
         inputs = [k_rows(i, reader) if i in held else i for i in node.input]      # the others: constants
@@ -807,17 +908,21 @@ def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | No
                 if dims is None:
                     raise AutodiffError(f"{node.op_type} node {node.name!r} reads {name!r}, whose value or shape "
                                         "depends on the batch")
-                if not _carries_rows(dims, batch):
+                where = _batch_axis(dims, batch)
+                if where is None:
                     if any(isinstance(d, str) for d in dims):
                         raise AutodiffError(f"{node.op_type} node {node.name!r} reads {name!r} of shape {dims}, "
                                             f"which may hold the batch {batch!r} in another dim")
                     continue            # a tensor of the weights alone
-                partners = [g.dims(i) for i in node.input if i in late]
+                if where[1] != 1:       # c copies of the batch in one dim: c for one sample, c * K for K
+                    node.input[j] = tiled(name, *where)
+                    continue
                 if (name not in switches and node.op_type in _ROW_BROADCASTING
-                        and (node.op_type != "MatMul" or len(dims) >= 3)
-                        and any(p and p[0] == batch and len(p) == len(dims) for p in partners)):
+                        and (node.op_type != "MatMul" or len(dims) - where[0] >= 3)
+                        and any(_batch_axis(g.dims(i), batch) == where and len(g.dims(i)) == len(dims)
+                                for i in node.input if i in late)):
                     continue            # broadcasts its one row against the K rows of a backward operand
-                node.input[j] = expanded(name)
+                node.input[j] = expanded(name) if where[0] == 0 else tiled(name, *where)
             rewritten.extend(nodes)
             nodes.clear()
         rewritten.append(node)
@@ -826,23 +931,74 @@ def _share_forward(model: onnx.ModelProto, seed_name: str, value_info: list | No
     graph.initializer.extend(g.inits)
 
     def one_row(vi):
-        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
-        if dims and dims[0].dim_param == batch:
-            dims[0].Clear()
-            dims[0].dim_value = 1
+        for d in vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []:
+            factor = _batch_factor(d.dim_param, batch) if d.HasField("dim_param") else None
+            if factor is not None:
+                d.Clear()
+                d.dim_value = factor
     for vi in itertools.chain(data, graph.value_info, graph.output):
         if vi.name not in late:     # onnxruntime plans memory by dim symbols: one-row tensors must not share K's
             one_row(vi)
+    if check or made.get("merged"):
+        _check_rows(model, m, seed_name, [i.name for i in data])
     return m
+
+
+def _check_rows(model: onnx.ModelProto, shared: onnx.ModelProto, seed_name: str, inputs: list[str]) -> None:
+    """Whether `shared` (share_forward of `model`) gives on one sample what `model` gives on copies of it, on a
+    random sample and seed rows; raises AutodiffError if not. Run where a forward tensor with the batch merged into
+    a dim was repeated for the rows: that is right only if the dim runs over the batch outermost (Swin's windows
+    b * windows + w, attention's b * heads + h), which a symbolic shape such as "64*n" does not tell."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds, rows = {}, 2
+    for vi in model.graph.input:
+        if vi.name not in inputs and vi.name != seed_name:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim][1:]
+        if t.elem_type != TensorProto.FLOAT or None in dims:
+            raise AutodiffError(f"the batch is merged into a dim and input {vi.name!r} (not float32 with static "
+                                "dims after the batch) cannot check that the rows come out in order")
+        feeds[vi.name] = rng.standard_normal((1 if vi.name != seed_name else rows, *dims)).astype(np.float32)
+    copies = {k: v if k == seed_name else np.repeat(v, rows, 0) for k, v in feeds.items()}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    names = [o.name for o in model.graph.output]
+    want = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(names, copies)
+    got = ort.InferenceSession(shared.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(names, feeds)
+    for name, a, b in zip(names, got, want):
+        b = b if len(a) == len(b) else b[:len(a)]       # the forward's outputs come back once
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(float(np.abs(b).max()), 1e-30)):
+            raise AutodiffError(f"{name!r} of one forward for {rows} rows differs from that of {rows} copies of the "
+                                "sample: a dim that merges the batch does not run over it outermost")
 
 
 def _static(dims) -> bool:
     return dims is not None and all(isinstance(d, int) for d in dims)
 
 
-def _carries_rows(dims, batch) -> bool:
-    """A tensor of one row per sample: the batch symbol first, static dims after it."""
-    return bool(dims) and dims[0] == batch and _static(dims[1:])
+def _batch_factor(dim, batch) -> int | None:
+    """c when a dim is c times the batch symbol (1: the batch itself; "c*batch" as onnxruntime's symbolic shape
+    inference writes a reshape that merges the batch with other dims), else None."""
+    if dim == batch:
+        return 1
+    if isinstance(dim, str):
+        match = re.fullmatch(rf"(\d+)\*{re.escape(batch)}|{re.escape(batch)}\*(\d+)", dim.replace(" ", ""))
+        if match:
+            return int(match.group(1) or match.group(2))
+    return None
+
+
+def _batch_axis(dims, batch) -> tuple[int, int] | None:
+    """(axis, c) for a tensor of one sample's c rows per sample: one dim c times the batch, the others static."""
+    if not dims:
+        return None
+    found = [(i, f) for i, f in ((i, _batch_factor(d, batch)) for i, d in enumerate(dims)) if f is not None]
+    if len(found) != 1 or not _static([d for i, d in enumerate(dims) if i != found[0][0]]):
+        return None
+    return found[0]
 
 
 _CACHE: "OrderedDict[tuple, onnx.ModelProto]" = OrderedDict()

@@ -169,8 +169,8 @@ class Runner:
         and its backward K rows, so onnxruntime keeps fewer of the backward's element-wise products in its blocked
         layout, and at one row it is slower (ResNet-50 79 -> 87 ms, EfficientNet-Lite0 20 -> 25 ms on 2 cores;
         at two rows it is already faster: 154 -> 131 ms). None when a supplied gradient graph covers the request
-        (it is used as it is) or the graph's backward reads the batch as a value (a Swin's windows): the caller
-        then repeats the sample (shared_session)."""
+        (it is used as it is) or autodiff.share_forward refuses the graph (a backward that reads the batch in a
+        way it cannot repeat for the rows): the caller then repeats the sample (shared_session)."""
         layers = tuple(layers)
         if any(g.covers(layers, rule, True) for g in self.supplied):     # before any run, as the None below
             return None
@@ -197,7 +197,7 @@ class Runner:
         """The session of autodiff.share_forward of the gradient graph for (layers, rule, layer_rule) with respect to
         the input: one sample in, K seed rows, one forward for them all; with `composed` = (name, compose), of
         compose(that graph). Built once; None when a supplied gradient graph covers the request (it is used as it
-        is) or the graph's backward reads the batch as a value (a Swin's windows)."""
+        is) or autodiff.share_forward refuses the graph."""
         from . import autodiff
 
         layers = tuple(layers)
