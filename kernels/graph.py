@@ -147,7 +147,61 @@ def load_model(path_or_bytes, max_bytes: int | None = None) -> onnx.ModelProto:
     if not any(vi.type.tensor_type.elem_type in _FLOAT_TYPES for vi in real):
         names = ", ".join(f"{vi.name} ({_type_name(vi)})" for vi in real) or "none"
         raise ValueError(f"model has no floating-point input to explain; its inputs: {names}")
-    return model
+    return float32_boundary(model)
+
+
+def float32_boundary(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with a float32 image input and float32 float outputs where it had float16, bfloat16 or double
+    ones (a model converted to half precision without keep_io_types): a Cast from float32 to the model's type
+    after the input and one to float32 before each such output, under the same names, as onnxconverter-common's
+    keep_io_types writes them. The model computes in its own precision; images, seeds and maps stay float32."""
+    other = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    floats = [vi for vi in _real_inputs(model) if vi.type.tensor_type.elem_type in _FLOAT_TYPES]
+    inputs = [vi.name for vi in floats[:1] if vi.type.tensor_type.elem_type in other]
+    outputs = [vi.name for vi in model.graph.output if vi.type.tensor_type.elem_type in other]
+    if not inputs and not outputs:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    taken = {n for node in g.node for n in (*node.input, *node.output)} | {v.name for v in (*g.input, *g.output)}
+    taken |= {t.name for t in g.initializer}
+
+    def fresh(name, elem):
+        base = f"{name}/{TensorProto.DataType.Name(elem).lower()}"
+        cand, i = base, 0
+        while cand in taken:
+            i += 1
+            cand = f"{base}_{i}"
+        taken.add(cand)
+        return cand
+
+    def rename(old, new):
+        for node in g.node:
+            node.input[:] = [new if i == old else i for i in node.input]
+            node.output[:] = [new if o == old else o for o in node.output]
+    head, tail = [], []
+    for vi in g.input:
+        if vi.name in inputs:
+            elem = vi.type.tensor_type.elem_type
+            inner = fresh(vi.name, elem)
+            rename(vi.name, inner)
+            head.append(helper.make_node("Cast", [vi.name], [inner], name=f"{inner}/cast", to=elem))
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for vi in g.output:
+        if vi.name in outputs:
+            elem = vi.type.tensor_type.elem_type
+            inner = fresh(vi.name, elem)
+            rename(vi.name, inner)
+            if vi.name in inputs:       # an input that is also an output: its Cast already reads it
+                continue
+            tail.append(helper.make_node("Cast", [inner], [vi.name], name=f"{inner}/cast", to=TensorProto.FLOAT))
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = [*head, *g.node, *tail]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return infer_shapes(out)
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:

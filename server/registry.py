@@ -214,8 +214,12 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
     # Its targets still share a run (one forward, a seed row each): copies of one sample have that sample's range.
     coupled = any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
     max_batch = 1 if shape[0] == 1 or coupled else limits.max_batch
-    runner = Runner(served, score, input_name, max_batch=max_batch, max_rows=1 if shape[0] == 1 else limits.max_batch,
-                    providers=pick_providers(provider), threads=threads)
+    try:
+        runner = Runner(served, score, input_name, max_batch=max_batch,
+                        max_rows=1 if shape[0] == 1 else limits.max_batch, providers=pick_providers(provider),
+                        threads=threads)
+    except Exception as exc:    # noqa: BLE001 - a model the checker passes can still fail onnxruntime's type checks
+        raise ConfigError(f"model {config.name}: onnxruntime cannot load it: {exc}") from None
     try:
         scores = runner.scores(np.zeros((1, *pre.sample_shape), np.float32), Passes())
     except Exception as exc:

@@ -280,6 +280,36 @@ def test_a_float16_input_is_refused_naming_it():
         G.input_spec(model)
 
 
+def test_a_half_precision_model_gets_a_float32_boundary():
+    """float16 input and outputs (one of them also read inside, by a Softmax): load_model gives the model a float32
+    input and float32 outputs under the same names, with Casts, and gives what the float16 model gives (within
+    half precision: onnxruntime's CPU provider runs float16 ReduceMean and Softmax in float32 by Casts of its own,
+    and drops a Cast pair, so the float32 input is not rounded first)."""
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("Relu", ["input"], ["r"]),
+             helper.make_node("ReduceMean", ["r", "axes"], ["logits"], keepdims=0),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "half", [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["N", 3, 4, 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["N", 3]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT16, ["N", 3])],
+        [numpy_helper.from_array(np.asarray([2, 3], np.int64), "axes")])
+    half = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = G.load_model(half.SerializeToString())
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*model.graph.input, *model.graph.output)}
+    assert types == {"input": TensorProto.FLOAT, "logits": TensorProto.FLOAT, "probs": TensorProto.FLOAT}
+    assert G.input_spec(model)[0] == "input" and G.score_tensor(model) == "logits"
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+
+    def run(m, feed):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    got, want = run(model, {"input": x}), run(half, {"input": x.astype(np.float16)})
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w.astype(np.float32), rtol=2e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_a_group_norm_written_as_reshapes_keeps_its_map(exporter):
     """Exporters write GroupNorm as Reshape [N, G, -1] -> InstanceNormalization -> Reshape back: the map after it
