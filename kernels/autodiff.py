@@ -972,7 +972,8 @@ def _check_rows(model: onnx.ModelProto, shared: onnx.ModelProto, seed_name: str,
         b = b if len(a) == len(b) else b[:len(a)]       # the forward's outputs come back once
         if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(float(np.abs(b).max()), 1e-30)):
             raise AutodiffError(f"{name!r} of one forward for {rows} rows differs from that of {rows} copies of the "
-                                "sample: a dim that merges the batch does not run over it outermost")
+                                "sample: a dim that merges the batch does not run over it outermost, or the shapes "
+                                "measured at batch 1 and 2 do not hold")
 
 
 def _static(dims) -> bool:
