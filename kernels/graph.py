@@ -168,13 +168,7 @@ def float32_boundary(model: onnx.ModelProto) -> onnx.ModelProto:
     taken |= {t.name for t in g.initializer}
 
     def fresh(name, elem):
-        base = f"{name}/{TensorProto.DataType.Name(elem).lower()}"
-        cand, i = base, 0
-        while cand in taken:
-            i += 1
-            cand = f"{base}_{i}"
-        taken.add(cand)
-        return cand
+        return qdq.fresh_name(taken, f"{name}/{TensorProto.DataType.Name(elem).lower()}")
 
     def rename(old, new):
         for node in g.node:
