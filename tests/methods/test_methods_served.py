@@ -230,34 +230,19 @@ def _sample(name: str = "star") -> bytes:
 def test_the_shared_model_as_onnxruntime_saves_it_explains_as_the_original(client, tmp_path):
     """Users deploy what an onnxruntime session saves (optimized_model_filepath: 33 FusedConv here): served, its
     layers and maps are the original model's (kernels.contrib writes the fused nodes back as standard ones)."""
-    import dataclasses
-
     import onnxruntime as ort
-
-    from support import efficientnet_config
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(SHARED / "models" / "efficientnet_lite0_imagenet.onnx"), options,
                          providers=["CPUExecutionProvider"])
-    config = dataclasses.replace(efficientnet_config(), name="optimized", path=tmp_path / "optimized.onnx",
-                                 labels=None)
-    srv = start_server([config])
-    try:
-        with Client(srv.address, timeout=120) as optimized:
-            assert [layer.name for layer in optimized.model("optimized").layers] == \
-                [layer.name for layer in client.model("efficientnet").layers]
-            photo = [SHARED / "images" / "chelsea.jpg"]
-            methods = ["gradcam", ("integrated_gradients", {"steps": 8}), "guided_backprop"]
-            got = final_maps(optimized.explain("optimized", photo, methods, targets=[281, 285]))
-            want = final_maps(client.explain("efficientnet", photo, methods, targets=[281, 285]))
-            assert len(got) == len(want) == 6
-            for g, w in zip(got, want):
-                assert (g.method, g.class_id) == (w.method, w.class_id)
-                np.testing.assert_allclose(g.map, w.map, rtol=1e-4, atol=1e-4 * np.abs(w.map).max())
-    finally:
-        srv.stop(0)
+    got, want = _beside_the_original(client, tmp_path / "optimized.onnx",
+                                     ["gradcam", ("integrated_gradients", {"steps": 8}), "guided_backprop"])
+    assert len(got) == len(want) == 6
+    for g, w in zip(got, want):
+        assert (g.method, g.class_id) == (w.method, w.class_id)
+        np.testing.assert_allclose(g.map, w.map, rtol=1e-4, atol=1e-4 * np.abs(w.map).max())
 
 
 @needs_shared
@@ -267,37 +252,44 @@ def test_the_shared_model_in_half_precision_is_served(client, tmp_path):
     half precision. Its layers are the original's, and its maps follow the float32 model's: the CAM maps closely
     (measured on this photo: relative error <= 2.2e-3), the pixel-level gradients within half precision's noise
     (measured: Pearson r 0.987-0.999, relative error 0.04-0.14)."""
-    import dataclasses
     import warnings
 
     import onnx
     from onnxconverter_common import float16
-
-    from support import efficientnet_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")         # "the float32 number ... will be truncated"
         half = float16.convert_float_to_float16(onnx.load(SHARED / "models" / "efficientnet_lite0_imagenet.onnx"))
     assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     onnx.save(half, tmp_path / "half.onnx")
-    config = dataclasses.replace(efficientnet_config(), name="half", path=tmp_path / "half.onnx", labels=None)
+    got, want = _beside_the_original(client, tmp_path / "half.onnx", ["gradcam", "layercam", "gradient",
+                                                                      "guided_backprop"])
+    assert len(got) == len(want) == 8
+    for g, w in zip(got, want):
+        assert (g.method, g.class_id) == (w.method, w.class_id) and g.map.dtype == np.float32
+        error = np.linalg.norm(g.map - w.map) / np.linalg.norm(w.map)
+        r = np.corrcoef(g.map.ravel(), w.map.ravel())[0, 1]
+        if g.method in ("gradcam", "layercam"):
+            assert error <= 1e-2, (g.method, g.class_id, error)
+        else:
+            assert r >= 0.98 and error <= 0.2, (g.method, g.class_id, r, error)
+
+
+def _beside_the_original(client, path: pathlib.Path, methods: list) -> tuple[list, list]:
+    """A variant of the shared model (the file at `path`) served with the original's preprocessing: its layer list
+    must be the original's; its final maps and the original's for chelsea.jpg and two targets, in stream order."""
+    import dataclasses
+
+    from support import efficientnet_config
+
+    config = dataclasses.replace(efficientnet_config(), name="variant", path=path, labels=None)
     srv = start_server([config])
     try:
-        with Client(srv.address, timeout=120) as c:
-            assert [layer.name for layer in c.model("half").layers] == \
+        with Client(srv.address, timeout=120) as variant:
+            assert [layer.name for layer in variant.model("variant").layers] == \
                 [layer.name for layer in client.model("efficientnet").layers]
             photo = [SHARED / "images" / "chelsea.jpg"]
-            methods = ["gradcam", "layercam", "gradient", "guided_backprop"]
-            got = final_maps(c.explain("half", photo, methods, targets=[281, 285]))
-            want = final_maps(client.explain("efficientnet", photo, methods, targets=[281, 285]))
-            assert len(got) == len(want) == 8
-            for g, w in zip(got, want):
-                assert (g.method, g.class_id) == (w.method, w.class_id) and g.map.dtype == np.float32
-                error = np.linalg.norm(g.map - w.map) / np.linalg.norm(w.map)
-                r = np.corrcoef(g.map.ravel(), w.map.ravel())[0, 1]
-                if g.method in ("gradcam", "layercam"):
-                    assert error <= 1e-2, (g.method, g.class_id, error)
-                else:
-                    assert r >= 0.98 and error <= 0.2, (g.method, g.class_id, r, error)
+            return (final_maps(variant.explain("variant", photo, methods, targets=[281, 285])),
+                    final_maps(client.explain("efficientnet", photo, methods, targets=[281, 285])))
     finally:
         srv.stop(0)
