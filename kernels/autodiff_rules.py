@@ -513,6 +513,13 @@ def _clip(c):
     return [_rectify(c, local)]
 
 
+@rule("Shrink")
+def _shrink(c):
+    # y = x - bias above lambd, x + bias below -lambd, 0 between (torch's hardshrink and softshrink): slope 1 outside
+    # the closed band, 0 inside it (the derivative torch takes at the two kinks).
+    return [_mask(c, c("Greater", c("Abs", c.x(0)), _k(c, c.attr("lambd", 0.5))), c.g)]
+
+
 @rule("HardSigmoid")
 def _hard_sigmoid(c):
     a, b = c.attr("alpha", 0.2), c.attr("beta", 0.5)
@@ -730,6 +737,26 @@ def _conv(c):
                     dx = _blocked(c, dx, channels)
     db = c("ReduceSum", g, c.i64([0] + list(range(2, 2 + nsp))), keepdims=0) if c.needs(2) else None
     return [dx, None, db]
+
+
+@rule("Col2Im")
+def _col2im(c):
+    # Col2Im (F.fold) sums blocks [N, C*K, L] into an image; its adjoint cuts the blocks out again (F.unfold): a
+    # depthwise convolution with the same geometry whose K one-hot kernels per channel each take one block
+    # position (channel c*K + k, positions row-major, as Col2Im reads them), the block grid flattened to L. A
+    # product with 1 plus zeros: exact.
+    block = c.ints(c.x(2))
+    dims = c.dims(c.x(0))
+    if block is None:
+        c.fail("needs a constant block_shape")
+    k = math.prod(block)
+    if dims is None or len(dims) != 3 or not isinstance(dims[1], int) or k <= 0 or dims[1] % k:
+        c.fail("needs a static channel dim (C x the block size)")
+    nsp, channels = len(block), dims[1] // k
+    picks = np.tile(np.eye(k).reshape(k, 1, *block), (channels,) + (1,) * (nsp + 1))
+    cols = c("Conv", c.g, c.const(picks, like=c.x(0)), group=channels, strides=c.attr("strides", [1] * nsp),
+             dilations=c.attr("dilations", [1] * nsp), pads=c.attr("pads", [0] * (2 * nsp)))
+    return [c("Reshape", cols, c.i64([0, channels * k, -1])), None, None]
 
 
 def _depthwise_spread_back(c, g, x, w, s, d, pads, kernel, group, nsp):

@@ -4,12 +4,13 @@ exports: grouped strided convolutions and ceil-mode pooling (ResNeXt/RegNet), mu
 kernels and a non-global pool before the head (Inception), token-mixing MLPs (MLP-Mixer), large-kernel depthwise 'same'
 convolutions and a max head (ConvMixer), pooling as token mixer with GroupNorm and layer scale (PoolFormer),
 TF-style asymmetric padding, SiLU and squeeze-excite (EfficientNet), class and distillation tokens (DeiT),
-channel shuffle and pixel (un)shuffle (ShuffleNet), Fire modules (SqueezeNet) and attention written with einsum
-after a hand-written RMSNorm. All take 3 x 16 x 16 inputs and give 5 logits.
+channel shuffle and pixel (un)shuffle (ShuffleNet), Fire modules (SqueezeNet), attention written with einsum
+after a hand-written RMSNorm, and outlook attention by unfold and fold (VOLO). All take 3 x 16 x 16 inputs and give 5
+logits.
 
 `export(name, exporter, opset=None)` gives (torch module, shape-inferred ONNX model), exported once per test process
-by the legacy exporter (opset 17 unless given) or dynamo (opset 18 unless given) with a dynamic batch; the input is
-named "input"."""
+by the legacy exporter (opset 17 unless given or the net's `opset` asks for more) or dynamo (opset 18 unless given)
+with a dynamic batch; the input is named "input"."""
 import contextlib
 import functools
 import io
@@ -182,9 +183,38 @@ class EinsumAttention(nn.Module):
         return self.fc(torch.tanh(x).max(1).values)
 
 
+class Volo(nn.Module):
+    """VOLO's outlook attention (Yuan et al. 2021) on a channels-last map: every location attends over its 3 x 3
+    window with weights computed from itself alone, the windows cut out by F.unfold and summed back by F.fold
+    (Col2Im, opset 18: the legacy exporter writes it only there, and only for a constant output size)."""
+    opset = 18
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.embed, self.heads = nn.Conv2d(3, dim, 4, 4), heads
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.v, self.attn, self.proj = nn.Linear(dim, dim), nn.Linear(dim, heads * 81), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.fc = nn.Linear(dim, 5)
+
+    def outlook(self, x):
+        b, h, w, c = x.shape
+        v = F.unfold(self.v(x).permute(0, 3, 1, 2), 3, padding=1)
+        v = v.reshape(b, self.heads, c // self.heads, 9, h * w).permute(0, 1, 4, 3, 2)
+        a = self.attn(x).reshape(b, h * w, self.heads, 9, 9).transpose(1, 2).softmax(-1)
+        y = (a @ v).permute(0, 1, 4, 3, 2).reshape(b, c * 9, h * w)
+        return self.proj(F.fold(y, (4, 4), 3, padding=1).permute(0, 2, 3, 1))
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        x = x + self.outlook(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.fc(self.norm(x).mean((1, 2)))
+
+
 NETS = {"resnext": ResNeXt, "inception": Inception, "mixer": Mixer, "convmixer": ConvMixer,
         "poolformer": PoolFormer, "efficientnet": EfficientNet, "deit": DeiT, "shufflenet": ShuffleNet,
-        "squeezenet": SqueezeNet, "einsum_attention": EinsumAttention}
+        "squeezenet": SqueezeNet, "einsum_attention": EinsumAttention, "volo": Volo}
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,7 +235,7 @@ def export(name: str, exporter: str, opset: int | None = None):
                                       dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
         else:
             f = io.BytesIO()
-            torch.onnx.export(net, (x,), f, dynamo=False, opset_version=opset or 17, input_names=["input"],
-                              output_names=["logits"], dynamic_axes={"input": {0: "N"}})
+            torch.onnx.export(net, (x,), f, dynamo=False, opset_version=opset or getattr(net, "opset", 17),
+                              input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}})
             model = onnx.load_from_string(f.getvalue())
     return net, graph.load_model(model.SerializeToString())

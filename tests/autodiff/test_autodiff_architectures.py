@@ -24,6 +24,7 @@ EXPECTED_LAYER = {
     "shufflenet": ("spatial", (2, 2), 0),
     "squeezenet": ("spatial", (3, 3), 0),
     "einsum_attention": ("tokens", (4, 4), 0),
+    "volo": ("spatial_nhwc", (4, 4), 0),         # the final LayerNorm's channels-last map
 }
 CASES = [(name, exporter, None) for name in NETS for exporter in ("legacy", "dynamo")] + [
     (name, "legacy", 9) for name in ("inception", "mixer", "convmixer", "poolformer", "efficientnet", "squeezenet")] + [

@@ -608,6 +608,36 @@ CASES.update({
 })
 
 
+def col2im(channels, image, block, strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0)):
+    """Col2Im (F.fold) of [2, C*K, L] blocks into an image, L the number of windows that geometry fits."""
+    nsp = len(image)
+    count = [(n + pads[i] + pads[nsp + i] - dl * (k - 1) - 1) // st + 1
+             for i, (n, k, st, dl) in enumerate(zip(image, block, strides, dilations))]
+    cols = FT.standard_normal((2, channels * int(np.prod(block)), int(np.prod(count))))
+    return case([node("Col2Im", ["x", "image", "block"], "y", strides=list(strides), dilations=list(dilations),
+                      pads=list(pads))], {"x": cols},
+                {"image": np.array(image, np.int64), "block": np.array(block, np.int64)}, opset=18)
+
+
+def shrink(**attrs):
+    """Shrink with |x| at least 0.2 away from lambd (no kink within a step)."""
+    lambd = attrs.get("lambd", 0.5)
+    mag = np.where(FT.random((2, 3, 4)) < 0.5, FT.uniform(0.0, lambd - 0.2, (2, 3, 4)),
+                   FT.uniform(lambd + 0.2, lambd + 1.0, (2, 3, 4)))
+    return case([node("Shrink", ["x"], "y", **attrs)], {"x": FT.choice([-1.0, 1.0], size=(2, 3, 4)) * mag})
+
+
+# Col2Im with overlapping windows (padded), strided and dilated ones with asymmetric pads, one spatial axis;
+# Shrink as torch's hardshrink (no bias) and softshrink (bias = lambd)
+CASES.update({
+    "Col2Im-overlapping-padded": col2im(2, (4, 5), (3, 3), pads=(1, 1, 1, 1)),
+    "Col2Im-strided-dilated": col2im(3, (7, 6), (2, 2), strides=(2, 1), dilations=(2, 2), pads=(1, 0, 0, 1)),
+    "Col2Im-1d": col2im(2, (9,), (3,), strides=(2,), dilations=(1,), pads=(1, 1)),
+    "Shrink-hard": shrink(lambd=0.5),
+    "Shrink-soft": shrink(lambd=0.3, bias=0.3),
+})
+
+
 def rotary(shape, positions=True, **attrs):
     """RotaryEmbedding (opset 23) of x [B, S, heads * D] (num_heads given) or [B, heads, S, D], angles drawn per
     cache row; with position ids (a [6, r / 2] cache gathered at them) or without (a [B, S, r / 2] cache)."""
@@ -634,7 +664,8 @@ CASES.update({
 
 # ORT's float64 GroupNormalization computes in float32 (forward off by ~1e-7): check it in float32.
 FLOAT32_ONLY = {"GroupNormalization-18", "GroupNormalization-21", "Celu"}   # Celu: onnxruntime has float only
-FLOAT32_ONLY |= {name for name in CASES if name.startswith(("MeanVarianceNormalization", "RotaryEmbedding"))}
+# Shrink: onnxruntime's float64 kernel rounds through float32 (y off by ~6e-8, too coarse for a 1e-6 step).
+FLOAT32_ONLY |= {name for name in CASES if name.startswith(("MeanVarianceNormalization", "RotaryEmbedding", "Shrink"))}
 # Conv outputs feeding a ReLU-like kink are not kept away from 0 by the input sampling: use a smaller step.
 SMALL_STEP = {"tf2onnx-NHWC-block"}
 

@@ -1,7 +1,7 @@
 """A user-supplied gradient graph (kernels/supplied.py): checked at load, used by Runner.gradients for what it
-covers. The story: a model with an operator the engine has no rule for (Col2Im, from F.fold: patch tokens folded back
-into an image), whose owner exports the same network with the fold written out (it is linear: one matrix) and lets the
-engine differentiate that instead."""
+covers. The story: a model with an operator the engine has no rule for (Det, from torch.linalg.det: a determinant of
+each token's 2 x 2 matrix), whose owner exports the same network with the determinant written out (ad - bc) and lets
+the engine differentiate that instead."""
 
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from onnx import helper
 
 from onnxplain.kernels import autodiff
 from onnxplain.kernels.runtime import Passes, Runner
 from onnxplain.kernels.supplied import GradientGraphError, load
-
-FOLD = dict(output_size=(16, 16), kernel_size=6, padding=1, stride=4)   # 16 overlapping 6 x 6 patches on 16 x 16
 
 
 class Net(torch.nn.Module):
@@ -26,23 +23,21 @@ class Net(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.embed = torch.nn.Conv2d(8, 2 * 36, 4, stride=4)   # per 4 x 4 block, a token: 2 channels x a 6 x 6 patch
+        self.embed = torch.nn.Conv2d(8, 2 * 4, 4, stride=4)   # per 4 x 4 block, a token: two 2 x 2 matrices
         self.fc = torch.nn.Linear(2, 5)
         self.written_out = written_out
-        basis = torch.eye(36 * 16).reshape(36 * 16, 36, 16)    # row i of the matrix: the fold of token entry i
-        self.register_buffer("fold", F.fold(basis, **FOLD).reshape(36 * 16, 256))
 
     def forward(self, x):
-        tokens = self.embed(torch.tanh(self.conv(x))).flatten(2)   # (N, 2 * 36, 16)
-        if self.written_out:      # the fold as a matrix product
-            h = (tokens.reshape(-1, 2, 36 * 16) @ self.fold).reshape(-1, 2, 16, 16)
+        m = self.embed(torch.tanh(self.conv(x))).reshape(-1, 2, 2, 2, 16).permute(0, 1, 4, 2, 3)   # (N, 2, 16, 2, 2)
+        if self.written_out:
+            d = m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
         else:
-            h = F.fold(tokens, **FOLD)
-        return self.fc((h * h.roll(1, 3)).mean((2, 3)))
+            d = torch.linalg.det(m)
+        return self.fc((d * d.roll(1, 2)).mean(2))
 
 
 def export(written_out: bool) -> onnx.ModelProto:
-    buffer = io.BytesIO()   # the legacy exporter writes F.fold as Col2Im from opset 18 on
+    buffer = io.BytesIO()   # the legacy exporter writes torch.linalg.det as Det
     torch.onnx.export(Net(written_out).eval(), torch.zeros(1, 3, 16, 16), buffer, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
                       opset_version=18)
@@ -52,8 +47,8 @@ def export(written_out: bool) -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     model, written = export(False), export(True)
-    assert any(n.op_type == "Col2Im" for n in model.graph.node)
-    assert not any(n.op_type == "Col2Im" for n in written.graph.node)
+    assert any(n.op_type == "Det" for n in model.graph.node)
+    assert not any(n.op_type == "Det" for n in written.graph.node)
     path = tmp_path_factory.mktemp("supplied") / "grad.onnx"
     onnx.save(autodiff.augment(written, scores="logits"), path)
     return model, written, path
@@ -65,13 +60,13 @@ def torch_gradient(x, target):
     return t.grad.numpy()
 
 
-def test_the_engine_refuses_col2im_and_the_supplied_graph_gives_autograds_gradient(models):
+def test_the_engine_refuses_det_and_the_supplied_graph_gives_autograds_gradient(models):
     model, _, path = models
     runner = Runner(model, "logits", "input", providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
     seed = np.zeros((2, 5), np.float32)
     seed[0, 1] = seed[1, 3] = 1
-    with pytest.raises(Exception, match="Col2Im"):
+    with pytest.raises(Exception, match="'Det'"):
         runner.gradients(x, seed, Passes())
     runner.supplied.append(load(path, runner, (3, 16, 16)))
     passes = Passes()
@@ -153,33 +148,33 @@ def test_served_with_its_gradient_graph_and_refused_without_or_with_a_wrong_one(
     from support import start_server
 
     model, written, grad = models
-    onnx.save(model, tmp_path / "fold.onnx")
-    onnx.save(onnx.load(str(grad)), tmp_path / "fold.grad.onnx")
+    onnx.save(model, tmp_path / "det.onnx")
+    onnx.save(onnx.load(str(grad)), tmp_path / "det.grad.onnx")
     onnx.save(onnx.load(_edited(grad, tmp_path, _negate_input_grad)), tmp_path / "wrong.grad.onnx")
     pre = {"fit": "stretch", "mean": [0, 0, 0], "std": [1, 1, 1], "scale": 1.0}
-    configs = [ModelConfig("fold", tmp_path / "fold.onnx", preprocessing=pre,
-                           gradient_graph=tmp_path / "fold.grad.onnx"),
-               ModelConfig("plain", tmp_path / "fold.onnx", preprocessing=pre),
-               ModelConfig("wrong", tmp_path / "fold.onnx", preprocessing=pre,
+    configs = [ModelConfig("det", tmp_path / "det.onnx", preprocessing=pre,
+                           gradient_graph=tmp_path / "det.grad.onnx"),
+               ModelConfig("plain", tmp_path / "det.onnx", preprocessing=pre),
+               ModelConfig("wrong", tmp_path / "det.onnx", preprocessing=pre,
                            gradient_graph=tmp_path / "wrong.grad.onnx")]
     server = start_server(configs)
     try:
         with Client(server.address, timeout=60) as client:
-            assert sorted(m.name for m in client.models()) == ["fold", "plain"]   # "wrong" is refused at load
+            assert sorted(m.name for m in client.models()) == ["det", "plain"]   # "wrong" is refused at load
             x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
-            events = list(client.explain("fold", [x], [("gradient", {})], targets=[2], return_attribution=True))
+            events = list(client.explain("det", [x], [("gradient", {})], targets=[2], return_attribution=True))
             served = next(e for e in events if isinstance(e, MapResult) and e.final)
             np.testing.assert_allclose(served.attribution, torch_gradient(x, 2)[0], rtol=1e-4, atol=1e-6)
             with pytest.raises(grpc.RpcError) as err:
                 list(client.explain("plain", [x], [("gradient", {})], targets=[2]))
-            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Col2Im" in err.value.details()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'Det'" in err.value.details()
     finally:
         server.stop(0)
 
 
 def test_integrated_gradients_and_smoothgrad_run_around_the_supplied_graph(models):
     """The methods that compose their inputs and sums around the gradient graph compose them around the supplied
-    one too: on the folding model (which the engine refuses), integrated gradients against the same sum written out
+    one too: on the determinant model (which the engine refuses), integrated gradients against the same sum written out
     with torch autograd at every path point."""
     from onnxplain.kernels.methods import METHODS, Job, Maps
 
