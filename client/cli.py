@@ -92,7 +92,8 @@ def cmd_models(client: Client, args) -> None:
 def cmd_model(client: Client, args) -> None:
     info = client.model(args.name)
     pre = info.preprocessing
-    print(f"model {info.name} on {info.execution_provider}: {info.num_classes} classes, scores {info.score_tensor}")
+    print(f"model {info.name} on {info.execution_provider}: {info.num_classes} classes, scores {info.score_tensor} "
+          f"({info.probabilities or 'softmax'})")
     for t in info.inputs:
         print(f"input {t.name} {t.dtype} {list(t.shape)} ({pre.layout})")
     print(f"preprocessing: fit={pre.fit} scale={pre.scale:g} mean={list(pre.mean)} std={list(pre.std)} "

@@ -130,7 +130,7 @@ class MetricScore:
     metric: str                     # one of METRICS
     value: float
     curve: np.ndarray | None        # insertion/deletion curve (steps + 1 points) when asked for
-    class_score: float              # Y: softmax probability of the class on the image
+    class_score: float              # Y: probability of the class on the image (ModelInfo.probabilities)
     masked_score: float | None      # O: on the image masked by the map (average drop/gain/increase)
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "infer_shapes",
     "input_spec",
     "score_tensor",
+    "scores_of",
     "candidate_layers",
     "default_layer",
     "expose",
@@ -597,9 +598,18 @@ def _attr(node, name, default=None):
     return default
 
 
+PROBABILITIES = ("softmax", "sigmoid")
+
+
 def score_tensor(model: onnx.ModelProto) -> str:
     """The tensor to explain: the first floating-point output (a model may output its predicted label first), or
-    the pre-softmax logits when that output comes out of (Log)Softmax."""
+    the logits when that output is their (Log)Softmax or Sigmoid."""
+    return scores_of(model)[0]
+
+
+def scores_of(model: onnx.ModelProto) -> tuple[str, str]:
+    """(score_tensor(model), how its scores become class probabilities): "sigmoid" when the model's output is the
+    Sigmoid of them (a multi-label classifier: each class its own yes/no), else "softmax" (one class per image)."""
     gi = _Graph(model)
     outputs = model.graph.output
     first = next((o.name for o in outputs if o.type.tensor_type.elem_type in _FLOAT_TYPES), outputs[0].name)
@@ -609,9 +619,9 @@ def score_tensor(model: onnx.ModelProto) -> str:
         if n is not None and n.op_type == "Identity":
             name = n.input[0]
             continue
-        if n is not None and n.op_type in ("Softmax", "LogSoftmax"):
-            return n.input[0]
-        return first
+        if n is not None and n.op_type in ("Softmax", "LogSoftmax", "Sigmoid"):
+            return n.input[0], "sigmoid" if n.op_type == "Sigmoid" else "softmax"
+        return first, "softmax"
 
 
 _SPATIAL_OPS = {
@@ -845,11 +855,12 @@ def _batch_like(d, batch) -> bool:
     return d is None or d == batch
 
 
-def candidate_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Layers worth explaining, in topological order (see the module docstring for the policy)."""
+def candidate_layers(model: onnx.ModelProto, scores: str | None = None) -> list[Layer]:
+    """Layers worth explaining, in topological order (see the module docstring for the policy), on the path to
+    `scores` (default: score_tensor(model))."""
     gi = _Graph(model)
     input_name, in_shape, in_layout = input_spec(model)
-    score = score_tensor(model)
+    score = scores or score_tensor(model)
     path = _on_path(gi, input_name, score)
     computed = _computed(gi, path)
     lay = _layouts(gi, input_name, in_layout)
@@ -1031,16 +1042,18 @@ def _follow(node, restricted, T):
     return (T, r[1]) if r[0] == T else None
 
 
-def default_layer(model: onnx.ModelProto) -> Layer:
-    """The last spatial map feeding the classifier head; for a token model see the module docstring."""
-    layers = candidate_layers(model)
+def default_layer(model: onnx.ModelProto, scores: str | None = None) -> Layer:
+    """The last spatial map feeding the classifier head (`scores`, default score_tensor(model)); for a token model
+    see the module docstring."""
+    scores = scores or score_tensor(model)
+    layers = candidate_layers(model, scores)
     if not layers:
         raise ValueError("model has no spatial feature map or token grid on the path to its scores")
     tokens = [l for l in layers if l.kind == "tokens"]
     if tokens:
         # token models: the last spatial map is the patch embedding, the interesting part comes after
         gi = _Graph(model)
-        reach = _token_reach(gi, layers, score_tensor(model))
+        reach = _token_reach(gi, layers, scores)
         usable = [l for l in tokens if reach.get(l.name, True)]
         return usable[-1] if usable else tokens[-1]
     return layers[-1]
@@ -1075,8 +1088,9 @@ def expose(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return m
 
 
-def cut(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """Split `model` at tensor `layer` into body (inputs -> layer) and head (layer -> score tensor).
+def cut(model: onnx.ModelProto, layer: str, scores: str | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Split `model` at tensor `layer` into body (inputs -> layer) and head (layer -> `scores`, default
+    score_tensor(model)).
 
     The body's first output and the head's first input are `layer`. When the layer does not separate the
     graph (a residual branch bypasses it, e.g. a ViT block's LayerNorm output), the other tensors the head needs
@@ -1087,7 +1101,7 @@ def cut(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, onnx.Model
     input_names = [vi.name for vi in _real_inputs(model)]
     if layer not in gi.producer:
         raise ValueError(f"layer {layer!r} is not a tensor computed by the graph")
-    score = score_tensor(model)
+    score = scores or score_tensor(model)
     from_layer = gi.descendants([layer])
     if score not in from_layer:
         raise ValueError(f"the scores {score!r} do not depend on layer {layer!r}")

@@ -2,7 +2,7 @@
 
 Every score below is the softmax probability p_c of the map's class c over the model's score tensor, as in
 the Grad-CAM++ (Chattopadhay et al., WACV 2018), Opti-CAM (Zhang et al., 2023) and RISE (Petsiuk et al.,
-BMVC 2018) papers.
+BMVC 2018) papers; for a multi-label model (Runner.probabilities "sigmoid") the sigmoid of its score.
 
 Masking by a map. Grad-CAM++ and Opti-CAM mask *the image*: E = n(map) ⊙ I, with n the min-max
 normalisation to [0, 1]. Models take preprocessed inputs x = (pixel * scale - mean) / std, so multiplying x
@@ -53,7 +53,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from onnx import TensorProto
-from scipy import ndimage
+from scipy import ndimage, special
 
 from .compose import PREFIX
 from .images import black_sample
@@ -95,8 +95,12 @@ class MapScores:
 
 # ------------------------------------------------------------------------------------------------- plain parts
 
-def softmax(scores: np.ndarray) -> np.ndarray:
+def probabilities(scores: np.ndarray, kind: str = "softmax") -> np.ndarray:
+    """Class probabilities from scores [..., classes], in float64: the softmax over the classes (one class per
+    image), or each class's own sigmoid (kind "sigmoid": a multi-label model)."""
     z = scores.astype(np.float64)
+    if kind == "sigmoid":
+        return special.expit(z)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
 
@@ -208,7 +212,7 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
     x = sample[None].astype(np.float32)
     if scores is None:
         scores = runner.scores(x, passes)[0]
-    y = softmax(scores)[classes]
+    y = probabilities(scores, runner.probabilities)[classes]
     placed_x, placed_black = runner.resident(x), runner.resident(black)     # fed to every run below
     results = [MapScores(class_score=float(v)) for v in y]
 
@@ -219,7 +223,7 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
             check()
             feeds = {f"{PREFIX}x": placed_x, f"{PREFIX}base": placed_black, f"{PREFIX}maps": maps[lo:hi, None]}
             out = runner.run(session, [runner.score_name], feeds, passes, samples=hi - lo)[0]
-            masked[lo:hi] = softmax(out)[np.arange(hi - lo), classes[lo:hi]]
+            masked[lo:hi] = probabilities(out, runner.probabilities)[np.arange(hi - lo), classes[lo:hi]]
         for r, yv, o in zip(results, y, masked):
             r.masked_score = float(o)
             # check_finite refuses what a NaN O or Y = 0 makes of these
@@ -240,7 +244,7 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
                 INSERTION: (runner.resident(blurred) if blurred is not None else None, placed_x)}
         # The end points are the same images for every map: run them once.
         fixed = {DELETION: black, INSERTION: blurred}
-        edge = softmax(runner.scores(np.concatenate([fixed[c] for c in curves]), passes))
+        edge = probabilities(runner.scores(np.concatenate([fixed[c] for c in curves]), passes), runner.probabilities)
         inner = [(i, k) for i in range(len(maps)) for k in range(1, steps)]
         for ci, curve_name in enumerate(curves):
             start, end = ends[curve_name]
@@ -254,7 +258,8 @@ def evaluate(runner: Runner, sample: np.ndarray, maps: np.ndarray, classes: Sequ
                 feeds = {f"{PREFIX}start": start, f"{PREFIX}end": end, f"{PREFIX}ranks": placed_rank,
                          f"{PREFIX}which": pairs[:, 0], f"{PREFIX}counts": n[pairs[:, 1]].reshape(-1, 1, 1, 1)}
                 out = runner.run(session, [runner.score_name], feeds, passes, samples=hi - lo)[0]
-                values[pairs[:, 0], pairs[:, 1]] = softmax(out)[np.arange(hi - lo), classes[pairs[:, 0]]]
+                values[pairs[:, 0], pairs[:, 1]] = probabilities(out, runner.probabilities)[
+                    np.arange(hi - lo), classes[pairs[:, 0]]]
             for r, curve in zip(results, values):
                 r.values[curve_name] = area(curve)
                 if return_curves:

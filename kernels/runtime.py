@@ -47,9 +47,10 @@ class Runner:
 
     def __init__(self, model: onnx.ModelProto, score_name: str, input_name: str, *,
                  max_batch: int = 32, max_rows: int | None = None, providers: list[str] | None = None,
-                 threads: int = 0, spinning: bool = False):
+                 threads: int = 0, spinning: bool = False, probabilities: str = "softmax"):
         self.model = model
         self.score_name = score_name
+        self.probabilities = probabilities      # how scores become class probabilities: "softmax" or "sigmoid"
         self.input_name = input_name
         self.max_batch = max_batch
         self.max_rows = max_rows or max_batch
@@ -254,7 +255,7 @@ class Runner:
         from . import graph
 
         try:
-            body, head = graph.cut(self.model, layer)
+            body, head = graph.cut(self.model, layer, self.score_name)
         except ValueError:
             return ()
         return self._session(body), head, [i.name for i in head.graph.input][1:]

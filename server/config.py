@@ -8,6 +8,8 @@ A model's TOML (a `[[models]]` table of the server config, or a `<name>.toml` fi
     description = "..."                   # optional
     gradient_graph = "model.grad.onnx"    # optional: a gradient graph to use instead of building one
     gradient_rule = "standard"            #   (standard | guided | deconvnet; see kernels/supplied.py)
+    scores = "logits"                     # optional: the tensor to explain (default: kernels.graph.score_tensor)
+    probabilities = "auto"                # optional: softmax | sigmoid (multi-label) | auto (kernels.graph.scores_of)
     [preprocessing]                       # all optional; see kernels.images.Preprocessing
     fit = "center_crop"                   # stretch | center_crop | shorter_side
     resize_shorter = 256                  # shorter_side only
@@ -127,6 +129,8 @@ class ModelConfig:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     gradient_graph: pathlib.Path | None = None   # user-supplied gradient graph (kernels/supplied.py)
     gradient_rule: str = "standard"              # the backward rule that graph implements
+    scores: str = ""                             # the tensor to explain; "": kernels.graph.score_tensor's choice
+    probabilities: str = "auto"                  # softmax | sigmoid | auto (kernels.graph.scores_of)
     # Set for a model file that could not be read: the registry reports this as the model's load failure.
     error: str = ""
 
@@ -140,6 +144,7 @@ class Security:
     allowed_domains: tuple[str, ...] = ()       # custom operator domains allowed beyond ai.onnx and ai.onnx.ml
 
 
+PROBABILITIES = ("auto", "softmax", "sigmoid")   # a model's `probabilities`
 GRPC_INT_MAX = 2 ** 31 - 1   # gRPC channel arguments are C ints
 
 
@@ -193,14 +198,17 @@ class ServerConfig:
 
 def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> ModelConfig:
     unknown = set(table) - {"name", "path", "labels", "description", "preprocessing", "gradient_graph",
-                            "gradient_rule"}
+                            "gradient_rule", "scores", "probabilities"}
     if unknown:
         raise ConfigError(f"{origin}: unknown model keys {sorted(unknown)}")
     if "path" not in table:
         raise ConfigError(f"{origin}: a model needs a path")
-    for key in ("path", "labels", "gradient_graph", "description", "gradient_rule"):
+    for key in ("path", "labels", "gradient_graph", "description", "gradient_rule", "scores", "probabilities"):
         if key in table and not isinstance(table[key], str):
             raise ConfigError(f"{origin}: {key} must be a string, got {table[key]!r}")
+    if table.get("probabilities", "auto") not in PROBABILITIES:
+        raise ConfigError(f"{origin}: probabilities must be one of {list(PROBABILITIES)}, got "
+                          f"{table['probabilities']!r}")
     if not table["path"]:
         raise ConfigError(f"{origin}: path must be a file name, got an empty string")
     if not isinstance(table.get("preprocessing", {}), dict):
@@ -213,7 +221,8 @@ def model_from_table(table: dict[str, Any], base: pathlib.Path, origin: str) -> 
                             f"{origin}: name" if "name" in table else f"{origin}: name (the stem of path)")
     return ModelConfig(name=name, path=path, labels=labels, description=table.get("description", ""),
                        preprocessing=dict(table.get("preprocessing", {})), gradient_graph=gradient_graph,
-                       gradient_rule=table.get("gradient_rule", "standard"))
+                       gradient_rule=table.get("gradient_rule", "standard"), scores=table.get("scores", ""),
+                       probabilities=table.get("probabilities", "auto"))
 
 
 def unreadable(path: pathlib.Path, reason: str) -> ModelConfig:

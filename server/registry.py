@@ -206,7 +206,7 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
     pre = _preprocessing(config.preprocessing, shape, layout, config.name)
     if None in shape[1:]:     # served at the configured size: fixed, so that layer discovery sees map sizes
         model = graph.with_input_size(model, pre.height, pre.width)
-    score = graph.score_tensor(model)
+    score, probabilities = _scores(model, config)
     served = model if score in {o.name for o in model.graph.output} else graph.expose(model, [score])
     # A fixed batch of 1 cannot be batched. A dynamically quantized model computes one scale per tensor over the
     # whole batch it runs, so a sample batched with others (SmoothGrad's noisy copies, integrated gradients' steps,
@@ -217,16 +217,16 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
     try:
         runner = Runner(served, score, input_name, max_batch=max_batch,
                         max_rows=1 if shape[0] == 1 else limits.max_batch, providers=pick_providers(provider),
-                        threads=threads)
+                        threads=threads, probabilities=probabilities)
     except Exception as exc:    # noqa: BLE001 - a model the checker passes can still fail onnxruntime's type checks
         raise ConfigError(f"model {config.name}: onnxruntime cannot load it: {exc}") from None
     try:
         scores = runner.scores(np.zeros((1, *pre.sample_shape), np.float32), Passes())
     except Exception as exc:
         raise ConfigError(f"model {config.name}: a test run on a zero input failed: {exc}") from None
-    if scores.ndim != 2:
-        raise ConfigError(f"model {config.name}: score tensor {score} has shape {list(scores.shape)}; "
-                          "a classifier returns [batch, classes]")
+    if scores.ndim != 2 or scores.dtype.kind != "f":
+        raise ConfigError(f"model {config.name}: score tensor {score} is {scores.dtype} of shape "
+                          f"{list(scores.shape)}; a classifier returns floats [batch, classes]")
     num_classes = scores.shape[1]
     labels = []
     if config.labels is not None:
@@ -241,15 +241,33 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
                               f"{num_classes} classes")
     if config.gradient_graph is not None:
         runner.supplied.append(_gradient_graph(config, limits, roots, allowed_domains, runner, pre))
-    layers = graph.candidate_layers(model)
+    layers = graph.candidate_layers(model, score)
     try:
-        default = graph.default_layer(model)
+        default = graph.default_layer(model, score)
     except ValueError:
         default = None
     entry = ModelEntry(config.name, config.description, model, runner, pre, labels, num_classes, layers, default)
     log.info("model %s loaded from %s on %s: %d classes, %d candidate layers", config.name, config.path,
              runner.provider, num_classes, len(layers))
     return entry
+
+
+def _scores(model, config: ModelConfig) -> tuple[str, str]:
+    """(the tensor to explain, "softmax" or "sigmoid"): the configuration's `scores` and `probabilities` where set,
+    else graph.scores_of's choice. A configured tensor is a float tensor the graph computes from its input; set
+    alone, its probabilities are sigmoid where a graph output is its Sigmoid, else softmax."""
+    auto, auto_probabilities = graph.scores_of(model)
+    score = config.scores or auto
+    if config.scores:
+        computed = {o for n in model.graph.node for o in n.output}
+        if score not in computed:
+            outputs = [o.name for o in model.graph.output]
+            raise ConfigError(f"model {config.name}: scores {score!r} is not a tensor the graph computes (its outputs: "
+                              f"{outputs}; the automatic choice: {auto!r})")
+        sigmoids = {n.input[0] for n in model.graph.node if n.op_type == "Sigmoid"
+                    and n.output[0] in {o.name for o in model.graph.output}}
+        auto_probabilities = "sigmoid" if score in sigmoids else "softmax"
+    return score, auto_probabilities if config.probabilities == "auto" else config.probabilities
 
 
 def _gradient_graph(config: ModelConfig, limits: Limits, roots, allowed_domains, runner, pre):

@@ -33,6 +33,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from onnxplain import tensors
 from onnxplain.kernels.autodiff import AutodiffError
 from onnxplain.kernels.images import upsample_bilinear
+from onnxplain.kernels.metrics import probabilities as class_probabilities
 from onnxplain.kernels.methods import METHODS, Job, Maps, Method, ParamError, Progress
 from onnxplain.kernels.runtime import Passes
 from onnxplain.v1 import methods_pb2, service_pb2, service_pb2_grpc, tensor_pb2
@@ -576,19 +577,14 @@ def geometry(g) -> tensor_pb2.ImageGeometry:
                                     input_width=g.input_width, input_height=g.input_height)
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    z = np.exp(scores - scores.max())
-    return z / z.sum()
-
-
 def class_score(entry: ModelEntry, scores: np.ndarray, c: int, probabilities=None) -> service_pb2.ClassScore:
-    probabilities = softmax(scores.astype(np.float64)) if probabilities is None else probabilities
+    probabilities = class_probabilities(scores, entry.runner.probabilities) if probabilities is None else probabilities
     return service_pb2.ClassScore(class_id=int(c), label=entry.label(int(c)), logit=float(scores[c]),
                                   probability=float(probabilities[c]))
 
 
 def top_classes(entry: ModelEntry, scores: np.ndarray, k: int) -> list[service_pb2.ClassScore]:
-    probabilities = softmax(scores.astype(np.float64))
+    probabilities = class_probabilities(scores, entry.runner.probabilities)
     return [class_score(entry, scores, c, probabilities) for c in np.argsort(-scores, kind="stable")[:k]]
 
 
@@ -645,7 +641,8 @@ def model_info(entry: ModelEntry, limits: Limits) -> service_pb2.ModelInfo:
             grid_height=layer.grid[0], grid_width=layer.grid[1], prefix_tokens=layer.prefix_tokens,
             is_default=entry.default_layer is not None and layer.name == entry.default_layer.name,
             op_type=layer.op_type) for layer in entry.layers],
-        execution_provider=entry.runner.provider, limits=limits_info(limits, entry.runner.max_batch, device_of(entry)))
+        execution_provider=entry.runner.provider, limits=limits_info(limits, entry.runner.max_batch, device_of(entry)),
+        probabilities=entry.runner.probabilities)
 
 
 def device_of(entry: ModelEntry) -> str:

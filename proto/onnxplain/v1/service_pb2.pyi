@@ -123,7 +123,7 @@ class Limits(_message.Message):
     def __init__(self, max_image_pixels: _Optional[int] = ..., max_images: _Optional[int] = ..., max_methods: _Optional[int] = ..., max_targets: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_masks: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_job_bytes: _Optional[int] = ..., max_call_seconds: _Optional[int] = ..., max_reflection_streams: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "description", "inputs", "outputs", "score_tensor", "preprocessing", "num_classes", "labels", "layers", "execution_provider", "limits")
+    __slots__ = ("name", "description", "inputs", "outputs", "score_tensor", "preprocessing", "num_classes", "labels", "layers", "execution_provider", "limits", "probabilities")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ModelInfo(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorInfo]
@@ -146,7 +147,8 @@ class ModelInfo(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     execution_provider: str
     limits: Limits
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., score_tensor: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    probabilities: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., score_tensor: _Optional[str] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., execution_provider: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., probabilities: _Optional[str] = ...) -> None: ...
 
 class ListMethodsRequest(_message.Message):
     __slots__ = ()
