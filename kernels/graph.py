@@ -598,9 +598,6 @@ def _attr(node, name, default=None):
     return default
 
 
-PROBABILITIES = ("softmax", "sigmoid")
-
-
 def score_tensor(model: onnx.ModelProto) -> str:
     """The tensor to explain: the first floating-point output (a model may output its predicted label first), or
     the logits when that output is their (Log)Softmax or Sigmoid."""

@@ -218,9 +218,11 @@ def test_auto_falls_back_to_finite_differences_when_the_engine_cannot_differenti
     x, targets = sample
     model = onnx.load(str(SHAPES_MODEL))
     producer = next(n for n in model.graph.node if "logits" in n.output)
-    producer.output[list(producer.output).index("logits")] = "before_shrink"
-    # Shrink(lambd=0) is the identity here, and kernels.autodiff has no rule for it
-    model.graph.node.append(onnx.helper.make_node("Shrink", ["before_shrink"], ["logits"], lambd=0.0))
+    producer.output[list(producer.output).index("logits")] = "before"
+    # a one-tensor sequence and its element: the identity, and kernels.autodiff has no rule for sequence operators
+    model.graph.node.extend([onnx.helper.make_node("SequenceConstruct", ["before"], ["sequence"]),
+                             onnx.helper.make_node("SequenceAt", ["sequence", "zero"], ["logits"])])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"))
     runner = runner_for(model)
     _, events = run_opticam(runner, x, targets[:1], iterations=2, directions=4)
     assert {e.stage for e in events if isinstance(e, Progress)} == {"optimising (finite differences)"}
