@@ -254,20 +254,19 @@ def load_entry(config: ModelConfig, limits: Limits, provider: str = "auto", thre
 
 def _scores(model, config: ModelConfig) -> tuple[str, str]:
     """(the tensor to explain, "softmax" or "sigmoid"): the configuration's `scores` and `probabilities` where set,
-    else graph.scores_of's choice. A configured tensor is a float tensor the graph computes from its input; set
-    alone, its probabilities are sigmoid where a graph output is its Sigmoid, else softmax."""
-    auto, auto_probabilities = graph.scores_of(model)
-    score = config.scores or auto
-    if config.scores:
-        computed = {o for n in model.graph.node for o in n.output}
-        if score not in computed:
-            outputs = [o.name for o in model.graph.output]
-            raise ConfigError(f"model {config.name}: scores {score!r} is not a tensor the graph computes (its outputs: "
-                              f"{outputs}; the automatic choice: {auto!r})")
-        sigmoids = {n.input[0] for n in model.graph.node if n.op_type == "Sigmoid"
-                    and n.output[0] in {o.name for o in model.graph.output}}
-        auto_probabilities = "sigmoid" if score in sigmoids else "softmax"
-    return score, auto_probabilities if config.probabilities == "auto" else config.probabilities
+    else graph.scores_of's choice. A configured tensor must be one the graph computes (load_entry's test run then
+    checks that it is float [batch, classes]); set alone, its probabilities are sigmoid where a graph output is its
+    Sigmoid, else softmax."""
+    score, probabilities = graph.scores_of(model)
+    if config.scores and config.scores != score:
+        outputs = [o.name for o in model.graph.output]
+        if config.scores not in {o for n in model.graph.node for o in n.output}:
+            raise ConfigError(f"model {config.name}: scores {config.scores!r} is not a tensor the graph computes (its "
+                              f"outputs: {outputs}; the automatic choice: {score!r})")
+        score = config.scores
+        probabilities = "sigmoid" if any(n.op_type == "Sigmoid" and n.input[0] == score and n.output[0] in outputs
+                                         for n in model.graph.node) else "softmax"
+    return score, probabilities if config.probabilities == "auto" else config.probabilities
 
 
 def _gradient_graph(config: ModelConfig, limits: Limits, roots, allowed_domains, runner, pre):
